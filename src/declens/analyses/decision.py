@@ -1,0 +1,123 @@
+"""The layer-wise decision analysis: model + task -> Decision Margin, accuracy, Option Frequency,
+KL and Transition Point at every layer.
+
+Example:
+    >>> lm = load_model("smollm2-135m")
+    >>> data = load_task("arc_easy", limit=100)
+    >>> res = analyze(lm, data, fmt="cloze")
+    >>> res.metrics.transition_layer, res.metrics.dm
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Sequence
+
+from ..errors import DeclensError
+from ..formats import FORMATS, ClozeRequests, Encoder, LetterRequests, build_cloze, build_letter
+from ..models import LoadedModel
+from ..results import AnalysisResult, Checkpoint, config_key, provenance
+from ..scoring import LayerScores, score_requests
+from ..surgery import keep_positions
+from ..tasks import LETTERS, TaskData
+
+Requests = LetterRequests | ClozeRequests
+
+
+def encoder_for(lm: LoadedModel) -> Encoder:
+    """A tokenizer wrapper that truncates to the model's context window."""
+    return Encoder(lm.tokenizer, max_length=getattr(lm.model.config, "max_position_embeddings", None))
+
+
+def prepare(lm: LoadedModel, data: TaskData, fmt: str = "letter", num_fewshot: int = 0, seed: int = 0,
+            labels: str | Sequence[str] = LETTERS, label_prefix: str = " ") -> Requests:
+    """Tokenized requests of a task in a format (reusable across pruned configurations)."""
+    if fmt not in FORMATS:
+        raise DeclensError(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
+    enc = encoder_for(lm)
+    if fmt == "letter":
+        return build_letter(data, enc, num_fewshot=num_fewshot, seed=seed, labels=labels, label_prefix=label_prefix)
+    return build_cloze(data, enc, num_fewshot=num_fewshot, seed=seed)
+
+
+def score(lm: LoadedModel, req: Requests, layers: Sequence[int] | None = None, max_tokens: int | None = None,
+          progress: str | None = None, checkpoint: Checkpoint | None = None) -> LayerScores:
+    """Per-layer option scores of prepared requests (optionally on a layer subset)."""
+    pad = encoder_for(lm).pad_id
+    state = checkpoint.load() if checkpoint else None
+    save = checkpoint.save if checkpoint else None
+    return score_requests(lm.parts, req, pad, layers=layers, max_tokens=max_tokens, progress=progress, state=state,
+                          save=save)
+
+
+def analyze(
+    lm: LoadedModel,
+    data: TaskData,
+    fmt: str = "letter",
+    *,
+    num_fewshot: int = 0,
+    seed: int = 0,
+    remove: Sequence[int] = (),
+    labels: str | Sequence[str] = LETTERS,
+    label_prefix: str = " ",
+    decision_score: str = "raw",
+    max_tokens: int | None = None,
+    out_dir: str | Path | None = None,
+    progress: bool = True,
+    requests: Requests | None = None,
+    plots: bool = True,
+) -> AnalysisResult:
+    """Run the layer-wise decision analysis.
+
+    Args:
+        lm: the model.
+        data: the selected task rows.
+        fmt: ``letter`` (decision token) or ``cloze`` (continuation log-likelihood).
+        num_fewshot: solved examples prepended to every prompt.
+        seed: seed of the few-shot draw (the row selection's seed lives in ``data``).
+        remove: original ids of layers to remove (evaluates a pruned view of the model).
+        labels: option labels of the letter format.
+        label_prefix: text before each label in the answer (``" "`` -> ``" A"``).
+        decision_score: cloze only: ``raw`` (log-likelihood) or ``norm`` (per character) for DM/OF.
+        max_tokens: padded tokens per batch.
+        out_dir: write results, plots and a resumable checkpoint here.
+        progress: show progress bars.
+        requests: prebuilt requests (from :func:`prepare`) to skip tokenization.
+        plots: with ``out_dir``, also draw the PNG figures.
+
+    Returns:
+        The :class:`~declens.results.AnalysisResult`.
+    """
+    if decision_score not in ("raw", "norm"):
+        raise DeclensError(f"decision_score must be 'raw' or 'norm', not {decision_score!r}")
+    layers = keep_positions(lm.parts, remove) if remove else None
+    t0 = time.perf_counter()
+    req = requests if requests is not None else prepare(lm, data, fmt, num_fewshot, seed, labels, label_prefix)
+    t_prep = time.perf_counter() - t0
+    config = {
+        "model": lm.spec, "task": data.name, "format": fmt, **data.selection, "num_fewshot": num_fewshot,
+        "fewshot_seed": seed, "remove": list(remove), "decision_score": decision_score,
+        "labels": list(req.labels) if isinstance(req, LetterRequests) else None,
+        "label_prefix": label_prefix if fmt == "letter" else None,
+        "dtype": str(lm.dtype).replace("torch.", ""), "device": str(lm.device),
+    }
+    ck = None
+    if out_dir is not None:
+        ck = Checkpoint(out_dir, config_key(config, lm.fingerprint(), data.fingerprint()))
+    t1 = time.perf_counter()
+    scores = score(lm, req, layers=layers, max_tokens=max_tokens, progress=f"{data.name}/{fmt}" if progress else None,
+                   checkpoint=ck)
+    t_score = time.perf_counter() - t1
+    prov = provenance(lm, data, timing={"prepare_s": round(t_prep, 3), "score_s": round(t_score, 3),
+                                        "items_per_s": round(len(data.items) / max(t_score, 1e-9), 2)})
+    labels_out = list(req.labels) if isinstance(req, LetterRequests) else [str(k) for k in range(req.cont_chars.shape[1])]
+    res = AnalysisResult.from_scores(scores, config, prov, [it.id for it in data.items], labels_out, decision_score)
+    if out_dir is not None:
+        res.save(out_dir)
+        if plots:
+            from ..plots import plot_analysis
+
+            plot_analysis(res, out_dir)
+        ck.clear()
+    return res

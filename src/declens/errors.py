@@ -1,0 +1,27 @@
+"""Exceptions raised for bad input.
+
+Every user-facing error is a :class:`DeclensError` whose message names the problem and
+the fix; the CLI prints the message without a traceback and exits with status 2.
+"""
+
+from __future__ import annotations
+
+
+class DeclensError(Exception):
+    """Base class of every error caused by the user's input or environment."""
+
+
+class ModelError(DeclensError):
+    """A model cannot be found, fetched, loaded or handled."""
+
+
+class TaskError(DeclensError):
+    """A task, its data file, one of its rows or a selection is invalid."""
+
+
+class TokenizationError(DeclensError):
+    """Prompts or option labels do not tokenize the way a format needs."""
+
+
+class LayerSpecError(DeclensError):
+    """Requested layer ids are out of range, repeated, or remove every layer."""

@@ -1,0 +1,260 @@
+"""The two scoring formats: prompts and their tokenization.
+
+``letter`` (the paper's decision token): the question with lettered options; the decision is
+read from the logits of the option-letter tokens (``" A"``, ``" B"``, ...) at the last prompt
+position.
+
+``cloze`` (lm-evaluation-harness style): each option is a continuation of a context and is
+scored by its log-likelihood (``acc``) and its log-likelihood per character (``acc_norm``).
+WinoGrande uses partial scoring: the option fills the blank in the context and the rest of the
+sentence is the scored continuation.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+from .errors import TaskError, TokenizationError
+from .tasks import LETTERS, Item, TaskData, TaskSpec
+
+FORMATS = ("letter", "cloze")
+
+
+def _passage_block(item: Item) -> str:
+    return f"{item.passage}\n" if item.passage else ""
+
+
+def _fields(item: Item) -> dict:
+    subject = item.subject.replace("_", " ")
+    return {"question": item.question, "passage": item.passage, "passage_block": _passage_block(item),
+            "subject": subject, "subject_title": subject}
+
+
+def letter_prompt(spec: TaskSpec, item: Item, labels: str = LETTERS) -> str:
+    """The letter-format prompt of one item (no few-shot examples, no header)."""
+    if len(item.choices) > len(labels):
+        raise TaskError(f"item {item.id!r} has {len(item.choices)} options but only {len(labels)} labels are defined")
+    options = "".join(f"{labels[k]}. {c}\n" for k, c in enumerate(item.choices))
+    return spec.letter_template.format(options=options, **_fields(item))
+
+
+def cloze_pairs(spec: TaskSpec, item: Item) -> list[tuple[str, str]]:
+    """(context, continuation) per option of one item."""
+    if spec.cloze_mode == "partial":
+        sentence = item.question
+        if "_" not in sentence:
+            raise TaskError(f"item {item.id!r}: partial scoring needs a blank '_' in the sentence")
+        i = sentence.index("_")
+        rest = " " + sentence[i + 1 :].strip()
+        return [(sentence[:i] + c, rest) for c in item.choices]
+    ctx = spec.cloze_context.format(**_fields(item))
+    return [(ctx, " " + c) for c in item.choices]
+
+
+def fewshot_examples(data: TaskData, item: Item, k: int, seed: int) -> list[Item]:
+    """``k`` solved examples for ``item``: MMLU takes the first k dev rows of the same subject
+    (as lm-evaluation-harness does), other tasks draw k rows of the few-shot split with a seed
+    derived from ``seed`` and the item id."""
+    if k <= 0:
+        return []
+    pool = data.fewshot_pool
+    if not pool:
+        raise TaskError(
+            f"task {data.name!r} has no few-shot split (evaluating split {data.split!r}); use --num-fewshot 0"
+        )
+    if data.spec.has_subjects and item.subject:
+        same = [p for p in pool if p.subject == item.subject]
+        pool = same or pool
+        return pool[:k]
+    rng = random.Random(f"{seed}:{item.id}")
+    return rng.sample(pool, min(k, len(pool)))
+
+
+# --------------------------------------------------------------------------------------------
+# Tokenization
+
+
+class Encoder:
+    """Tokenizes prompts the way lm-evaluation-harness does, for any tokenizer.
+
+    The tokenizer's own special-token prefix (a BOS for Gemma/Llama-2, nothing for Qwen/SmolLM2)
+    is detected, never assumed, and added once at the start of every sequence.
+    """
+
+    def __init__(self, tokenizer, max_length: int | None = None):
+        self.tok = tokenizer
+        probe = "hello"
+        plain = tokenizer.encode(probe, add_special_tokens=False)
+        full = tokenizer.encode(probe, add_special_tokens=True)
+        start = next((i for i in range(len(full) - len(plain) + 1) if full[i : i + len(plain)] == plain), 0)
+        self.prefix: list[int] = list(full[:start])
+        self.max_length = max_length
+        self.truncated = 0
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tok.encode(text, add_special_tokens=False))
+
+    @property
+    def pad_id(self) -> int:
+        for cand in (self.tok.pad_token_id, self.tok.eos_token_id, 0):
+            if cand is not None:
+                return int(cand)
+        return 0
+
+    def _fallback_context(self) -> list[int]:
+        for cand in (self.tok.bos_token_id, self.tok.eos_token_id):
+            if cand is not None:
+                return [int(cand)]
+        raise TokenizationError("an empty context needs a BOS or EOS token, and this tokenizer has neither")
+
+    def pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        """Token ids of (context, continuation): trailing spaces of the context move to the
+        continuation, the continuation's ids are what the joint encoding adds after the context's."""
+        n_sp = len(context) - len(context.rstrip())
+        if n_sp:
+            continuation = context[-n_sp:] + continuation
+            context = context[:-n_sp]
+        whole = self.encode(context + continuation)
+        ctx = self.encode(context)
+        cont = whole[len(ctx) :]
+        if whole[: len(ctx)] != ctx:  # the boundary merged into one token; fall back to separate encodings
+            cont = self.encode(continuation)
+        ctx = self.prefix + ctx
+        if not ctx:
+            ctx = self._fallback_context()
+        if not cont:
+            raise TokenizationError(f"the continuation {continuation!r} encodes to no tokens")
+        return self._fit(ctx, len(cont)), cont
+
+    def prompt(self, text: str) -> list[int]:
+        ids = self.prefix + self.encode(text)
+        return self._fit(ids, 0)
+
+    def _fit(self, ctx: list[int], n_cont: int) -> list[int]:
+        if self.max_length and len(ctx) + n_cont > self.max_length:
+            self.truncated += 1
+            keep = self.max_length - n_cont
+            if keep <= len(self.prefix):
+                raise TokenizationError(f"a continuation of {n_cont} tokens does not fit the model's {self.max_length}-token window")
+            ctx = self.prefix + ctx[len(ctx) - (keep - len(self.prefix)) :]
+        return ctx
+
+
+def option_token_ids(enc: Encoder, labels: Sequence[str], sample_prompt: str, prefix: str = " ") -> list[int]:
+    """The single token id of each option label as it follows a prompt (``"Answer:" + " A"``).
+
+    Raises:
+        TokenizationError: when a label is not exactly one token after the prompt, or two labels
+            share a token.
+    """
+    ids = []
+    for lab in labels:
+        _, cont = enc.pair(sample_prompt, prefix + lab)
+        if len(cont) != 1:
+            pieces = [enc.tok.decode([t]) for t in cont]
+            raise TokenizationError(
+                f"option label {prefix + lab!r} is {len(cont)} tokens for this tokenizer ({pieces}), not one; "
+                "the letter format reads one decision token per option. Use other labels "
+                "(--labels, e.g. 1,2,3,4) or a different --label-prefix, or use --format cloze."
+            )
+        ids.append(cont[0])
+    if len(set(ids)) != len(ids):
+        raise TokenizationError(f"option labels {list(labels)} share tokens ({ids}); use distinct labels")
+    return ids
+
+
+@dataclass
+class LetterRequests:
+    """Tokenized letter-format prompts.
+
+    Attributes:
+        prompts: one token-id list per item; the decision is read at its last position.
+        option_ids: ``[K]`` token id of each option label.
+        labels: the option labels.
+        n_options: ``[N]`` number of options of each item.
+        gold: ``[N]`` gold option index.
+        texts: the prompt strings (for inspection and reports).
+    """
+
+    prompts: list[list[int]]
+    option_ids: list[int]
+    labels: list[str]
+    n_options: np.ndarray
+    gold: np.ndarray
+    texts: list[str] = field(repr=False, default_factory=list)
+
+
+@dataclass
+class ClozeRequests:
+    """Tokenized cloze requests, one (context, continuation) per option.
+
+    Attributes:
+        contexts: ``[N][K_i]`` context token ids.
+        continuations: ``[N][K_i]`` continuation token ids.
+        cont_chars: ``[N, K]`` character length of each continuation string (``acc_norm`` divides the
+            log-likelihood by it, as lm-evaluation-harness does; 0 for absent options).
+        n_options: ``[N]`` number of options.
+        gold: ``[N]`` gold option index.
+    """
+
+    contexts: list[list[list[int]]]
+    continuations: list[list[list[int]]]
+    cont_chars: np.ndarray
+    n_options: np.ndarray
+    gold: np.ndarray
+    texts: list[list[tuple[str, str]]] = field(repr=False, default_factory=list)
+
+    @property
+    def shared_context(self) -> bool:
+        """True when every item's options share one context."""
+        return all(all(c == ctxs[0] for c in ctxs) for ctxs in self.contexts)
+
+
+def build_letter(data: TaskData, enc: Encoder, num_fewshot: int = 0, seed: int = 0,
+                 labels: str | Sequence[str] = LETTERS, label_prefix: str = " ") -> LetterRequests:
+    """Letter-format prompts of every selected item, with ``num_fewshot`` solved examples."""
+    labels = list(labels)
+    k_max = data.max_choices
+    if k_max > len(labels):
+        raise TaskError(f"task {data.name!r} has items with {k_max} options but only {len(labels)} labels ({labels})")
+    spec = data.spec
+    texts = []
+    for it in data.items:
+        shots = fewshot_examples(data, it, num_fewshot, seed)
+        head = spec.letter_header.format(**_fields(it)) if spec.letter_header else ""
+        body = "".join(letter_prompt(spec, s, labels) + f"{label_prefix}{labels[s.gold]}\n\n" for s in shots)
+        texts.append(head + body + letter_prompt(spec, it, labels))
+    option_ids = option_token_ids(enc, labels[:k_max], texts[0], label_prefix)
+    prompts = [enc.prompt(t) for t in texts]
+    return LetterRequests(
+        prompts=prompts, option_ids=option_ids, labels=labels[:k_max],
+        n_options=np.array([len(it.choices) for it in data.items]),
+        gold=np.array([it.gold for it in data.items]), texts=texts,
+    )
+
+
+def build_cloze(data: TaskData, enc: Encoder, num_fewshot: int = 0, seed: int = 0) -> ClozeRequests:
+    """Cloze requests of every selected item, with ``num_fewshot`` solved examples prepended."""
+    spec = data.spec
+    k_max = data.max_choices
+    contexts, conts, texts = [], [], []
+    cont_chars = np.zeros((len(data.items), k_max), dtype=np.int64)
+    for i, it in enumerate(data.items):
+        shots = fewshot_examples(data, it, num_fewshot, seed)
+        prefix = "".join("".join(cloze_pairs(spec, s)[s.gold]) + "\n\n" for s in shots)
+        pairs = [(prefix + c, x) for c, x in cloze_pairs(spec, it)]
+        enc_pairs = [enc.pair(c, x) for c, x in pairs]
+        contexts.append([p[0] for p in enc_pairs])
+        conts.append([p[1] for p in enc_pairs])
+        texts.append(pairs)
+        for k, (_, x) in enumerate(pairs):
+            cont_chars[i, k] = len(x)
+    return ClozeRequests(
+        contexts=contexts, continuations=conts, cont_chars=cont_chars,
+        n_options=np.array([len(it.choices) for it in data.items]),
+        gold=np.array([it.gold for it in data.items]), texts=texts,
+    )

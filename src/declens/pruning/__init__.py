@@ -1,0 +1,9 @@
+"""Layer pruning: Block Influence, Iterative Pruning with SKIP-Prun, baselines, export."""
+
+from .engine import Evaluation, PruningEngine
+from .export import export_pruned
+from .methods import METHODS, MethodRun, PruneRecord, SkipPrun, critical_ratio
+from .run import PruneResult, prune
+
+__all__ = ["METHODS", "Evaluation", "MethodRun", "PruneRecord", "PruneResult", "PruningEngine", "SkipPrun",
+           "critical_ratio", "export_pruned", "prune"]

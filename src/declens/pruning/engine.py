@@ -1,0 +1,274 @@
+"""Evaluate many pruned configurations of one model quickly, reusing the unchanged prefix.
+
+A pruned model that lacks layers ``R`` runs every layer before ``min(R)`` exactly as the dense
+model does, so the hidden states entering layer ``min(R)`` are the dense model's. The engine runs
+the dense model once over the evaluation rows and the calibration rows, keeps the input of every
+layer, and evaluates a pruned configuration by running only its layers after ``min(R)`` from
+those states. Scores and Block Influence of the kept layers before ``min(R)`` are the dense ones.
+No weight is copied and the model is never reloaded: layers are dropped through a layer view.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..analyses.decision import encoder_for
+from ..formats import ClozeRequests, LetterRequests
+from ..metrics import LayerMetrics, compute_metrics
+from ..models import LoadedModel
+from ..runner import Batch, Probe, collate, default_max_tokens, forward, plan_batches
+from ..scoring import LayerScores, ScoringPlan
+from ..surgery import dense_layer_ids, keep_positions
+from .influence import InfluenceProbe, angular_distances, next_token_nll
+
+
+@dataclass
+class Evaluation:
+    """One pruned configuration, evaluated.
+
+    Attributes:
+        removed: dense ids of the removed layers, in removal order.
+        layer_ids: dense ids of the kept layers.
+        scores: per-layer option scores on the evaluation rows (None if not asked).
+        metrics: per-layer decision metrics (None if not asked).
+        bi: dense id -> Block Influence on the calibration rows, for every kept layer (None if not asked).
+        nll: mean next-token negative log-likelihood on the calibration rows (None if not asked).
+    """
+
+    removed: list[int]
+    layer_ids: list[int]
+    scores: LayerScores | None = None
+    metrics: LayerMetrics | None = None
+    bi: dict[int, float] | None = None
+    nll: float | None = None
+
+
+class _CacheProbe(Probe):
+    """Keeps the input of every layer (the dense prefix states)."""
+
+    def __init__(self, offload: bool):
+        self.offload = offload
+        self.store: list[Tensor] = []
+
+    def start(self, batch):
+        self.store = []
+
+    def layer(self, pos, layer_id, inputs, output):
+        self.store.append(inputs.to("cpu", copy=True) if self.offload else inputs)
+        return None
+
+
+@dataclass
+class _RowSet:
+    rows: list
+    plan: list[list[int]] = field(default_factory=list)
+    batches: list[Batch] = field(default_factory=list)
+    cache: list[list[Tensor]] = field(default_factory=list)  # [batch][layer position] -> [B, T, d]
+
+
+class PruningEngine:
+    """Evaluates pruned configurations of ``lm`` on fixed evaluation and calibration rows.
+
+    Args:
+        lm: the (dense) model.
+        eval_req: tokenized evaluation requests (letter or cloze), or None (calibration only).
+        calib_seqs: calibration token sequences for Block Influence / perplexity, or None.
+        max_tokens: padded tokens per batch (default: sized to the device).
+        reuse: reuse the dense prefix across configurations (False recomputes every layer, for comparison).
+        offload: keep the cached prefix states in CPU memory instead of on the model's device.
+        decision_score: cloze: ``raw`` or ``norm`` scores for DM / OF.
+        progress: show a progress bar for the dense pass.
+    """
+
+    def __init__(self, lm: LoadedModel, eval_req: LetterRequests | ClozeRequests | None,
+                 calib_seqs: Sequence[Sequence[int]] | None, max_tokens: int | None = None, reuse: bool = True,
+                 offload: bool = False, decision_score: str = "raw", progress: bool = True):
+        self.lm = lm
+        self.parts = lm.parts
+        self.pad = encoder_for(lm).pad_id
+        self.device = lm.device
+        self.reuse = reuse
+        self.offload = offload
+        self.decision_score = decision_score
+        self.progress = progress
+        self.max_tokens = max_tokens or default_max_tokens(self.parts)
+        self.dense_ids = dense_layer_ids(self.parts)
+        self.plan = ScoringPlan(self.parts, eval_req) if eval_req is not None else None
+        self.eval = _RowSet(list(self.plan.rows)) if self.plan else None
+        self.calib = _RowSet([list(s) for s in calib_seqs]) if calib_seqs else None
+        self.dense: Evaluation | None = None
+        self.dense_out: np.ndarray | None = None
+        self.dense_bi: dict[int, float] | None = None
+        self.angular: np.ndarray | None = None
+        #: layer-token units run (layers x real tokens) and what full recomputation would have run
+        self.work = {"run": 0, "full": 0}
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.dense_ids)
+
+    # ---------------------------------------------------------------------------- dense pass
+
+    def _prepare(self, rs: _RowSet) -> None:
+        rs.plan = plan_batches([len(r) for r in rs.rows], self.max_tokens)
+        rs.batches = [collate(rs.rows, idx, self.pad, self.device) for idx in rs.plan]
+
+    def run_dense(self) -> Evaluation:
+        """Run the dense model once over all rows (cached; later calls return at once)."""
+        if self.dense is not None:
+            return self.dense
+        while True:
+            try:
+                return self._run_dense()
+            except torch.OutOfMemoryError:
+                if self.max_tokens <= 256:
+                    raise
+                self.max_tokens //= 2  # back off: re-plan with half the batch budget
+                torch.cuda.empty_cache()
+
+    def _run_dense(self) -> Evaluation:
+        from tqdm.auto import tqdm
+
+        L = self.num_layers
+        n_batches = (len(self.eval.rows) if self.eval else 0) + (len(self.calib.rows) if self.calib else 0)
+        bar = tqdm(total=n_batches, desc="dense pass", unit="seq", disable=not self.progress, leave=False)
+        scores = metrics = None
+        if self.eval:
+            self._prepare(self.eval)
+            self.eval.cache = []
+            out = self.plan.new_out(L)
+            for b in self.eval.batches:
+                cache = _CacheProbe(self.offload)
+                forward(self.parts, b, [self.plan.probe(out), cache])
+                self.eval.cache.append(cache.store if self.reuse else [])
+                bar.update(b.size)
+            self.dense_out = out
+            scores = self.plan.assemble(out, self.dense_ids)
+            metrics = self._metrics(scores)
+        if self.calib:
+            self._prepare(self.calib)
+            self.calib.cache = []
+            infl = InfluenceProbe(keep_last=True)
+            for b in self.calib.batches:
+                cache = _CacheProbe(self.offload)
+                forward(self.parts, b, [infl, cache])
+                self.calib.cache.append(cache.store if self.reuse else [])
+                bar.update(b.size)
+            self.dense_bi = infl.block_influence()
+            self.angular = angular_distances(infl.last_states, self.dense_ids)
+        bar.close()
+        self.dense = Evaluation(removed=[], layer_ids=list(self.dense_ids), scores=scores, metrics=metrics,
+                                bi=self.dense_bi)
+        return self.dense
+
+    def _metrics(self, s: LayerScores) -> LayerMetrics:
+        base = s.norm_scores if self.decision_score == "norm" and s.norm_scores is not None else s.scores
+        other = s.norm_scores if self.decision_score != "norm" else None
+        return compute_metrics(base, s.gold, s.layer_ids, s.n_options, norm_scores=other)
+
+    # ---------------------------------------------------------------------------- pruned configurations
+
+    def _suffix(self, removed: Sequence[int]) -> tuple[list[int], list[int], int | None]:
+        """Kept positions, positions to run, and the position whose dense input starts the run."""
+        keep = keep_positions(self.parts, removed)
+        if not removed:
+            return keep, keep, None
+        if not self.reuse:
+            return keep, keep, None
+        dense = self.dense_ids
+        m = min(dense.index(i) for i in removed)
+        return keep, [p for p in keep if p > m], m
+
+    def _run_set(self, rs: _RowSet, keep: list[int], run: list[int], m: int | None, probes_for) -> list[Tensor | None]:
+        """Run the kept layers after ``m`` over every batch of a row set; return each batch's final
+        normalised hidden states (None where nothing had to run)."""
+        finals = []
+        for j, b in enumerate(rs.batches):
+            tokens = int(b.lengths.sum())
+            self.work["full"] += tokens * len(keep)
+            if not run:
+                finals.append(None)
+                continue
+            self.work["run"] += tokens * len(run)
+            start = None
+            if m is not None:
+                start = rs.cache[j][m]
+                if start.device != self.device:
+                    start = start.to(self.device)
+            finals.append(forward(self.parts, b, probes_for(j), layers=run, start_hidden=start))
+        return finals
+
+    def evaluate(self, removed: Sequence[int], scores: bool = True, bi: bool = True, nll: bool = False) -> Evaluation:
+        """Evaluate the model without the layers ``removed`` (dense ids).
+
+        Args:
+            removed: dense ids of the layers to remove (any order; recorded as given).
+            scores: score the evaluation rows (per-layer DM, accuracy, OF, ...).
+            bi: measure Block Influence of every kept layer on the calibration rows.
+            nll: measure the mean next-token NLL on the calibration rows (SLEB's criterion).
+        """
+        self.run_dense()
+        removed = list(removed)
+        keep, run, m = self._suffix(removed)
+        layer_ids = [self.dense_ids[p] for p in keep]
+        row_of = {lid: i for i, lid in enumerate(layer_ids)}
+        ev = Evaluation(removed=removed, layer_ids=layer_ids)
+        if not removed:  # the dense model: its scores and BI are already known
+            ev.scores, ev.metrics, ev.bi = self.dense.scores, self.dense.metrics, self.dense.bi
+            scores = bi = False
+        if scores and self.eval:
+            out = self.plan.new_out(len(keep))
+            if m is not None:  # kept layers before the first removed one: the dense scores
+                for p in keep:
+                    if p < m:
+                        out[row_of[self.dense_ids[p]]] = self.dense_out[p]
+            probe = self.plan.probe(out, row_of)
+            self._run_set(self.eval, keep, run, m, lambda j: [probe])
+            ev.scores = self.plan.assemble(out, layer_ids)
+            ev.metrics = self._metrics(ev.scores)
+        if (bi or nll) and self.calib:
+            infl = InfluenceProbe()
+            if not removed:  # nll of the dense model: one full pass
+                run = keep
+            finals = self._run_set(self.calib, keep, run, m, lambda j: [infl] if bi else [])
+            if bi:
+                got = infl.block_influence()
+                ev.bi = {lid: (got[lid] if lid in got else self.dense_bi[lid]) for lid in layer_ids}
+            if nll:
+                tot, cnt = 0.0, 0
+                for j, (b, fin) in enumerate(zip(self.calib.batches, finals)):
+                    with torch.inference_mode():
+                        if fin is None:  # nothing ran: the last kept layer's output is the dense input of m
+                            fin = self.parts.norm(self.calib.cache[j][m].to(self.device))
+                        s, n = next_token_nll(fin, b, self.parts.head, self.parts.softcap)
+                    tot += s
+                    cnt += n
+                ev.nll = tot / max(cnt, 1)
+        return ev
+
+    def work_saved(self) -> float:
+        """Share of layer-token work avoided by prefix reuse so far (0 without reuse)."""
+        return 0.0 if self.work["full"] == 0 else 1.0 - self.work["run"] / self.work["full"]
+
+
+def calibration_sequences(lm: LoadedModel, req: LetterRequests | ClozeRequests) -> list[list[int]]:
+    """Calibration token sequences from prepared requests: letter prompts as they are; cloze
+    items as context + gold continuation."""
+    if isinstance(req, LetterRequests):
+        return [list(p) for p in req.prompts]
+    return [list(ctxs[g]) + list(cs[g]) for ctxs, cs, g in zip(req.contexts, req.continuations, req.gold)]
+
+
+def text_sequences(lm: LoadedModel, text: str, n: int, length: int = 256) -> list[list[int]]:
+    """``n`` calibration sequences of ``length`` tokens cut from raw text."""
+    ids = encoder_for(lm).encode(text)
+    if len(ids) < length:
+        length = len(ids)
+    count = min(n, math.ceil(len(ids) / length))
+    return [encoder_for(lm).prefix + ids[i * length : (i + 1) * length] for i in range(count)]

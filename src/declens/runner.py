@@ -1,0 +1,383 @@
+"""Batched forward passes through the decoder with probes on every layer.
+
+A :class:`Probe` sees each decoder layer's input and output during a forward pass (through
+forward hooks on the layers, so the captured states are the raw residual stream) and may replace
+the output (noise injection). Probes compute what they need on the fly (lens scores, Block
+Influence, CKA features), so full hidden states are never kept unless a probe asks for them.
+
+Sequences are right-padded, so every real token sees exactly the positions it would see alone,
+and batched by similar length under a token budget.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import ExitStack, nullcontext
+from dataclasses import dataclass
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .models import DecoderParts
+from .surgery import dense_layer_ids, layer_view
+
+
+@dataclass
+class Batch:
+    """A padded batch of token sequences.
+
+    Attributes:
+        input_ids: ``[B, T]`` token ids, right-padded.
+        attention_mask: ``[B, T]`` 1 for real tokens (None when no row is padded).
+        lengths: ``[B]`` real length of each row.
+        index: ``[B]`` position of each row in the caller's list of sequences.
+        position_ids: ``[B, T]`` explicit positions (packed rows), else None (0, 1, 2, ...).
+        mask4d: ``[B, 1, T, T]`` explicit attention mask (packed rows: True = may attend), else None.
+    """
+
+    input_ids: Tensor
+    attention_mask: Tensor | None
+    lengths: Tensor
+    index: Tensor
+    position_ids: Tensor | None = None
+    mask4d: Tensor | None = None
+
+    @property
+    def size(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def tokens(self) -> int:
+        return int(self.lengths.sum())
+
+
+class Probe:
+    """Base class: override what you need. Called inside ``torch.inference_mode`` (or grad mode for training)."""
+
+    def start(self, batch: Batch) -> None:
+        """Called before the forward pass of a batch."""
+
+    def layer(self, pos: int, layer_id: int, inputs: Tensor, output: Tensor) -> Tensor | None:
+        """Called after each decoder layer.
+
+        Args:
+            pos: position of the layer in the running stack (0-based).
+            layer_id: the layer's original (dense-model) id.
+            inputs: ``[B, T, d]`` the layer's input hidden states.
+            output: ``[B, T, d]`` the layer's output hidden states.
+
+        Returns:
+            None, or a tensor that replaces the layer's output.
+        """
+        return None
+
+    def finish(self, batch: Batch) -> None:
+        """Called after the forward pass of a batch."""
+
+
+@dataclass
+class PackedRow:
+    """Several sequences that share prefixes, packed into one row as a token tree.
+
+    Each token attends to its ancestors and itself (a tree-shaped causal mask) and sits at
+    position ``depth`` (its distance from the root), so every packed sequence computes exactly
+    what it would compute alone, while shared prefixes run once.
+
+    Attributes:
+        tokens: token ids in depth-first order.
+        parents: index of each token's parent in ``tokens`` (-1 for a root).
+    """
+
+    tokens: list[int]
+    parents: list[int]
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def positions(self) -> list[int]:
+        depth: list[int] = []
+        for p in self.parents:
+            depth.append(0 if p < 0 else depth[p] + 1)
+        return depth
+
+    def ancestor_mask(self) -> np.ndarray:
+        """``[T, T]`` True where token ``t`` (row) may attend token ``s`` (column)."""
+        T = len(self.tokens)
+        m = np.zeros((T, T), dtype=bool)
+        for t, p in enumerate(self.parents):
+            if p >= 0:
+                m[t] = m[p]
+            m[t, t] = True
+        return m
+
+
+def pack_sequences(seqs: Sequence[Sequence[int]]) -> tuple[PackedRow, list[list[int]]]:
+    """Pack sequences into a prefix tree; return the row and, per sequence, the row index of each of its tokens."""
+    tokens: list[int] = []
+    parents: list[int] = []
+    children: dict[tuple[int, int], int] = {}
+    where: list[list[int]] = []
+    for seq in seqs:
+        node = -1
+        path = []
+        for tok in seq:
+            key = (node, int(tok))
+            nxt = children.get(key)
+            if nxt is None:
+                nxt = len(tokens)
+                tokens.append(int(tok))
+                parents.append(node)
+                children[key] = nxt
+            path.append(nxt)
+            node = nxt
+        where.append(path)
+    return PackedRow(tokens, parents), where
+
+
+def plan_batches(lengths: Sequence[int], max_tokens: int, max_batch: int = 256) -> list[list[int]]:
+    """Group sequence indices into batches of similar length.
+
+    Sorted longest first (so an out-of-memory error shows at once), each batch holds at most
+    ``max_batch`` rows and at most ``max_tokens`` padded tokens (rows x longest row). The plan is
+    deterministic: ties keep their input order.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    batches: list[list[int]] = []
+    cur: list[int] = []
+    for i in order:
+        longest = lengths[cur[0]] if cur else lengths[i]
+        if cur and (len(cur) + 1 > max_batch or (len(cur) + 1) * longest > max_tokens):
+            batches.append(cur)
+            cur = []
+        cur.append(i)
+    if cur:
+        batches.append(cur)
+    return batches
+
+
+def collate(seqs: Sequence[Sequence[int]] | Sequence[PackedRow], index: Sequence[int], pad_id: int,
+            device: torch.device) -> Batch:
+    """Right-pad the sequences ``seqs[i] for i in index`` into a :class:`Batch`."""
+    rows = [seqs[i] for i in index]
+    if isinstance(rows[0], PackedRow):
+        return _collate_packed(rows, index, pad_id, device)
+    T = max(len(r) for r in rows)
+    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), T), dtype=torch.long)
+    for b, r in enumerate(rows):
+        ids[b, : len(r)] = torch.as_tensor(r, dtype=torch.long)
+        mask[b, : len(r)] = 1
+    lengths = mask.sum(1)
+    padded = bool((lengths < T).any())
+    return Batch(
+        input_ids=ids.to(device),
+        attention_mask=mask.to(device) if padded else None,
+        lengths=lengths.to(device),
+        index=torch.as_tensor(list(index), dtype=torch.long),
+    )
+
+
+def _collate_packed(rows: list[PackedRow], index, pad_id: int, device) -> Batch:
+    T = max(len(r) for r in rows)
+    B = len(rows)
+    ids = torch.full((B, T), pad_id, dtype=torch.long)
+    pos = torch.zeros((B, T), dtype=torch.long)
+    mask = np.zeros((B, 1, T, T), dtype=bool)
+    mask[:, 0, np.arange(T), np.arange(T)] = True  # padding attends itself only (no empty softmax rows)
+    lengths = torch.zeros(B, dtype=torch.long)
+    for b, r in enumerate(rows):
+        n = len(r)
+        ids[b, :n] = torch.as_tensor(r.tokens)
+        pos[b, :n] = torch.as_tensor(r.positions)
+        mask[b, 0, :n, :n] = r.ancestor_mask()
+        lengths[b] = n
+    return Batch(input_ids=ids.to(device), attention_mask=None, lengths=lengths.to(device),
+                 index=torch.as_tensor(list(index), dtype=torch.long), position_ids=pos.to(device),
+                 mask4d=torch.from_numpy(mask).to(device))
+
+
+def _first_tensor(x):
+    return x[0] if isinstance(x, tuple) else x
+
+
+def forward(
+    parts: DecoderParts,
+    batch: Batch,
+    probes: Sequence[Probe] = (),
+    layers: Sequence[int] | None = None,
+    start_hidden: Tensor | None = None,
+    grad: bool = False,
+) -> Tensor:
+    """One forward pass of the decoder stack with probes on every layer.
+
+    Args:
+        parts: the model's decoder parts.
+        batch: the batch to run.
+        probes: probes called on every layer, in order.
+        layers: positions (in the current layer list) of the layers to run (a layer view); None runs all.
+        start_hidden: ``[B, T, d]`` hidden states fed to the first layer in ``layers`` instead of
+            the embeddings (reuse of a cached prefix).
+        grad: run with autograd (training) instead of inference mode.
+
+    Returns:
+        ``[B, T, d]`` the final normalised hidden states (the LM head's input).
+    """
+    n = parts.num_layers
+    ids = list(range(n)) if layers is None else list(layers)
+    dense = dense_layer_ids(parts)
+    view = nullcontext() if layers is None or ids == list(range(n)) else layer_view(parts, ids)
+    mode = torch.enable_grad() if grad else torch.inference_mode()
+    with mode, view, ExitStack() as stack:
+        running = parts.layers
+        for p in probes:
+            p.start(batch)
+        if probes:
+            for pos, (layer, p) in enumerate(zip(running, ids)):
+                stack.enter_context(_hook(layer, pos, dense[p], probes))
+        if start_hidden is not None:
+            stack.enter_context(_inject(running[0], start_hidden))
+        mask = batch.attention_mask if batch.mask4d is None else _mask_for(parts, batch.mask4d)
+        out = parts.decoder(input_ids=batch.input_ids, attention_mask=mask, position_ids=batch.position_ids,
+                            use_cache=False)
+        for p in probes:
+            p.finish(batch)
+    return out.last_hidden_state
+
+
+def _mask_for(parts: DecoderParts, mask: Tensor) -> Tensor:
+    """A boolean 4D mask in the form the model's attention kernel takes (additive float for eager)."""
+    impl = getattr(parts.config, "_attn_implementation", "sdpa")
+    if impl in ("sdpa", None):
+        return mask
+    if impl == "eager":
+        dtype = parts.head.weight.dtype
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+    raise ValueError(f"packed rows need sdpa or eager attention, not {impl!r}")
+
+
+class _hook:
+    def __init__(self, layer, pos: int, layer_id: int, probes: Sequence[Probe]):
+        self.layer, self.pos, self.layer_id, self.probes = layer, pos, layer_id, probes
+        self.handle = None
+
+    def __enter__(self):
+        def fn(module, args, kwargs, output):
+            inputs = args[0] if args else kwargs["hidden_states"]
+            out = _first_tensor(output)
+            replaced = False
+            for p in self.probes:
+                new = p.layer(self.pos, self.layer_id, inputs, out)
+                if new is not None:
+                    out, replaced = new, True
+            if not replaced:
+                return None
+            return (out, *output[1:]) if isinstance(output, tuple) else out
+
+        self.handle = self.layer.register_forward_hook(fn, with_kwargs=True)
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
+class _inject:
+    def __init__(self, layer, hidden: Tensor):
+        self.layer, self.hidden, self.handle = layer, hidden, None
+
+    def __enter__(self):
+        def fn(module, args, kwargs):
+            if args:
+                return (self.hidden, *args[1:]), kwargs
+            kwargs = dict(kwargs)
+            kwargs["hidden_states"] = self.hidden
+            return args, kwargs
+
+        self.handle = self.layer.register_forward_pre_hook(fn, with_kwargs=True)
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
+def default_max_tokens(parts: DecoderParts) -> int:
+    """A padded-token budget per batch that fits the device.
+
+    On CUDA it is sized from free memory (activations of one layer plus the lens' vocabulary
+    rows dominate); on CPU a fixed 4096 keeps batches cache-friendly.
+    """
+    dev = parts.head.weight.device
+    if dev.type != "cuda":
+        return 4096
+    free, _ = torch.cuda.mem_get_info(dev)
+    cfg = parts.config
+    d = cfg.hidden_size
+    inter = getattr(cfg, "intermediate_size", 4 * d)
+    bytes_per_token = 2 * (6 * d + 3 * inter)  # bf16 activations alive inside one layer
+    budget = int(0.5 * free / max(bytes_per_token, 1))
+    return max(1024, min(budget, 65536))
+
+
+def run_batches(
+    parts: DecoderParts,
+    seqs: Sequence[Sequence[int]],
+    make_probes: Callable[[], Sequence[Probe]] | Sequence[Probe],
+    pad_id: int,
+    max_tokens: int | None = None,
+    max_batch: int = 256,
+    layers: Sequence[int] | None = None,
+    progress: str | None = None,
+    skip: Callable[[list[int]], bool] | None = None,
+    after_batch: Callable[[list[int]], None] | None = None,
+    plan: list[list[int]] | None = None,
+) -> list[list[int]]:
+    """Run all sequences through the model in length-sorted batches with the given probes.
+
+    On CUDA out-of-memory a batch is split in half and retried (never a crash for a batch that
+    fits after halving).
+
+    Args:
+        seqs: token id lists.
+        make_probes: the probes (or a factory returning them).
+        pad_id: padding token id.
+        max_tokens: padded-token budget per batch (default: :func:`default_max_tokens`).
+        layers: positions of the layers to run (None: all).
+        progress: progress-bar label (None: no bar).
+        skip: predicate on a batch's indices: True skips it (resume).
+        after_batch: callback after each finished batch (checkpointing).
+        plan: a precomputed batch plan (lists of indices) to follow instead of planning here.
+
+    Returns:
+        The batch plan that was used.
+    """
+    from tqdm.auto import tqdm
+
+    device = parts.head.weight.device
+    probes = make_probes() if callable(make_probes) else make_probes
+    if plan is None:
+        plan = plan_batches([len(s) for s in seqs], max_tokens or default_max_tokens(parts), max_batch)
+    todo = [b for b in plan if not (skip and skip(b))]
+    bar = tqdm(total=sum(len(b) for b in todo), desc=progress, unit="seq", disable=progress is None, leave=False)
+    try:
+        for idx in todo:
+            _run_with_backoff(parts, seqs, idx, probes, pad_id, device, layers)
+            bar.update(len(idx))
+            if after_batch:
+                after_batch(idx)
+    finally:
+        bar.close()
+    return plan
+
+
+def _run_with_backoff(parts, seqs, idx, probes, pad_id, device, layers):
+    try:
+        forward(parts, collate(seqs, idx, pad_id, device), probes, layers=layers)
+    except torch.OutOfMemoryError:
+        if len(idx) == 1:
+            raise
+        torch.cuda.empty_cache()
+        half = math.ceil(len(idx) / 2)
+        _run_with_backoff(parts, seqs, idx[:half], probes, pad_id, device, layers)
+        _run_with_backoff(parts, seqs, idx[half:], probes, pad_id, device, layers)

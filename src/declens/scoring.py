@@ -1,0 +1,338 @@
+"""Layer-wise option scores: every option of every item, read through the lens at every layer.
+
+``score_letter`` gives the option-token logits at the decision position; ``score_cloze`` the
+log-likelihood of each option's continuation. Both return a :class:`LayerScores` with an
+``[L, N, K]`` array (layers x items x options, NaN for options an item does not have), the input
+of every metric in :mod:`declens.metrics`.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .formats import ClozeRequests, LetterRequests
+from .lens import Lens
+from .models import DecoderParts
+from .runner import Batch, Probe, pack_sequences, run_batches
+from .surgery import dense_layer_ids
+
+#: Largest number of float32 logits the cloze lens materialises at once (256 MB).
+LOGIT_BUDGET = 64 * 1024 * 1024
+
+#: Seconds between checkpoint writes of partial scores (``DECLENS_CHECKPOINT_EVERY`` overrides).
+CHECKPOINT_EVERY_S = float(os.environ.get("DECLENS_CHECKPOINT_EVERY", "30"))
+
+
+@dataclass
+class LayerScores:
+    """Per-layer option scores.
+
+    Attributes:
+        layer_ids: original (dense) ids of the scored layers, in running order.
+        scores: ``[L, N, K]`` float32 decision scores: option logits (letter) or continuation
+            log-likelihoods (cloze); NaN where item ``n`` has fewer than ``K`` options.
+        gold: ``[N]`` gold option index.
+        n_options: ``[N]`` options per item.
+        kind: ``logit`` or ``loglik``.
+        norm_scores: cloze only: ``[L, N, K]`` log-likelihood per character (``acc_norm``).
+    """
+
+    layer_ids: list[int]
+    scores: np.ndarray
+    gold: np.ndarray
+    n_options: np.ndarray
+    kind: str
+    norm_scores: np.ndarray | None = None
+
+    @property
+    def num_layers(self) -> int:
+        return self.scores.shape[0]
+
+    def final(self) -> np.ndarray:
+        """``[N, K]`` scores at the last layer (the model's own output)."""
+        return self.scores[-1]
+
+
+def run_layer_ids(parts: DecoderParts, layers: Sequence[int] | None) -> list[int]:
+    """Dense ids of the layers at ``layers`` (positions; None: all)."""
+    dense = dense_layer_ids(parts)
+    return list(dense) if layers is None else [dense[p] for p in layers]
+
+
+def option_mask(n_options: np.ndarray, k: int) -> np.ndarray:
+    """``[N, K]`` True where the option exists."""
+    return np.arange(k)[None, :] < np.asarray(n_options)[:, None]
+
+
+class ScoreState:
+    """Partial results of a scoring run, for checkpoint and resume.
+
+    Attributes:
+        arrays: named float arrays being filled (``scores`` ``[L, S, ...]``).
+        done: ``[S]`` True for sequences already scored.
+    """
+
+    def __init__(self, arrays: dict[str, np.ndarray], done: np.ndarray):
+        self.arrays = arrays
+        self.done = done
+
+    @classmethod
+    def empty(cls, shapes: dict[str, tuple[int, ...]], n_seqs: int) -> "ScoreState":
+        return cls({k: np.full(s, np.nan, dtype=np.float32) for k, s in shapes.items()}, np.zeros(n_seqs, dtype=bool))
+
+    def compatible(self, shapes: dict[str, tuple[int, ...]], n_seqs: int) -> bool:
+        return self.done.shape == (n_seqs,) and all(k in self.arrays and self.arrays[k].shape == s for k, s in shapes.items())
+
+
+class LetterProbe(Probe):
+    """Option-token logits at the last real position of each row, at every layer."""
+
+    def __init__(self, lens: Lens, option_ids: Sequence[int], out: np.ndarray, row_of: dict[int, int] | None = None):
+        self.lens = lens
+        self.rows = torch.as_tensor(list(option_ids), dtype=torch.long)
+        self.out = out  # [L, N, K]
+        self.row_of = row_of  # dense layer id -> row of ``out`` (default: position in the running stack)
+        self.buf: dict[int, Tensor] = {}
+
+    def start(self, batch: Batch) -> None:
+        self.buf = {}
+        self.pick = (torch.arange(batch.size, device=batch.input_ids.device), batch.lengths - 1)
+
+    def layer(self, pos, layer_id, inputs, output):
+        h = output[self.pick]  # [B, d]
+        self.buf[self.row_of[layer_id] if self.row_of else pos] = self.lens.logits(h, self.rows)
+        return None
+
+    def finish(self, batch: Batch) -> None:
+        idx = batch.index.numpy()
+        for pos, z in self.buf.items():
+            self.out[pos, idx, : z.shape[-1]] = z.cpu().numpy()
+        self.buf = {}
+
+
+class ClozeProbe(Probe):
+    """Sum of lens log-probabilities of continuation tokens, at every layer.
+
+    Each row carries reads ``(slot, position, target)``: the token ``target`` is predicted at
+    ``position``; a slot (one option of one item) sums its reads. The full-vocabulary lens runs
+    once per distinct (row, position), however many options read it.
+    """
+
+    def __init__(self, lens: Lens, reads: Sequence[Sequence[tuple[int, int, int]]], out: np.ndarray,
+                 row_of: dict[int, int] | None = None):
+        self.lens = lens
+        self.reads = reads
+        self.out = out  # [L, slots]
+        self.row_of = row_of
+        self.buf: dict[int, Tensor] = {}
+
+    def start(self, batch: Batch) -> None:
+        self.buf = {}
+        uniq: dict[tuple[int, int], int] = {}
+        urow, upos, ridx, rtgt, rslot, slots = [], [], [], [], [], {}
+        for b, s in enumerate(batch.index.tolist()):
+            for slot, pos, tgt in self.reads[s]:
+                u = uniq.setdefault((b, pos), len(uniq))
+                if u == len(urow):
+                    urow.append(b)
+                    upos.append(pos)
+                ridx.append(u)
+                rtgt.append(tgt)
+                rslot.append(slots.setdefault(slot, len(slots)))
+        order = sorted(range(len(ridx)), key=lambda r: ridx[r])
+        dev = batch.input_ids.device
+        self.urow = torch.as_tensor(urow, device=dev)
+        self.upos = torch.as_tensor(upos, device=dev)
+        self.ridx = torch.as_tensor([ridx[r] for r in order], device=dev)
+        self.rtgt = torch.as_tensor([rtgt[r] for r in order], device=dev)
+        self.rslot = torch.as_tensor([rslot[r] for r in order], device=dev)
+        self.slots = np.array(list(slots), dtype=np.int64)
+
+    def layer(self, pos, layer_id, inputs, output):
+        h = output[self.urow, self.upos]  # [U, d]
+        chunk = max(1, LOGIT_BUDGET // self.lens.head.weight.shape[0])
+        parts = []
+        bounds = torch.searchsorted(self.ridx, torch.arange(0, h.shape[0] + chunk, chunk, device=self.ridx.device))
+        for c, a in enumerate(range(0, h.shape[0], chunk)):
+            z = self.lens.logits(h[a : a + chunk])  # [u, V] float32
+            lse = torch.logsumexp(z, dim=-1)
+            r0, r1 = int(bounds[c]), int(bounds[c + 1])
+            loc = self.ridx[r0:r1] - a
+            parts.append(z[loc, self.rtgt[r0:r1].to(z.device)] - lse[loc])
+        lp = torch.cat(parts)
+        row = self.row_of[layer_id] if self.row_of else pos
+        self.buf[row] = torch.zeros(len(self.slots), dtype=torch.float32, device=lp.device).index_add_(
+            0, self.rslot.to(lp.device), lp)
+        return None
+
+    def finish(self, batch: Batch) -> None:
+        for pos, s in self.buf.items():
+            self.out[pos, self.slots] = s.cpu().numpy()
+        self.buf = {}
+
+
+class Checkpointer:
+    """Calls ``save(state)`` at most every ``every`` seconds while batches finish (and at the end)."""
+
+    def __init__(self, state: ScoreState, save: Callable[[ScoreState], None] | None, every: float | None = None):
+        self.state, self.save = state, save
+        self.every = CHECKPOINT_EVERY_S if every is None else every
+        self.last = time.monotonic()
+
+    def __call__(self, idx: list[int]) -> None:
+        self.state.done[idx] = True
+        if self.save and time.monotonic() - self.last >= self.every:
+            self.save(self.state)
+            self.last = time.monotonic()
+
+
+def cloze_rows(req: ClozeRequests, pack: bool = True) -> tuple[list, list[list[tuple[int, int, int]]], list[tuple[int, int]]]:
+    """Rows to run for cloze scoring, the reads of each row, and the (item, option) of each slot.
+
+    Each option is the sequence ``context + continuation[:-1]`` whose positions
+    ``len(context) - 1 ...`` predict the continuation. With ``pack`` the options of one item go
+    into one :class:`~declens.runner.PackedRow`, so a shared context (and any shared prefix, such as
+    few-shot examples) runs once; without it every option is its own row (as lm-evaluation-harness does).
+    """
+    rows: list = []
+    reads: list[list[tuple[int, int, int]]] = []
+    owner: list[tuple[int, int]] = []
+    for i, (ctxs, cs) in enumerate(zip(req.contexts, req.continuations)):
+        seqs = [ctx + c[:-1] for ctx, c in zip(ctxs, cs)]
+        slots = list(range(len(owner), len(owner) + len(seqs)))
+        owner += [(i, k) for k in range(len(seqs))]
+        if pack:
+            row, where = pack_sequences(seqs)
+            rows.append(row)
+            reads.append([(slots[k], where[k][len(ctx) - 1 + j], t)
+                          for k, (ctx, c) in enumerate(zip(ctxs, cs)) for j, t in enumerate(c)])
+        else:
+            for k, (ctx, c) in enumerate(zip(ctxs, cs)):
+                rows.append(seqs[k])
+                reads.append([(slots[k], len(ctx) - 1 + j, t) for j, t in enumerate(c)])
+    return rows, reads, owner
+
+
+def can_pack(parts: DecoderParts, longest: int) -> bool:
+    """Packed rows need an attention kernel that takes an explicit mask and rows within any sliding window."""
+    cfg = parts.config
+    if getattr(cfg, "_attn_implementation", "sdpa") not in ("sdpa", "eager"):
+        return False
+    window = getattr(cfg, "sliding_window", None)
+    return not (window and longest > window)
+
+
+class ScoringPlan:
+    """How one set of requests is scored: the rows to run, the probe that fills an output array,
+    and the assembly of that array into :class:`LayerScores`.
+
+    Args:
+        parts: model parts.
+        req: letter or cloze requests.
+        pack: cloze only: pack each item's options into one prefix-shared row (default: when the
+            attention kernel allows it).
+    """
+
+    def __init__(self, parts: DecoderParts, req: LetterRequests | ClozeRequests, pack: bool | None = None):
+        self.parts, self.req = parts, req
+        self.lens = Lens(parts)
+        if isinstance(req, LetterRequests):
+            self.rows = req.prompts
+            self.reads = self.owner = None
+        else:
+            if pack is None:
+                longest = max(len(c) + len(x) for ctxs, cs in zip(req.contexts, req.continuations) for c, x in zip(ctxs, cs))
+                pack = can_pack(parts, longest)
+            self.rows, self.reads, self.owner = cloze_rows(req, pack=pack)
+        self.pack = pack
+
+    @property
+    def letter(self) -> bool:
+        return self.owner is None
+
+    def out_shape(self, n_layers: int) -> tuple[int, ...]:
+        if self.letter:
+            return (n_layers, len(self.req.prompts), len(self.req.option_ids))
+        return (n_layers, len(self.owner))
+
+    def new_out(self, n_layers: int) -> np.ndarray:
+        return np.full(self.out_shape(n_layers), np.nan, dtype=np.float32)
+
+    def probe(self, out: np.ndarray, row_of: dict[int, int] | None = None) -> Probe:
+        """A probe writing this plan's scores into ``out`` (rows by ``row_of[dense id]``, else running position)."""
+        if self.letter:
+            return LetterProbe(self.lens, self.req.option_ids, out, row_of)
+        return ClozeProbe(self.lens, self.reads, out, row_of)
+
+    def assemble(self, out: np.ndarray, layer_ids: list[int]) -> LayerScores:
+        """``[L, N, K]`` scores (NaN for absent options) from a filled output array."""
+        req = self.req
+        if self.letter:
+            scores = out.copy()
+            scores[:, ~option_mask(req.n_options, scores.shape[-1])] = np.nan
+            return LayerScores(layer_ids=list(layer_ids), scores=scores, gold=req.gold, n_options=req.n_options,
+                               kind="logit")
+        N, K = len(req.contexts), req.cont_chars.shape[1]
+        scores = np.full((out.shape[0], N, K), np.nan, dtype=np.float32)
+        ii = np.array([o[0] for o in self.owner])
+        kk = np.array([o[1] for o in self.owner])
+        scores[:, ii, kk] = out
+        with np.errstate(divide="ignore", invalid="ignore"):
+            norm = scores / np.where(req.cont_chars > 0, req.cont_chars, np.nan)[None]
+        return LayerScores(layer_ids=list(layer_ids), scores=scores, gold=req.gold, n_options=req.n_options,
+                           kind="loglik", norm_scores=norm.astype(np.float32))
+
+
+def score_requests(
+    parts: DecoderParts,
+    req: LetterRequests | ClozeRequests,
+    pad_id: int,
+    layers: Sequence[int] | None = None,
+    max_tokens: int | None = None,
+    progress: str | None = None,
+    state: ScoreState | None = None,
+    save: Callable[[ScoreState], None] | None = None,
+    pack: bool | None = None,
+) -> LayerScores:
+    """Per-layer option scores through the lens: option-token logits at the decision position
+    (letter) or continuation log-likelihoods (cloze).
+
+    Args:
+        parts: model parts.
+        req: tokenized requests.
+        pad_id: padding token id.
+        layers: positions of the layers to run (a pruned view, see :func:`~declens.surgery.keep_positions`); None: all.
+        max_tokens: padded tokens per batch.
+        progress: progress-bar label, or None.
+        state: partial results to resume from (from a checkpoint).
+        save: called with the partial state now and then, and at the end.
+        pack: cloze: pack each item's options into one prefix-shared row (default: when possible).
+    """
+    ids = run_layer_ids(parts, layers)
+    plan = ScoringPlan(parts, req, pack)
+    shapes = {"scores": plan.out_shape(len(ids))}
+    if state is None or not state.compatible(shapes, len(plan.rows)):
+        state = ScoreState.empty(shapes, len(plan.rows))
+    ck = Checkpointer(state, save)
+    run_batches(parts, plan.rows, [plan.probe(state.arrays["scores"])], pad_id, max_tokens=max_tokens, layers=layers,
+                progress=progress, skip=lambda idx: bool(state.done[idx].all()), after_batch=ck)
+    if save:
+        save(state)
+    return plan.assemble(state.arrays["scores"], ids)
+
+
+def score_letter(parts: DecoderParts, req: LetterRequests, pad_id: int, **kwargs) -> LayerScores:
+    """Option-token logits at the decision position at every layer (see :func:`score_requests`)."""
+    return score_requests(parts, req, pad_id, **kwargs)
+
+
+def score_cloze(parts: DecoderParts, req: ClozeRequests, pad_id: int, **kwargs) -> LayerScores:
+    """Continuation log-likelihood of every option at every layer (see :func:`score_requests`)."""
+    return score_requests(parts, req, pad_id, **kwargs)

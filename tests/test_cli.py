@@ -1,0 +1,79 @@
+"""The command line, as a user runs it: a model directory on disk, real task rows, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from conftest import make_tiny
+from declens.cli import app
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny-qwen3")
+    lm = make_tiny("qwen3")
+    lm.model.save_pretrained(d)
+    lm.tokenizer.save_pretrained(d)
+    return d
+
+
+def test_analyze_writes_results(model_dir, tmp_path):
+    out = tmp_path / "run"
+    r = runner.invoke(app, ["analyze", "--model", str(model_dir), "--task", "arc_easy", "--limit", "6",
+                            "--format", "cloze", "--dtype", "float32", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "transition point" in r.output and "final accuracy" in r.output
+    d = json.loads((out / "result.json").read_text())
+    assert d["config"]["format"] == "cloze" and len(d["samples"]) == 6
+    assert (out / "overview.png").exists()
+
+
+def test_analyze_pruned_view_reports_original_ids(model_dir, tmp_path):
+    r = runner.invoke(app, ["analyze", "--model", str(model_dir), "--task", "piqa", "--limit", "4",
+                            "--remove", "1,2", "--out", str(tmp_path)])
+    assert r.exit_code == 0, r.output
+    d = json.loads((tmp_path / "result.json").read_text())
+    assert [row["layer"] for row in d["layers"]] == [0, 3] and d["config"]["remove"] == [1, 2]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--task", "arc_hard"], "unknown task 'arc_hard'"),
+        (["--task", "arc_easy", "--format", "essay"], "unknown format 'essay'"),
+        (["--task", "arc_easy", "--remove", "0,1,2,3"], "removing all 4 layers"),
+        (["--task", "arc_easy", "--remove", "9"], "out of range"),
+        (["--task", "arc_easy", "--labels", "Qzx,Wvj,Kpf,Yqu"], "not one"),
+        (["--task", "./missing.jsonl", "--fields", "question=q,choices=c,gold=g"], "does not exist"),
+    ],
+)
+def test_bad_input_gives_clear_error(model_dir, tmp_path, args, message):
+    r = runner.invoke(app, ["analyze", "--model", str(model_dir), "--limit", "3", "--out", str(tmp_path), *args])
+    assert r.exit_code == 2
+    assert "error:" in r.output and message in r.output.replace("\n", " ")
+    assert "Traceback" not in r.output
+
+
+def test_bad_model_paths(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    r = runner.invoke(app, ["analyze", "--model", "./no/such/dir", "--task", "arc_easy"])
+    assert r.exit_code == 2 and "does not exist" in r.output
+    (tmp_path / "empty").mkdir()
+    r = runner.invoke(app, ["analyze", "--model", str(tmp_path / "empty"), "--task", "arc_easy"])
+    assert r.exit_code == 2 and "no config.json" in r.output
+    r = runner.invoke(app, ["analyze", "--model", "someone/not-a-model", "--task", "arc_easy"])
+    assert r.exit_code == 2 and "hub" in r.output
+
+
+def test_unknown_preset_and_listings():
+    r = runner.invoke(app, ["presets", "--fetch", "smollm3"])
+    assert r.exit_code == 2 and "unknown preset 'smollm3'" in r.output and "smollm2-135m" in r.output
+    r = runner.invoke(app, ["tasks"])
+    assert r.exit_code == 0 and "winogrande" in r.output and "mmlu" in r.output
+    r = runner.invoke(app, ["presets"])
+    assert r.exit_code == 0 and "qwen2.5-coder-1.5b" in r.output
