@@ -81,7 +81,7 @@ def print_summary(res, title: str = "") -> None:
 
 
 def _analyze(model, task, fmt, split, limit, seed, num_fewshot, subjects, fields, dtype, device, remove,
-             decision_score, labels, label_prefix, max_tokens, out, quiet=False):
+             decision_score, labels, label_prefix, max_tokens, out, lens_layers=None, quiet=False):
     from .analyses.decision import analyze
     from .models import load_model
     from .surgery import parse_layer_ids
@@ -92,7 +92,7 @@ def _analyze(model, task, fmt, split, limit, seed, num_fewshot, subjects, fields
     out = Path(out) if out else Path("runs") / f"{_slug(model)}_{_slug(data.name)}_{fmt}"
     res = analyze(lm, data, fmt, num_fewshot=num_fewshot, seed=seed, remove=parse_layer_ids(remove),
                   labels=_split_list(labels) or LETTERS, label_prefix=label_prefix, decision_score=decision_score,
-                  max_tokens=max_tokens, out_dir=out)
+                  max_tokens=max_tokens, out_dir=out, lens_layers=lens_layers)
     if not quiet:
         print_summary(res)
     t = res.provenance["timing"]
@@ -119,11 +119,12 @@ def analyze(
     labels: Optional[str] = typer.Option(None, "--labels", help="letter: option labels, comma-separated (default A,B,C,...)."),
     label_prefix: str = typer.Option(" ", "--label-prefix", help="letter: text before the label in the answer (default a space: ' A')."),
     max_tokens: Optional[int] = MaxTokOpt,
+    lens_layers: str = typer.Option("all", "--lens-layers", help="Layers read through the lens: all, last (accuracy only, fastest) or ids like 0,10,20."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Results folder (default runs/<model>_<task>_<format>)."),
 ):
     """Layer-wise Decision Margin, accuracy, Option Frequency and Transition Point of a model on a task."""
     _run(lambda: _analyze(model, task, fmt, split, limit, seed, num_fewshot, subjects, fields, dtype, device, remove,
-                          decision_score, labels, label_prefix, max_tokens, out))
+                          decision_score, labels, label_prefix, max_tokens, out, lens_layers))
 
 
 @app.command()

@@ -21,6 +21,7 @@ from .formats import ClozeRequests, LetterRequests
 from .lens import Lens
 from .models import DecoderParts
 from .runner import Batch, Probe, pack_sequences, run_batches
+from .errors import LayerSpecError
 from .surgery import dense_layer_ids
 
 #: Largest number of float32 logits the cloze lens materialises at once (256 MB).
@@ -106,8 +107,9 @@ class LetterProbe(Probe):
         self.pick = (torch.arange(batch.size, device=batch.input_ids.device), batch.lengths - 1)
 
     def layer(self, pos, layer_id, inputs, output):
-        h = output[self.pick]  # [B, d]
-        self.buf[self.row_of[layer_id] if self.row_of else pos] = self.lens.logits(h, self.rows)
+        row = self.row_of.get(layer_id) if self.row_of is not None else pos
+        if row is not None:  # layers not in ``row_of`` are not read
+            self.buf[row] = self.lens.logits(output[self.pick], self.rows)
         return None
 
     def finish(self, batch: Batch) -> None:
@@ -156,6 +158,9 @@ class ClozeProbe(Probe):
         self.slots = np.array(list(slots), dtype=np.int64)
 
     def layer(self, pos, layer_id, inputs, output):
+        row = self.row_of.get(layer_id) if self.row_of is not None else pos
+        if row is None:  # layers not in ``row_of`` are not read
+            return None
         h = output[self.urow, self.upos]  # [U, d]
         chunk = max(1, LOGIT_BUDGET // self.lens.head.weight.shape[0])
         parts = []
@@ -167,7 +172,6 @@ class ClozeProbe(Probe):
             loc = self.ridx[r0:r1] - a
             parts.append(z[loc, self.rtgt[r0:r1].to(z.device)] - lse[loc])
         lp = torch.cat(parts)
-        row = self.row_of[layer_id] if self.row_of else pos
         self.buf[row] = torch.zeros(len(self.slots), dtype=torch.float32, device=lp.device).index_add_(
             0, self.rslot.to(lp.device), lp)
         return None
@@ -300,6 +304,7 @@ def score_requests(
     state: ScoreState | None = None,
     save: Callable[[ScoreState], None] | None = None,
     pack: bool | None = None,
+    read_layers: Sequence[int] | None = None,
 ) -> LayerScores:
     """Per-layer option scores through the lens: option-token logits at the decision position
     (letter) or continuation log-likelihoods (cloze).
@@ -314,14 +319,23 @@ def score_requests(
         state: partial results to resume from (from a checkpoint).
         save: called with the partial state now and then, and at the end.
         pack: cloze: pack each item's options into one prefix-shared row (default: when possible).
+        read_layers: dense ids of the layers to read through the lens (default: every layer run);
+            ``[last id]`` reads only the model's own output, the cheapest way to get accuracy.
     """
     ids = run_layer_ids(parts, layers)
+    row_of = None
+    if read_layers is not None:
+        missing = [i for i in read_layers if i not in ids]
+        if missing:
+            raise LayerSpecError(f"cannot read layer(s) {missing}: the model runs layers {ids}")
+        ids = [i for i in ids if i in set(read_layers)]
+        row_of = {lid: r for r, lid in enumerate(ids)}
     plan = ScoringPlan(parts, req, pack)
     shapes = {"scores": plan.out_shape(len(ids))}
     if state is None or not state.compatible(shapes, len(plan.rows)):
         state = ScoreState.empty(shapes, len(plan.rows))
     ck = Checkpointer(state, save)
-    run_batches(parts, plan.rows, [plan.probe(state.arrays["scores"])], pad_id, max_tokens=max_tokens, layers=layers,
+    run_batches(parts, plan.rows, [plan.probe(state.arrays["scores"], row_of)], pad_id, max_tokens=max_tokens, layers=layers,
                 progress=progress, skip=lambda idx: bool(state.done[idx].all()), after_batch=ck)
     if save:
         save(state)

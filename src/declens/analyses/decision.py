@@ -19,7 +19,7 @@ from ..formats import FORMATS, ClozeRequests, Encoder, LetterRequests, build_clo
 from ..models import LoadedModel
 from ..results import AnalysisResult, Checkpoint, config_key, provenance
 from ..scoring import LayerScores, score_requests
-from ..surgery import keep_positions
+from ..surgery import dense_layer_ids, keep_positions
 from ..tasks import LETTERS, TaskData
 
 Requests = LetterRequests | ClozeRequests
@@ -42,13 +42,28 @@ def prepare(lm: LoadedModel, data: TaskData, fmt: str = "letter", num_fewshot: i
 
 
 def score(lm: LoadedModel, req: Requests, layers: Sequence[int] | None = None, max_tokens: int | None = None,
-          progress: str | None = None, checkpoint: Checkpoint | None = None) -> LayerScores:
+          progress: str | None = None, checkpoint: Checkpoint | None = None,
+          read_layers: Sequence[int] | None = None) -> LayerScores:
     """Per-layer option scores of prepared requests (optionally on a layer subset)."""
     pad = encoder_for(lm).pad_id
     state = checkpoint.load() if checkpoint else None
     save = checkpoint.save if checkpoint else None
     return score_requests(lm.parts, req, pad, layers=layers, max_tokens=max_tokens, progress=progress, state=state,
-                          save=save)
+                          save=save, read_layers=read_layers)
+
+
+def parse_lens_layers(spec: str | Sequence[int] | None, kept_ids: Sequence[int]) -> list[int] | None:
+    """``all`` (None), ``last`` (the model's own output only) or dense ids ``"0,10,27"``."""
+    if spec is None or spec == "all":
+        return None
+    if spec == "last":
+        return [kept_ids[-1]]
+    from ..surgery import parse_layer_ids
+
+    ids = parse_layer_ids(spec) if isinstance(spec, str) else [int(i) for i in spec]
+    if kept_ids[-1] not in ids:
+        ids.append(kept_ids[-1])  # the final layer is always read: accuracy is its argmax
+    return sorted(ids, key=list(kept_ids).index) if all(i in kept_ids for i in ids) else ids
 
 
 def analyze(
@@ -67,6 +82,7 @@ def analyze(
     progress: bool = True,
     requests: Requests | None = None,
     plots: bool = True,
+    lens_layers: str | Sequence[int] | None = None,
 ) -> AnalysisResult:
     """Run the layer-wise decision analysis.
 
@@ -85,6 +101,8 @@ def analyze(
         progress: show progress bars.
         requests: prebuilt requests (from :func:`prepare`) to skip tokenization.
         plots: with ``out_dir``, also draw the PNG figures.
+        lens_layers: ``all`` (default), ``last`` (only the model's own output: accuracy at the cost
+            of a plain forward pass) or dense layer ids to read through the lens.
 
     Returns:
         The :class:`~declens.results.AnalysisResult`.
@@ -92,6 +110,8 @@ def analyze(
     if decision_score not in ("raw", "norm"):
         raise DeclensError(f"decision_score must be 'raw' or 'norm', not {decision_score!r}")
     layers = keep_positions(lm.parts, remove) if remove else None
+    kept_ids = [dense_layer_ids(lm.parts)[p] for p in (layers or range(lm.num_layers))]
+    read = parse_lens_layers(lens_layers, kept_ids)
     t0 = time.perf_counter()
     req = requests if requests is not None else prepare(lm, data, fmt, num_fewshot, seed, labels, label_prefix)
     t_prep = time.perf_counter() - t0
@@ -101,13 +121,14 @@ def analyze(
         "labels": list(req.labels) if isinstance(req, LetterRequests) else None,
         "label_prefix": label_prefix if fmt == "letter" else None,
         "dtype": str(lm.dtype).replace("torch.", ""), "device": str(lm.device),
+        "lens_layers": read,
     }
     ck = None
     if out_dir is not None:
         ck = Checkpoint(out_dir, config_key(config, lm.fingerprint(), data.fingerprint()))
     t1 = time.perf_counter()
     scores = score(lm, req, layers=layers, max_tokens=max_tokens, progress=f"{data.name}/{fmt}" if progress else None,
-                   checkpoint=ck)
+                   checkpoint=ck, read_layers=read)
     t_score = time.perf_counter() - t1
     prov = provenance(lm, data, timing={"prepare_s": round(t_prep, 3), "score_s": round(t_score, 3),
                                         "items_per_s": round(len(data.items) / max(t_score, 1e-9), 2)})
