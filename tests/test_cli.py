@@ -77,3 +77,49 @@ def test_unknown_preset_and_listings():
     assert r.exit_code == 0 and "winogrande" in r.output and "mmlu" in r.output
     r = runner.invoke(app, ["presets"])
     assert r.exit_code == 0 and "qwen2.5-coder-1.5b" in r.output
+
+
+def test_prune_eval_ablate_export_commands(model_dir, tmp_path):
+    r = runner.invoke(app, ["prune", "--model", str(model_dir), "--task", "arc_easy", "--limit", "8", "--calib-samples", "4",
+                            "--method", "ip,last", "--skip-prun", "--max-ratio", "0.5", "--out", str(tmp_path / "p")])
+    assert r.exit_code == 0, r.output
+    assert "Remain" in r.output and "#Removed" in r.output and "critical" in r.output
+    d = json.loads((tmp_path / "p" / "prune.json").read_text())
+    assert set(d["methods"]) == {"ip", "last"} and d["config"]["skip_prun"]["enabled"]
+    assert (tmp_path / "p" / "accuracy_vs_ratio.png").exists() and (tmp_path / "p" / "pruning_ip.png").exists()
+
+    r = runner.invoke(app, ["eval", "--model", str(model_dir), "--remove", "1", "--remove", "1,2", "--tasks", "piqa,boolq",
+                            "--limit", "4", "--formats", "letter,cloze", "--out", str(tmp_path / "e")])
+    assert r.exit_code == 0, r.output
+    assert "Avg" in r.output and "1,2" in r.output
+    assert "| piqa |" in (tmp_path / "e" / "eval.md").read_text()
+
+    r = runner.invoke(app, ["ablate", "--model", str(model_dir), "--task", "arc_easy", "--tp", "2", "--window", "1",
+                            "--tasks", "piqa", "--limit", "4", "--out", str(tmp_path / "a")])
+    assert r.exit_code == 0, r.output
+    d = json.loads((tmp_path / "a" / "ablate.json").read_text())
+    assert d["kind"] == "ablate" and d["config"]["configs"] == ["dense", "1", "2", "3", "1,2", "2,3"]
+
+    r = runner.invoke(app, ["export", "--model", str(model_dir), "--remove", "0,3", "--dtype", "float32",
+                            "--out", str(tmp_path / "x")])
+    assert r.exit_code == 0, r.output
+    assert "max |logit difference|" in r.output
+    assert json.loads((tmp_path / "x" / "config.json").read_text())["num_hidden_layers"] == 2
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["prune", "--max-ratio", "1.2"], "strictly between 0 and 1"),
+        (["prune", "--method", "magic"], "unknown pruning method"),
+        (["eval", "--remove", "0,1,2,3"], "removing all 4 layers"),
+        (["eval", "--remove", "2,2"], "more than once"),
+        (["export", "--remove", "5", "--out", "never"], "out of range"),
+        (["ablate", "--tp", "9"], "out of range"),
+    ],
+)
+def test_pruning_commands_reject_bad_input(model_dir, args, message):
+    r = runner.invoke(app, [args[0], "--model", str(model_dir), "--limit", "2", *args[1:]] if args[0] != "export"
+                      else [args[0], "--model", str(model_dir), *args[1:]])
+    assert r.exit_code == 2, r.output
+    assert message in r.output.replace("\n", " ")

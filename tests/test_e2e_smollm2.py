@@ -56,3 +56,21 @@ def test_demo_command(tmp_path):
     d = json.loads((tmp_path / "result.json").read_text())
     assert d["config"]["model"] == "smollm2-135m" and d["provenance"]["model"]["source"]["gguf_sha256"]
     assert (tmp_path / "overview.png").exists()
+
+
+def test_iterative_pruning_and_export_on_real_model(tmp_path):
+    from declens.models import load_model
+    from declens.pruning import export_pruned, prune
+
+    lm = load_model("smollm2-135m", dtype="float32", device="cpu", progress=False)
+    res = prune(lm, load_task("arc_easy", limit=16, seed=0), "cloze", methods=["ip"], max_ratio=0.1, calib_samples=8,
+                out_dir=tmp_path / "prune", progress=False)
+    recs = res.runs["ip"].records
+    assert [r.k for r in recs] == [0, 1, 2, 3]
+    for prev, rec in zip(recs, recs[1:]):
+        assert rec.layer == min(prev.bi, key=lambda l: (prev.bi[l], l))
+    assert res.work["share_saved"] > 0
+    assert (tmp_path / "prune" / "pruning_ip.png").exists()
+    removed = recs[-1].removed
+    info = export_pruned(lm, removed, tmp_path / "pruned")
+    assert info["kept"] == 27 and info["max_abs_logit_diff"] < 1e-3

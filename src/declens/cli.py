@@ -229,6 +229,42 @@ def eval_cmd(
 
 
 @app.command()
+def ablate(
+    model: str = ModelOpt,
+    task: str = typer.Option("arc_challenge", "--task", "-t", help="Task whose dense analysis locates the Transition Point."),
+    window: int = typer.Option(2, "--window", help="Layers on each side of the Transition Point."),
+    tp: Optional[int] = typer.Option(None, "--tp", help="Centre of the window (dense layer id) instead of the measured Transition Point."),
+    tasks: str = typer.Option("all", "--tasks", help="Tasks to evaluate every configuration on, comma-separated, or 'all'."),
+    pairs: bool = typer.Option(True, "--pairs/--no-pairs", help="Also remove adjacent pairs."),
+    fmt: str = FormatOpt,
+    limit: Optional[int] = LimitOpt,
+    seed: int = SeedOpt,
+    dtype: str = DtypeOpt,
+    device: str = DeviceOpt,
+    max_tokens: Optional[int] = MaxTokOpt,
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Results folder (default runs/ablate_<model>_<task>)."),
+):
+    """Remove each layer and adjacent pair around the Transition Point; evaluate on all tasks (Table 1)."""
+
+    def go():
+        from .analyses.ablation import ablate as run_ablate
+        from .analyses.evaluate import print_eval
+        from .models import load_model
+        from .tasks import ALL_TASKS
+
+        names = list(ALL_TASKS) if tasks.strip() == "all" else _split_list(tasks)
+        lm = load_model(model, dtype=dtype, device=device)
+        folder = Path(out) if out else Path("runs") / f"ablate_{_slug(model)}_{_slug(task)}"
+        res = run_ablate(lm, task, names, fmt, window=window, tp=tp, limit=limit, seed=seed, pairs=pairs,
+                         max_tokens=max_tokens, out_dir=folder)
+        console.print(f"Transition Point: layer {res.transition_layer} ({task}, {fmt})")
+        print_eval(res.eval, console)
+        console.print(f"results in [bold]{folder}[/bold] (ablate.json, ablate.md, ablate.png)")
+
+    _run(go)
+
+
+@app.command()
 def export(
     model: str = ModelOpt,
     remove: str = typer.Option(..., "--remove", help="Dense layer ids to remove, e.g. 24,23,22."),

@@ -222,3 +222,37 @@ def plot_prune(res, out_dir: str | Path) -> list[Path]:
         plt.close(fig)
         paths.append(p)
     return paths
+
+
+def plot_ablation(res, out_dir: str | Path, task: str) -> list[Path]:
+    """DM per layer of every ablated configuration on ``task`` (dense in black), and the accuracy table as bars."""
+    out = Path(out_dir)
+    ev = res.eval
+    fmt = ev.formats[0]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(15, 5))
+    cmap = plt.get_cmap("tab20")
+    for i, lab in enumerate(ev.labels):
+        cell = ev.cells[(task, fmt, lab)] if (task, fmt, lab) in ev.cells else None
+        if cell is None:
+            continue
+        x = cell["layer_ids"]
+        style = dict(color="k", lw=2.2, label="dense") if lab == "dense" else dict(color=cmap(i % 20), lw=1.2, label=f"-{lab}")
+        a1.plot(x, cell["dm"], "-", **style)
+    a1.axhline(0, color="k", lw=0.8)
+    a1.axvline(res.transition_layer, color=TP_COLOR, ls="--", lw=1.2, label=f"dense Transition Point ({res.transition_layer})")
+    a1.set_xlabel("layer (original id)")
+    a1.set_ylabel("Decision Margin")
+    a1.set_title(f"DM after removing layers around the Transition Point ({task})")
+    a1.legend(fontsize=7, ncol=2)
+    labels = ev.labels
+    avg = [ev.average(fmt, lab) for lab in labels]
+    a2.bar(range(len(labels)), avg, color=["k" if lab == "dense" else cmap(i % 20) for i, lab in enumerate(labels)])
+    a2.set_xticks(range(len(labels)))
+    a2.set_xticklabels(labels, rotation=45, ha="right", fontsize=8)
+    a2.set_ylabel(f"mean accuracy over {len(ev.tasks)} task(s)")
+    a2.set_title("Accuracy by removed layer(s)")
+    fig.tight_layout()
+    p = out / "ablate.png"
+    fig.savefig(p, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return [p]

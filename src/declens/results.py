@@ -72,7 +72,7 @@ def to_jsonable(obj: Any) -> Any:
         return int(obj)
     if isinstance(obj, (np.floating, float)):
         f = float(obj)
-        return None if f != f or f in (float("inf"), float("-inf")) else round(f, 7)
+        return None if f != f or f in (float("inf"), float("-inf")) else f  # exact: JSON round-trips floats
     if isinstance(obj, np.bool_):
         return bool(obj)
     if isinstance(obj, Path):

@@ -1,0 +1,542 @@
+"""Layer-wise CKA alignment of a pruned model with its dense model (the paper's Figure 3, A.5, A.6).
+
+Every kept layer of a pruned view is compared with every layer of the dense model by linear CKA
+(Kornblith et al., 2019) on two signals, each an ``[N, d]`` matrix over the same N rows:
+
+- ``hidden``: the layer output (raw residual stream) averaged over the real tokens of each row;
+- ``decision``: the layer output at the decision token, the last real token of each row (the
+  position whose lens logits the letter format reads).
+
+For each pruned layer the best-matching dense layer is the argmax of its CKA row. Where it falls
+below the kept layer's own dense id, the pruned network's representation at that depth resembles a
+*shallower* stage of the dense network.
+
+Linear CKA of column-centred ``X [n, d1]`` and ``Y [n, d2]``::
+
+    CKA(X, Y) = ||Y^T X||_F^2 / (||X^T X||_F ||Y^T Y||_F)
+              = <K, L>_F / (||K||_F ||L||_F)        with K = X X^T, L = Y Y^T   (n x n Grams)
+
+The two forms are the same number; the Gram form is cheaper when ``n < d`` (the usual case: 500
+rows, hidden sizes 576 to 8192) and lets :func:`cka_matrix` compute each layer's centred Gram once.
+Everything is computed in float64. A zero-variance input (every row the same, or a single row) has
+no linear structure to align: CKA is defined as ``0.0`` for it (never NaN), so a best-match argmax
+never picks it.
+
+Speed: the pruned view shares every layer before its first removed layer with the dense model, so
+those features are copied from the dense pass and only the kept layers after it run, from the dense
+hidden state entering the first removed layer (prefix reuse, as in the pruning engine).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..errors import DeclensError
+from ..formats import FORMATS, ClozeRequests, LetterRequests
+from ..models import LoadedModel
+from ..results import atomic_save_npz, atomic_write_json, provenance
+from ..runner import Batch, Probe, collate, default_max_tokens, forward, plan_batches
+from ..surgery import dense_layer_ids, keep_positions
+from ..tasks import TaskData, subsample
+
+CKA_FILE = "cka.json"
+CKA_NPZ = "cka.npz"
+SIGNALS = ("hidden", "decision")
+
+#: A centred representation whose Frobenius norm is at most this share of the uncentred one is
+#: treated as constant (zero variance): float rounding of a constant column is not structure.
+DEGENERATE_RTOL = 1e-12
+
+
+class CKAError(DeclensError):
+    """Representations that CKA cannot compare (shapes, non-finite values) or a bad CKA request."""
+
+
+# ------------------------------------------------------------------------------------------------
+# Linear CKA
+
+
+def _as_f64(x: Tensor | np.ndarray, name: str) -> Tensor:
+    t = torch.as_tensor(x).detach()
+    if t.dim() != 2:
+        raise CKAError(f"{name} must be a 2-D [n, d] matrix, got shape {tuple(t.shape)}")
+    t = t.to(device="cpu", dtype=torch.float64)
+    if t.numel() and not torch.isfinite(t).all():
+        raise CKAError(f"{name} contains NaN or infinite values; CKA needs finite representations")
+    return t
+
+
+def _centred_unit(x: Tensor) -> Tensor | None:
+    """Column-centred ``x`` scaled to unit Frobenius norm (``[n, d]`` float64); None if constant."""
+    if x.shape[0] < 2 or x.shape[1] == 0:
+        return None
+    scale = float(x.abs().max())
+    if scale == 0.0:
+        return None
+    x = x / scale  # guards against overflow with massive activations; CKA is scale-invariant
+    xc = x - x.mean(dim=0, keepdim=True)
+    nc = float(torch.linalg.matrix_norm(xc))
+    if nc == 0.0 or nc <= DEGENERATE_RTOL * float(torch.linalg.matrix_norm(x)):
+        return None
+    return xc / nc
+
+
+def _gram_unit(xc: Tensor) -> Tensor:
+    """``[n*n]`` the Gram matrix of centred ``xc`` normalised to unit Frobenius norm, flattened."""
+    k = xc @ xc.T
+    return (k / torch.linalg.matrix_norm(k)).reshape(-1)
+
+
+def linear_cka(X: Tensor | np.ndarray, Y: Tensor | np.ndarray) -> float:
+    """Linear CKA of two representations of the same ``n`` rows, in float64.
+
+    Args:
+        X: ``[n, d1]`` (torch or numpy, any float dtype, any device).
+        Y: ``[n, d2]``.
+
+    Returns:
+        CKA in ``[0, 1]``: 1 for representations equal up to an orthogonal transform and an isotropic
+        scaling (and a translation). ``0.0`` when either input has zero variance after centring
+        (fewer than two rows, or all rows equal): CKA is undefined there and declens reports no
+        alignment rather than NaN.
+
+    Raises:
+        CKAError: not 2-D, different numbers of rows, or non-finite values.
+    """
+    x, y = _as_f64(X, "X"), _as_f64(Y, "Y")
+    if x.shape[0] != y.shape[0]:
+        raise CKAError(f"CKA compares the same rows: X has {x.shape[0]} rows, Y has {y.shape[0]}")
+    xc, yc = _centred_unit(x), _centred_unit(y)
+    if xc is None or yc is None:
+        return 0.0
+    n, d1, d2 = xc.shape[0], xc.shape[1], yc.shape[1]
+    if n * (d1 + d2) < d1 * d2 + d1 * d1 + d2 * d2:  # n x n Gram form (n < d)
+        num = float(_gram_unit(xc) @ _gram_unit(yc))
+        return min(max(num, 0.0), 1.0)
+    cross = torch.linalg.matrix_norm(yc.T @ xc) ** 2
+    den = torch.linalg.matrix_norm(xc.T @ xc) * torch.linalg.matrix_norm(yc.T @ yc)
+    return min(max(float(cross / den), 0.0), 1.0)
+
+
+def cka_matrix(A: Sequence[Tensor | np.ndarray], B: Sequence[Tensor | np.ndarray]) -> np.ndarray:
+    """Linear CKA of every representation in ``A`` with every one in ``B`` (same ``n`` rows).
+
+    The centred, normalised Gram matrix of each representation is computed once (``n x n`` float64,
+    ``8 n^2`` bytes each), so the full matrix costs ``len(A) + len(B)`` Grams and one matrix product.
+    When ``n`` exceeds every feature width the feature-space form is used pair by pair instead.
+
+    Args:
+        A: ``La`` matrices ``[n, d_i]`` (e.g. the pruned model's layers).
+        B: ``Lb`` matrices ``[n, d_j]`` (e.g. the dense model's layers).
+
+    Returns:
+        ``[La, Lb]`` float64 CKA values in ``[0, 1]`` (``0.0`` for zero-variance inputs).
+    """
+    xa = [_as_f64(a, f"A[{i}]") for i, a in enumerate(A)]
+    xb = [_as_f64(b, f"B[{j}]") for j, b in enumerate(B)]
+    ns = {x.shape[0] for x in xa + xb}
+    if len(ns) > 1:
+        raise CKAError(f"CKA compares the same rows, got representations with {sorted(ns)} rows")
+    out = np.zeros((len(xa), len(xb)), dtype=np.float64)
+    if not xa or not xb:
+        return out
+    n = ns.pop()
+    ca = [_centred_unit(x) for x in xa]
+    cb = [_centred_unit(x) for x in xb]
+    dmax = max(x.shape[1] for x in xa + xb)
+    if n <= dmax:  # Gram form: one [n*n] unit vector per layer, then a single product
+        def stack(cs):
+            return torch.stack([_gram_unit(c) if c is not None else torch.zeros(n * n, dtype=torch.float64) for c in cs])
+
+        out = (stack(ca) @ stack(cb).T).numpy()
+    else:
+        self_a = [None if c is None else torch.linalg.matrix_norm(c.T @ c) for c in ca]
+        self_b = [None if c is None else torch.linalg.matrix_norm(c.T @ c) for c in cb]
+        for i, c in enumerate(ca):
+            for j, e in enumerate(cb):
+                if c is not None and e is not None:
+                    out[i, j] = float(torch.linalg.matrix_norm(e.T @ c) ** 2 / (self_a[i] * self_b[j]))
+    return np.clip(out, 0.0, 1.0)
+
+
+# ------------------------------------------------------------------------------------------------
+# Collecting layer representations
+
+
+class CKAProbe(Probe):
+    """Collects, for every layer run, two ``[N, d]`` float32 CPU matrices over the rows of a run.
+
+    Attributes:
+        hidden: dense layer id -> ``[N, d]`` the layer output averaged over each row's real tokens.
+        decision: dense layer id -> ``[N, d]`` the layer output at each row's last real token.
+
+    Args:
+        n_rows: ``N``, the number of sequences of the run (rows are filled at ``batch.index``).
+    """
+
+    def __init__(self, n_rows: int):
+        self.n_rows = n_rows
+        self.hidden: dict[int, Tensor] = {}
+        self.decision: dict[int, Tensor] = {}
+
+    def start(self, batch: Batch) -> None:
+        dev = batch.input_ids.device
+        T = batch.input_ids.shape[1]
+        self.weights = (torch.arange(T, device=dev)[None, :] < batch.lengths[:, None]).float()
+        self.weights = self.weights / batch.lengths[:, None].float()  # [B, T]: 1/len at real tokens
+        self.pick = (torch.arange(batch.size, device=dev), batch.lengths - 1)
+        self.index = batch.index
+
+    def layer(self, pos: int, layer_id: int, inputs: Tensor, output: Tensor) -> Tensor | None:
+        if layer_id not in self.hidden:
+            d = output.shape[-1]
+            self.hidden[layer_id] = torch.zeros(self.n_rows, d, dtype=torch.float32)
+            self.decision[layer_id] = torch.zeros(self.n_rows, d, dtype=torch.float32)
+        h = output.float()
+        self.hidden[layer_id][self.index] = torch.einsum("bt,btd->bd", self.weights, h).cpu()
+        self.decision[layer_id][self.index] = h[self.pick].cpu()
+        return None
+
+
+class _InputAt(Probe):
+    """Keeps the input of the layer at one position (the dense state entering the first removed layer)."""
+
+    def __init__(self, pos: int):
+        self.pos = pos
+        self.state: Tensor | None = None
+
+    def start(self, batch: Batch) -> None:
+        self.state = None
+
+    def layer(self, pos, layer_id, inputs, output):
+        if pos == self.pos:
+            self.state = inputs.clone()
+        return None
+
+
+def cka_rows(req: LetterRequests | ClozeRequests) -> list[list[int]]:
+    """One token sequence per item, whose last token is the decision token.
+
+    Letter format: the prompt (the decision is read at its last token). Cloze format: the context of
+    the item's first option (the question; the answer would follow its last token). WinoGrande's
+    partial scoring has one context per option, and the first is used.
+    """
+    if isinstance(req, LetterRequests):
+        return [list(p) for p in req.prompts]
+    return [list(ctxs[0]) for ctxs in req.contexts]
+
+
+def collect_states(lm: LoadedModel, rows: Sequence[Sequence[int]], layers: Sequence[int] | None = None,
+                   max_tokens: int | None = None) -> CKAProbe:
+    """Token-averaged and decision-token states of every layer run, by one plain pass (no reuse).
+
+    Args:
+        lm: the model.
+        rows: token sequences.
+        layers: positions of the layers to run (a pruned view); None: all.
+        max_tokens: padded tokens per batch.
+
+    Returns:
+        The filled :class:`CKAProbe` (``hidden`` / ``decision``: dense id -> ``[N, d]``).
+    """
+    from .decision import encoder_for
+
+    pad = encoder_for(lm).pad_id
+    probe = CKAProbe(len(rows))
+    for idx in plan_batches([len(r) for r in rows], max_tokens or default_max_tokens(lm.parts)):
+        forward(lm.parts, collate(rows, idx, pad, lm.device), [probe], layers=layers)
+    return probe
+
+
+# ------------------------------------------------------------------------------------------------
+# The study
+
+
+@dataclass
+class CKAResult:
+    """CKA alignment of a pruned view with the dense model.
+
+    Attributes:
+        config: what was asked for (model, task, format, rows, remove, kept ids ...).
+        provenance: versions, model and data fingerprints, timings.
+        pruned_ids: dense ids of the pruned view's layers (rows of the matrices), in running order.
+        dense_ids: dense ids of the dense model's layers (columns).
+        hidden: ``[L_pruned, L_dense]`` CKA of token-averaged hidden states.
+        decision: ``[L_pruned, L_dense]`` CKA of decision-token states.
+    """
+
+    config: dict
+    provenance: dict
+    pruned_ids: list[int]
+    dense_ids: list[int]
+    hidden: np.ndarray
+    decision: np.ndarray
+    extra: dict = field(default_factory=dict)
+
+    def matrix(self, signal: str) -> np.ndarray:
+        """``[L_pruned, L_dense]`` CKA of ``signal`` (``hidden`` or ``decision``)."""
+        if signal not in SIGNALS:
+            raise CKAError(f"unknown CKA signal {signal!r}; use one of {', '.join(SIGNALS)}")
+        return self.hidden if signal == "hidden" else self.decision
+
+    def best_match(self, signal: str) -> list[int]:
+        """For each pruned layer, the dense id of its most similar dense layer (first on ties)."""
+        m = self.matrix(signal)
+        return [self.dense_ids[int(j)] for j in np.argmax(m, axis=1)]
+
+    @property
+    def best_hidden(self) -> list[int]:
+        return self.best_match("hidden")
+
+    @property
+    def best_decision(self) -> list[int]:
+        return self.best_match("decision")
+
+    def summary(self) -> dict:
+        """Headline numbers: where the final pruned layer aligns, and how many layers fall below the identity."""
+        out: dict = {"num_pruned_layers": len(self.pruned_ids), "num_dense_layers": len(self.dense_ids)}
+        own = [self.dense_ids.index(i) for i in self.pruned_ids]
+        for s in SIGNALS:
+            m, best = self.matrix(s), self.best_match(s)
+            out[s] = {
+                "final_layer_best_match": best[-1],
+                "final_layer_best_cka": float(m[-1].max()),
+                "below_identity": int(sum(b < p for b, p in zip(best, self.pruned_ids))),
+                "mean_own_layer_cka": float(np.mean([m[r, c] for r, c in enumerate(own)])),
+            }
+        return out
+
+    def layer_rows(self) -> list[dict]:
+        """One dict per pruned layer: its dense id, position, best matches and CKA with its own dense layer."""
+        rows = []
+        bh, bd = self.best_hidden, self.best_decision
+        for r, lid in enumerate(self.pruned_ids):
+            c = self.dense_ids.index(lid)
+            rows.append({"layer": lid, "position": r, "best_hidden": bh[r], "best_hidden_cka": float(self.hidden[r].max()),
+                         "best_decision": bd[r], "best_decision_cka": float(self.decision[r].max()),
+                         "own_hidden_cka": float(self.hidden[r, c]), "own_decision_cka": float(self.decision[r, c])})
+        return rows
+
+    def to_dict(self) -> dict:
+        return {
+            "kind": "cka",
+            "config": self.config,
+            "provenance": self.provenance,
+            "summary": self.summary(),
+            "pruned_layer_ids": self.pruned_ids,
+            "dense_layer_ids": self.dense_ids,
+            "best_match": {"hidden": self.best_hidden, "decision": self.best_decision},
+            "layers": self.layer_rows(),
+            "cka": {"hidden": self.hidden, "decision": self.decision},
+            **self.extra,
+        }
+
+    def save(self, out_dir: Path | str, plots: bool = True) -> Path:
+        """Write ``cka.json``, ``cka.npz`` and (with ``plots``) ``cka_hidden.png``, ``cka_decision.png``,
+        ``cka_best_match.png`` into ``out_dir`` (atomically)."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_save_npz(out / CKA_NPZ, hidden=self.hidden, decision=self.decision,
+                        pruned_layer_ids=np.array(self.pruned_ids), dense_layer_ids=np.array(self.dense_ids),
+                        best_hidden=np.array(self.best_hidden), best_decision=np.array(self.best_decision))
+        atomic_write_json(out / CKA_FILE, self.to_dict())
+        if plots:
+            plot_cka(self, out)
+        return out
+
+
+def _select(data: TaskData, n_samples: int | None, seed: int) -> TaskData:
+    if n_samples is None or n_samples >= len(data.items):
+        return data
+    if n_samples <= 0:
+        raise CKAError(f"n_samples must be positive, got {n_samples}")
+    idx = subsample(len(data.items), n_samples, seed)
+    return dataclasses.replace(data, items=[data.items[i] for i in idx],
+                               selection={**data.selection, "cka_samples": n_samples, "cka_seed": seed})
+
+
+def cka_study(
+    lm: LoadedModel,
+    data: TaskData,
+    remove: Sequence[int],
+    fmt: str = "letter",
+    n_samples: int | None = 500,
+    seed: int = 0,
+    max_tokens: int | None = None,
+    progress: bool = True,
+    *,
+    num_fewshot: int = 0,
+    requests: LetterRequests | ClozeRequests | None = None,
+) -> CKAResult:
+    """CKA of every layer of the pruned view (without dense ids ``remove``) with every dense layer.
+
+    Args:
+        lm: the (dense) model.
+        data: the task rows; when it holds more than ``n_samples`` items, ``n_samples`` of them are
+            drawn with ``seed`` (deterministically, order kept).
+        remove: dense ids of the layers to remove (empty: the dense model against itself).
+        fmt: ``letter`` (rows are the lettered prompts; the decision token is the last prompt token)
+            or ``cloze`` (rows are the items' contexts, see :func:`cka_rows`).
+        n_samples: rows to compare (the paper: 500 ARC-Challenge questions); None: all of ``data``.
+        seed: seed of the row draw.
+        max_tokens: padded tokens per batch (default: sized to the device).
+        progress: show a progress bar.
+        num_fewshot: solved examples prepended to each prompt.
+        requests: prebuilt requests for exactly the selected rows (skips tokenization).
+
+    Returns:
+        The :class:`CKAResult` with ``[L_pruned, L_dense]`` matrices for both signals.
+
+    Raises:
+        LayerSpecError: bad ``remove`` (out of range, repeated, every layer).
+        CKAError: bad ``n_samples``; DeclensError: unknown format.
+    """
+    from tqdm.auto import tqdm
+
+    from .decision import encoder_for, prepare
+
+    if fmt not in FORMATS:
+        raise DeclensError(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
+    remove = [int(i) for i in remove]
+    parts = lm.parts
+    keep = keep_positions(parts, remove)
+    dense_ids = dense_layer_ids(parts)
+    pruned_ids = [dense_ids[p] for p in keep]
+    data = _select(data, n_samples, seed)
+    t0 = time.perf_counter()
+    req = requests if requests is not None else prepare(lm, data, fmt, num_fewshot=num_fewshot)
+    rows = cka_rows(req)
+    if len(rows) != len(data.items):
+        raise CKAError(f"the requests hold {len(rows)} rows but {len(data.items)} items are selected")
+    pad = encoder_for(lm).pad_id
+    budget = max_tokens or default_max_tokens(parts)
+    # Prefix reuse: positions before the first removed one are the dense layers themselves.
+    m = min(dense_ids.index(i) for i in remove) if remove else None
+    run = [p for p in keep if m is not None and p > m]
+    dense = CKAProbe(len(rows))
+    pruned = CKAProbe(len(rows))
+    plan = plan_batches([len(r) for r in rows], budget)
+    bar = tqdm(total=len(rows), desc=f"cka {data.name}/{fmt}", unit="seq", disable=not progress, leave=False)
+    try:
+        for idx in plan:
+            b = collate(rows, idx, pad, lm.device)
+            cap = _InputAt(m) if run else None
+            forward(parts, b, [dense] + ([cap] if cap else []))
+            if run:
+                forward(parts, b, [pruned], layers=run, start_hidden=cap.state)
+            bar.update(len(idx))
+    finally:
+        bar.close()
+    t_run = time.perf_counter() - t0
+
+    def pruned_states(signal: str) -> list[Tensor]:
+        src_p, src_d = (pruned.hidden, dense.hidden) if signal == "hidden" else (pruned.decision, dense.decision)
+        return [src_p[i] if i in src_p else src_d[i] for i in pruned_ids]
+
+    t1 = time.perf_counter()
+    hidden = cka_matrix(pruned_states("hidden"), [dense.hidden[i] for i in dense_ids])
+    decision = cka_matrix(pruned_states("decision"), [dense.decision[i] for i in dense_ids])
+    t_cka = time.perf_counter() - t1
+    config = {
+        "model": lm.spec, "task": data.name, "format": fmt, **data.selection, "num_fewshot": num_fewshot,
+        "n_samples": len(rows), "seed": seed, "remove": remove, "kept_layer_ids": pruned_ids,
+        "num_layers": len(dense_ids), "dtype": str(lm.dtype).replace("torch.", ""), "device": str(lm.device),
+        "max_tokens": budget, "signals": {"hidden": "layer output averaged over each row's real tokens",
+                                          "decision": "layer output at each row's last real token"},
+    }
+    prov = provenance(lm, data, timing={"forward_s": round(t_run, 3), "cka_s": round(t_cka, 3),
+                                        "layers_reused": len(keep) - len(run) if remove else len(keep)})
+    return CKAResult(config=config, provenance=prov, pruned_ids=pruned_ids, dense_ids=list(dense_ids),
+                     hidden=hidden, decision=decision)
+
+
+# ------------------------------------------------------------------------------------------------
+# Figures
+
+
+def _ticks(ids: Sequence[int], max_ticks: int = 16) -> tuple[np.ndarray, list[str]]:
+    step = max(1, -(-len(ids) // max_ticks))
+    pos = np.arange(len(ids))[::step]
+    return pos, [str(ids[p]) for p in pos]
+
+
+def _pyplot():
+    """matplotlib.pyplot with the Agg backend (importing :mod:`declens.plots` selects it)."""
+    from .. import plots  # noqa: F401  (sets the Agg backend, as every declens figure does)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_cka_heatmap(ax, res: CKAResult, signal: str, title: str = "") -> None:
+    """Heatmap of one CKA matrix: pruned layers (rows, dense ids) x dense layers (columns), with each
+    pruned layer's own dense layer and its best match marked."""
+    plt = _pyplot()
+    m = res.matrix(signal)
+    im = ax.imshow(m, aspect="auto", cmap="magma", vmin=0, vmax=1, origin="lower", interpolation="nearest")
+    own = [res.dense_ids.index(i) for i in res.pruned_ids]
+    rows = np.arange(len(res.pruned_ids))
+    ax.plot(own, rows, ls="none", marker="s", ms=5, mfc="none", mec="#4daf4a", mew=1.2, label="own dense layer")
+    ax.plot(np.argmax(m, axis=1), rows, ls="none", marker="x", ms=5, color="#377eb8", mew=1.5, label="best match")
+    xp, xl = _ticks(res.dense_ids)
+    yp, yl = _ticks(res.pruned_ids)
+    ax.set_xticks(xp)
+    ax.set_xticklabels(xl)
+    ax.set_yticks(yp)
+    ax.set_yticklabels(yl)
+    ax.set_xlabel("dense model layer (original id)")
+    ax.set_ylabel("pruned model layer (original id)")
+    ax.set_title(title or f"CKA of {signal} representations")
+    ax.legend(fontsize=7, loc="upper left", framealpha=0.8)
+    plt.colorbar(im, ax=ax, label="linear CKA", fraction=0.046)
+
+
+def plot_best_match(ax, res: CKAResult, title: str = "") -> None:
+    """For each pruned layer position, its best-matching dense layer for both signals, against the
+    identity diagonal (the kept layer's own dense id)."""
+    x = np.arange(len(res.pruned_ids))
+    ax.plot(x, res.pruned_ids, ls="--", color="#888888", lw=1.2, label="identity (own dense layer)")
+    ax.plot(x, res.best_hidden, "-o", color="#ff7f0e", ms=4, lw=1.5, label="hidden (token average)")
+    ax.plot(x, res.best_decision, "-s", color="#1f77b4", ms=4, lw=1.5, label="decision token")
+    xp, _ = _ticks(res.pruned_ids)
+    ax.set_xticks(xp)
+    ax.set_xticklabels([f"{p}\n({res.pruned_ids[p]})" for p in xp], fontsize=7)
+    ax.set_xlabel("pruned model layer position (original id)")
+    ax.set_ylabel("best-matching dense layer")
+    ax.set_ylim(-0.5, len(res.dense_ids) - 0.5)
+    ax.set_title(title or "Best-matching dense layer per pruned layer")
+    ax.legend(fontsize=8, loc="upper left")
+
+
+def plot_cka(res: CKAResult, out_dir: Path | str) -> list[Path]:
+    """Draw ``cka_hidden.png``, ``cka_decision.png`` and ``cka_best_match.png`` into ``out_dir``."""
+    plt = _pyplot()
+    out = Path(out_dir)
+    cfg = res.config
+    removed = cfg.get("remove") or []
+    name = (f"{Path(str(cfg.get('model'))).name} · {cfg.get('task')} · {cfg.get('format')} · "
+            f"{cfg.get('n_samples')} rows · removed {sorted(removed) if removed else 'none'}")
+    paths = []
+    size = (max(6.0, 0.22 * len(res.dense_ids) + 3), max(4.5, 0.2 * len(res.pruned_ids) + 2))
+    for signal, label in (("hidden", "token-averaged hidden states"), ("decision", "decision-token states")):
+        fig, ax = plt.subplots(figsize=size)
+        plot_cka_heatmap(ax, res, signal, f"CKA of {label}\n{name}")
+        p = out / f"cka_{signal}.png"
+        fig.savefig(p, dpi=120, bbox_inches="tight")
+        plt.close(fig)
+        paths.append(p)
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.25 * len(res.pruned_ids) + 3), 4.5))
+    plot_best_match(ax, res, f"Best-matching dense layer\n{name}")
+    p = out / "cka_best_match.png"
+    fig.savefig(p, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    paths.append(p)
+    return paths

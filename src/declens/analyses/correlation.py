@@ -1,0 +1,660 @@
+"""Does an earlier Transition Point buy more pruning robustness? (the paper's Section 4.2.2,
+*The Safe Pruning Margin*).
+
+Across model-task pairs, :func:`correlate` pairs the dense model's **Transition Point** (TP) with
+the **critical pruning ratio** of one pruning method and computes Pearson's r with its two-sided
+p-value (``scipy.stats.pearsonr``) twice: TP as an absolute layer index, and TP as a fraction of the
+model's depth. It also scores the **safe pruning margin** estimate: the Decisive Phase's share of
+the depth (``1 - TP / L``, the dense analysis's ``decisive_fraction``) taken as a prediction of the
+critical ratio (mean absolute error, mean signed error, and its own Pearson r).
+
+How pairs are formed
+--------------------
+Every given folder is scanned for declens result files (``*.json`` with a top-level ``kind``).
+Results are grouped by **(model, task, format)**: ``model`` is the ``--model`` string the run was
+made with (``config["model"]``: a preset name, a path or a hub id, so spell it the same way in every
+command), ``task`` the task name (``mmlu:astronomy`` for a subject), ``format`` ``letter``/``cloze``.
+
+- The **Transition Point** of a group comes, in this order of preference, from
+  1. a dense ``analysis`` (``result.json`` with no ``--remove`` and every layer read through the lens),
+  2. the dense record (0 layers removed) of a ``prune`` result (``prune.json``),
+  3. the dense cell of an ``eval`` result (``eval.json``).
+  Among several candidates of the same kind the one on the most rows (``rows_selected``) wins, then
+  the one given first; the others are listed in :attr:`CorrelationResult.notes`.
+- The **critical ratio** comes from a ``prune`` result of the same group whose ``critical_ratio``
+  has ``method``; among several, the one on the most rows wins, then the one given first.
+- A group is a **complete pair** when both exist and are numbers. A group is left out, with the
+  reason in :attr:`CorrelationResult.incomplete`, when it has no TP source, when the dense model
+  never decides (no TP: the Decision Margin is not positive at the last layer), when it has no prune
+  result with ``method``, or when the critical ratio was not reached within the run's
+  ``--max-ratio`` (the ratio is then only known to exceed it; it is not imputed).
+
+At least three complete pairs are needed; fewer raise :class:`~declens.errors.DeclensError` naming
+the pairs found and what is missing. When the TPs (or the critical ratios) of all pairs are equal,
+r is undefined and reported as ``None`` with a note instead of scipy's NaN.
+
+Example:
+    >>> res = correlate(["runs/llama_arc", "runs/qwen_arc", "runs/prune_qwen_arc", ...], method="ip")
+    >>> res.stats["layer"]["r"], res.stats["layer"]["p"]
+    >>> res.save("runs/correlate")   # correlate.json, correlate.csv, correlate.png, safe_margin.png
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from ..errors import DeclensError
+from ..results import atomic_write_json, atomic_write_text, provenance
+
+CORRELATE_FILE = "correlate.json"
+CORRELATE_CSV = "correlate.csv"
+MIN_PAIRS = 3
+
+#: TP sources in order of preference (lower wins).
+_TP_PRIORITY = {"analysis": 0, "prune": 1, "eval": 2}
+
+
+# ------------------------------------------------------------------------------------------------
+# Finding result files
+
+
+@dataclass
+class RunFile:
+    """One declens result file: its path, ``kind`` and parsed JSON content."""
+
+    path: Path
+    kind: str
+    data: dict
+
+    @property
+    def config(self) -> dict:
+        c = self.data.get("config")
+        return c if isinstance(c, dict) else {}
+
+    @property
+    def provenance(self) -> dict:
+        p = self.data.get("provenance")
+        return p if isinstance(p, dict) else {}
+
+
+def find_run_files(run_dir: str | Path) -> list[RunFile]:
+    """The declens result files of one run folder (or one result file), sorted by file name.
+
+    A result file is a top-level, non-hidden ``*.json`` holding an object with a string ``kind``
+    (``analysis``, ``prune``, ``eval``, ``cka``, ``noise``, ...). Hidden files (resume state,
+    checkpoints) and JSON that is not a declens result are ignored.
+
+    Raises:
+        DeclensError: the path does not exist, or holds no declens result.
+    """
+    p = Path(run_dir)
+    if not p.exists():
+        raise DeclensError(f"run folder {str(p)!r} does not exist")
+    paths = [p] if p.is_file() else sorted(q for q in p.glob("*.json") if q.is_file() and not q.name.startswith("."))
+    out = []
+    bad = []
+    for q in paths:
+        try:
+            d = json.loads(q.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            bad.append(f"{q.name} ({type(e).__name__})")
+            continue
+        if isinstance(d, dict) and isinstance(d.get("kind"), str):
+            out.append(RunFile(q, d["kind"], d))
+    if not out:
+        hint = f"; unreadable: {', '.join(bad)}" if bad else ""
+        raise DeclensError(f"{str(p)!r} holds no declens results (no result.json, prune.json, eval.json or other "
+                           f"*.json with a 'kind'){hint}; pass folders written by 'declens analyze', 'declens prune', "
+                           f"'declens eval', ...")
+    return out
+
+
+def model_label(model: Any) -> str:
+    """Short display name of a ``--model`` string (the last path component of a path)."""
+    s = str(model).rstrip("/\\")
+    return Path(s).name or s
+
+
+# ------------------------------------------------------------------------------------------------
+# What each kind of result says about a (model, task, format) group
+
+
+@dataclass
+class DenseDecision:
+    """The dense model's decision structure on one (model, task, format), from one result file.
+
+    Attributes:
+        model, task, format: the group.
+        num_layers: layers of the dense model.
+        transition_layer: dense id of the Transition Point (None: the model never decides).
+        decisive_fraction: share of the layers in the Decisive Phase (``(L - TP) / L``).
+        silent_phase, decisive_phase: first and last layer id of each phase (None if empty).
+        final_accuracy, chance: accuracy of the model's own output and of a uniform guess.
+        rows: evaluated rows (None if unknown).
+        source: the file; kind: its kind (``analysis``, ``prune`` or ``eval``).
+        fingerprint: the model fingerprint recorded in the file, if any.
+        note: why this candidate cannot give a TP (then it is not used), else "".
+    """
+
+    model: str
+    task: str
+    format: str
+    num_layers: int
+    transition_layer: int | None
+    decisive_fraction: float
+    silent_phase: list[int] | None
+    decisive_phase: list[int] | None
+    final_accuracy: float | None
+    chance: float | None
+    rows: int | None
+    source: Path
+    kind: str
+    fingerprint: str | None = None
+    final_accuracy_norm: float | None = None
+    note: str = ""
+
+    @property
+    def transition_fraction(self) -> float | None:
+        """TP as a fraction of the depth (``TP / L``)."""
+        return None if self.transition_layer is None else self.transition_layer / self.num_layers
+
+
+@dataclass
+class CriticalRatio:
+    """Critical pruning ratio of one method on one (model, task, format), from a prune result."""
+
+    model: str
+    task: str
+    format: str
+    method: str
+    critical_ratio: float | None
+    max_ratio: float | None
+    collapse_keep: float | None
+    num_layers: int
+    rows: int | None
+    source: Path
+    fingerprint: str | None = None
+
+
+def _key(model: Any, task: Any, fmt: Any) -> tuple[str, str, str]:
+    return (str(model).rstrip("/\\"), str(task), str(fmt))
+
+
+def _fingerprint(f: RunFile) -> str | None:
+    m = f.provenance.get("model")
+    return m.get("fingerprint") if isinstance(m, dict) else None
+
+
+def _span(ids: list[int]) -> list[int] | None:
+    return [ids[0], ids[-1]] if ids else None
+
+
+def _from_layers(key, layer_ids: list[int], tp: int | None, num_layers: int, **kw) -> DenseDecision:
+    """A DenseDecision from the dense model's layer ids and TP (dense id)."""
+    ids = list(layer_ids)
+    t = ids.index(tp) if tp is not None and tp in ids else None
+    silent = ids if t is None else ids[:t]
+    decisive = [] if t is None else ids[t:]
+    return DenseDecision(*key, num_layers=num_layers, transition_layer=tp,
+                         decisive_fraction=0.0 if tp is None else (num_layers - tp) / num_layers,
+                         silent_phase=_span(silent), decisive_phase=_span(decisive), **kw)
+
+
+def dense_decisions(f: RunFile) -> list[DenseDecision]:
+    """The dense Transition Point(s) a result file provides (none for kinds that carry none)."""
+    c = f.config
+    fp = _fingerprint(f)
+    if f.kind == "analysis":
+        s = f.data.get("summary") or {}
+        layers = [r["layer"] for r in f.data.get("layers", [])]
+        L = int((f.provenance.get("model") or {}).get("num_layers") or s.get("num_layers") or len(layers))
+        key = _key(c.get("model"), c.get("task"), c.get("format"))
+        note = ""
+        if c.get("remove"):
+            note = f"analysis of a pruned view (removed {c['remove']}), not of the dense model"
+        elif c.get("lens_layers") is not None and len(layers) != L:
+            note = f"analysis read only {len(layers)} of {L} layers through the lens (--lens-layers)"
+        elif layers != list(range(L)):
+            note = "analysis of a pruned model (its layer ids are not 0..L-1), not of the dense model"
+        tp = s.get("transition_layer")
+        d = DenseDecision(*key, num_layers=L, transition_layer=tp,
+                          decisive_fraction=float(s.get("decisive_fraction") if s.get("decisive_fraction") is not None
+                                                  else (0.0 if tp is None else (L - tp) / L)),
+                          silent_phase=s.get("silent_phase"), decisive_phase=s.get("decisive_phase"),
+                          final_accuracy=s.get("final_accuracy"), chance=s.get("chance"),
+                          rows=c.get("rows_selected", len(f.data.get("samples", [])) or None), source=f.path,
+                          kind="analysis", fingerprint=fp, final_accuracy_norm=s.get("final_accuracy_norm"), note=note)
+        return [d]
+    if f.kind == "prune":
+        key = _key(c.get("model"), c.get("task"), c.get("format"))
+        L = int(c.get("num_layers") or 0)
+        for body in (f.data.get("methods") or {}).values():
+            for r in body.get("records", []):
+                if r.get("k") == 0 and L:
+                    return [_from_layers(key, r["layer_ids"], r.get("transition_layer"), L,
+                                         final_accuracy=r.get("accuracy"), chance=r.get("chance"),
+                                         rows=c.get("rows_selected"), source=f.path, kind="prune", fingerprint=fp,
+                                         final_accuracy_norm=r.get("accuracy_norm"))]
+        return []
+    if f.kind == "eval":
+        out = []
+        for cell in f.data.get("cells", []):
+            if cell.get("removed") != "dense" or not cell.get("layer_ids"):
+                continue
+            ids = cell["layer_ids"]
+            out.append(_from_layers(_key(c.get("model"), cell.get("task"), cell.get("format")), ids,
+                                    cell.get("transition_layer"), len(ids), final_accuracy=cell.get("accuracy"),
+                                    chance=None, rows=c.get("limit"), source=f.path, kind="eval", fingerprint=fp,
+                                    final_accuracy_norm=cell.get("accuracy_norm")))
+        return out
+    return []
+
+
+def critical_ratios(f: RunFile) -> list[CriticalRatio]:
+    """The critical ratio of every method of a ``prune`` result (empty for other kinds)."""
+    if f.kind != "prune":
+        return []
+    c = f.config
+    key = _key(c.get("model"), c.get("task"), c.get("format"))
+    return [CriticalRatio(*key, method=m, critical_ratio=v, max_ratio=c.get("max_ratio"),
+                          collapse_keep=c.get("collapse_keep"), num_layers=int(c.get("num_layers") or 0),
+                          rows=c.get("rows_selected"), source=f.path, fingerprint=_fingerprint(f))
+            for m, v in sorted((f.data.get("critical_ratio") or {}).items())]
+
+
+# ------------------------------------------------------------------------------------------------
+# Gathering
+
+
+@dataclass
+class Gathered:
+    """Everything the given folders say per (model, task, format): the chosen TP source, the chosen
+    critical ratio per method, and notes about duplicates and unusable candidates."""
+
+    files: list[RunFile]
+    decisions: dict[tuple[str, str, str], DenseDecision]
+    ratios: dict[tuple[str, str, str], dict[str, CriticalRatio]]
+    notes: dict[tuple[str, str, str], list[str]]
+    unusable: dict[tuple[str, str, str], list[str]]
+
+    @property
+    def keys(self) -> list[tuple[str, str, str]]:
+        return sorted(set(self.decisions) | set(self.ratios) | set(self.unusable))
+
+    @property
+    def methods(self) -> list[str]:
+        """Pruning methods with a critical ratio somewhere ("ip" first, then alphabetical)."""
+        ms = {m for per in self.ratios.values() for m in per}
+        return sorted(ms, key=lambda m: (m != "ip", m))
+
+
+def _rows_key(rows: Any) -> float:
+    return -float(rows) if isinstance(rows, (int, float)) and rows is not None else math.inf
+
+
+def gather(run_dirs: Sequence[str | Path]) -> Gathered:
+    """Scan run folders and choose, per (model, task, format), the TP source and the critical ratio
+    per method (see the module docstring for the rules).
+
+    Raises:
+        DeclensError: no folders, a folder that does not exist, or one with no declens result.
+    """
+    if not run_dirs:
+        raise DeclensError("no run folders given; pass folders written by 'declens analyze' and 'declens prune'")
+    files: list[RunFile] = []
+    seen: set[Path] = set()
+    for d in run_dirs:
+        for f in find_run_files(d):
+            rp = f.path.resolve()
+            if rp not in seen:
+                seen.add(rp)
+                files.append(f)
+    dec_cands: dict[tuple, list[tuple[tuple, DenseDecision]]] = {}
+    unusable: dict[tuple, list[str]] = {}
+    rat_cands: dict[tuple, dict[str, list[tuple[tuple, CriticalRatio]]]] = {}
+    for order, f in enumerate(files):
+        for dd in dense_decisions(f):
+            key = (dd.model, dd.task, dd.format)
+            if dd.note:
+                unusable.setdefault(key, []).append(f"{dd.source}: {dd.note}")
+                continue
+            rank = (_TP_PRIORITY[dd.kind], _rows_key(dd.rows), order)
+            dec_cands.setdefault(key, []).append((rank, dd))
+        for cr in critical_ratios(f):
+            key = (cr.model, cr.task, cr.format)
+            rat_cands.setdefault(key, {}).setdefault(cr.method, []).append(((_rows_key(cr.rows), order), cr))
+    decisions: dict[tuple, DenseDecision] = {}
+    ratios: dict[tuple, dict[str, CriticalRatio]] = {}
+    notes: dict[tuple, list[str]] = {}
+    for key, cands in dec_cands.items():
+        cands.sort(key=lambda x: x[0])
+        best = cands[0][1]
+        decisions[key] = best
+        for _, other in cands[1:]:
+            if other.kind == best.kind:
+                notes.setdefault(key, []).append(
+                    f"Transition Point taken from {best.source} ({best.rows} rows); duplicate {other.kind} result "
+                    f"{other.source} ({other.rows} rows, TP {other.transition_layer}) not used")
+            elif other.transition_layer != best.transition_layer:
+                notes.setdefault(key, []).append(
+                    f"{other.kind} result {other.source} puts the dense Transition Point at layer "
+                    f"{other.transition_layer} ({other.rows} rows), the {best.kind} result used here at "
+                    f"{best.transition_layer} ({best.rows} rows)")
+    for key, per in rat_cands.items():
+        for m, cands in per.items():
+            cands.sort(key=lambda x: x[0])
+            best = cands[0][1]
+            ratios.setdefault(key, {})[m] = best
+            for _, other in cands[1:]:
+                notes.setdefault(key, []).append(
+                    f"critical ratio ({m}) taken from {best.source} ({best.rows} rows); duplicate prune result "
+                    f"{other.source} ({other.rows} rows, critical ratio {other.critical_ratio}) not used")
+    for key in decisions:
+        d, per = decisions[key], ratios.get(key, {})
+        for m, cr in per.items():
+            if d.fingerprint and cr.fingerprint and d.fingerprint != cr.fingerprint:
+                notes.setdefault(key, []).append(
+                    f"model fingerprints differ between {d.source} ({d.fingerprint}) and {cr.source} "
+                    f"({cr.fingerprint}): another dtype or other weights")
+                break
+    return Gathered(files=files, decisions=decisions, ratios=ratios,
+                    notes={k: sorted(set(v), key=v.index) for k, v in notes.items()}, unusable=unusable)
+
+
+# ------------------------------------------------------------------------------------------------
+# The correlation
+
+
+@dataclass
+class Pair:
+    """One complete (Transition Point, critical ratio) pair."""
+
+    model: str
+    task: str
+    format: str
+    num_layers: int
+    transition_layer: int
+    transition_fraction: float
+    decisive_fraction: float
+    critical_ratio: float
+    max_ratio: float | None
+    collapse_keep: float | None
+    tp_source: str
+    tp_kind: str
+    ratio_source: str
+
+    @property
+    def label(self) -> str:
+        """``model · task`` (``· format`` appended by :meth:`CorrelationResult.labels` when formats differ)."""
+        return f"{model_label(self.model)} · {self.task}"
+
+    @property
+    def margin_error(self) -> float:
+        """Predicted safe margin minus measured critical ratio."""
+        return self.decisive_fraction - self.critical_ratio
+
+    def to_dict(self) -> dict:
+        return {"model": self.model, "task": self.task, "format": self.format, "label": self.label,
+                "num_layers": self.num_layers, "transition_layer": self.transition_layer,
+                "transition_fraction": self.transition_fraction, "decisive_fraction": self.decisive_fraction,
+                "critical_ratio": self.critical_ratio, "margin_error": self.margin_error,
+                "max_ratio": self.max_ratio, "collapse_keep": self.collapse_keep, "tp_source": self.tp_source,
+                "tp_kind": self.tp_kind, "ratio_source": self.ratio_source}
+
+
+def _pearson(x: Sequence[float], y: Sequence[float]) -> dict:
+    """Pearson r and two-sided p (scipy); ``None`` with a reason when undefined (a constant input)."""
+    from scipy.stats import pearsonr
+
+    n = len(x)
+    if len(set(x)) < 2 or len(set(y)) < 2:
+        which = "x" if len(set(x)) < 2 else "y"
+        return {"r": None, "p": None, "n": n, "undefined": f"all {which} values are equal"}
+    res = pearsonr(x, y)
+    return {"r": float(res.statistic), "p": float(res.pvalue), "n": n}
+
+
+@dataclass
+class CorrelationResult:
+    """Transition Point vs critical pruning ratio across model-task pairs.
+
+    Attributes:
+        config: the inputs (``run_dirs``, ``method``).
+        provenance: versions (scipy included) and creation time.
+        method: the pruning method whose critical ratio is used.
+        pairs: the complete pairs, sorted by (model, task, format).
+        incomplete: groups left out: ``{"model", "task", "format", "missing"}``.
+        stats: ``layer`` and ``fraction``: Pearson r / p / n of TP (layer index, fraction of depth)
+            against the critical ratio; ``safe_margin``: ``mae``, ``bias`` (mean predicted minus
+            measured), and r / p / n of the Decisive Phase fraction against the critical ratio.
+        notes: duplicates not used, disagreeing sources, undefined statistics.
+    """
+
+    config: dict
+    provenance: dict
+    method: str
+    pairs: list[Pair]
+    incomplete: list[dict] = field(default_factory=list)
+    stats: dict = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def labels(self) -> list[str]:
+        """Point labels: ``model · task``, with ``· format`` when the pairs mix formats or repeat a label."""
+        base = [p.label for p in self.pairs]
+        if len(set(base)) < len(base) or len({p.format for p in self.pairs}) > 1:
+            return [f"{p.label} · {p.format}" for p in self.pairs]
+        return base
+
+    def compute(self) -> "CorrelationResult":
+        """Fill :attr:`stats` from :attr:`pairs`."""
+        tl = [float(p.transition_layer) for p in self.pairs]
+        tf = [p.transition_fraction for p in self.pairs]
+        df = [p.decisive_fraction for p in self.pairs]
+        cr = [p.critical_ratio for p in self.pairs]
+        err = [p.margin_error for p in self.pairs]
+        margin = _pearson(df, cr)
+        margin.update(mae=sum(abs(e) for e in err) / len(err), bias=sum(err) / len(err),
+                      max_abs_error=max(abs(e) for e in err))
+        self.stats = {"layer": _pearson(tl, cr), "fraction": _pearson(tf, cr), "safe_margin": margin}
+        for name, s in self.stats.items():
+            if s.get("undefined"):
+                self.notes.append(f"Pearson r ({name}) is undefined: {s['undefined']}")
+        return self
+
+    def to_dict(self) -> dict:
+        return {"kind": "correlate", "config": self.config, "provenance": self.provenance, "method": self.method,
+                "num_pairs": len(self.pairs), "stats": self.stats, "pairs": [p.to_dict() for p in self.pairs],
+                "incomplete": self.incomplete, "notes": self.notes}
+
+    def csv_text(self) -> str:
+        """One row per pair (the CSV file's content)."""
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        cols = ["model", "task", "format", "num_layers", "transition_layer", "transition_fraction",
+                "decisive_fraction", "critical_ratio", "margin_error", "max_ratio", "tp_kind", "tp_source",
+                "ratio_source"]
+        w.writerow(cols)
+        for p in self.pairs:
+            d = p.to_dict()
+            w.writerow([f"{d[c]:.6g}" if isinstance(d[c], float) else ("" if d[c] is None else d[c]) for c in cols])
+        return buf.getvalue()
+
+    def figures(self) -> dict[str, bytes]:
+        """PNG bytes of ``correlate.png`` and ``safe_margin.png``."""
+        return correlation_figures(self)
+
+    def save(self, out_dir: str | Path) -> Path:
+        """Write ``correlate.json`` (atomically), ``correlate.csv``, ``correlate.png`` and ``safe_margin.png``."""
+        from ..results import _atomic
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / CORRELATE_CSV, self.csv_text())
+        for name, data in self.figures().items():
+            _atomic(out / name, data)
+        atomic_write_json(out / CORRELATE_FILE, self.to_dict())
+        return out
+
+
+def _missing(key, g: Gathered, method: str) -> str | None:
+    """Why a group is not a complete pair (None if it is)."""
+    d = g.decisions.get(key)
+    per = g.ratios.get(key, {})
+    why = []
+    if d is None:
+        extra = "; ".join(g.unusable.get(key, []))
+        why.append("no dense Transition Point (no analysis, prune or eval result of the dense model)"
+                   + (f" [{extra}]" if extra else ""))
+    elif d.transition_layer is None:
+        why.append(f"the dense model never decides (Decision Margin not positive at the last layer) in {d.source}")
+    cr = per.get(method)
+    if cr is None:
+        have = ", ".join(sorted(per)) or "none"
+        why.append(f"no prune result with method {method!r} (methods found: {have})")
+    elif cr.critical_ratio is None:
+        why.append(f"critical ratio ({method}) not reached within --max-ratio {cr.max_ratio} in {cr.source}")
+    return "; ".join(why) or None
+
+
+def correlate(run_dirs: Sequence[str | Path], method: str = "ip") -> CorrelationResult:
+    """Correlate the Transition Point with the critical pruning ratio across model-task pairs.
+
+    Args:
+        run_dirs: folders written by ``declens analyze`` / ``prune`` / ``eval`` (or their JSON files).
+        method: the pruning method whose critical ratio is used (``ip``, ``shortgpt``, ``last`` ...).
+
+    Returns:
+        A :class:`CorrelationResult` with Pearson r / p for TP as layer index and as fraction of
+        depth, and the safe-pruning-margin check.
+
+    Raises:
+        DeclensError: a folder is missing or holds no declens result, or fewer than three complete
+            pairs were found (the message lists the pairs found and what each other group lacks).
+    """
+    g = gather(run_dirs)
+    return correlate_gathered(g, method, [str(d) for d in run_dirs])
+
+
+def correlate_gathered(g: Gathered, method: str, run_dirs: Sequence[str] = ()) -> CorrelationResult:
+    """:func:`correlate` on already gathered results (the report computes one per method)."""
+    pairs, incomplete = [], []
+    for key in g.keys:
+        why = _missing(key, g, method)
+        if why:
+            incomplete.append({"model": key[0], "task": key[1], "format": key[2], "missing": why})
+            continue
+        d, cr = g.decisions[key], g.ratios[key][method]
+        pairs.append(Pair(*key, num_layers=d.num_layers, transition_layer=int(d.transition_layer),
+                          transition_fraction=d.transition_layer / d.num_layers,
+                          decisive_fraction=float(d.decisive_fraction), critical_ratio=float(cr.critical_ratio),
+                          max_ratio=cr.max_ratio, collapse_keep=cr.collapse_keep, tp_source=str(d.source),
+                          tp_kind=d.kind, ratio_source=str(cr.source)))
+    if len(pairs) < MIN_PAIRS:
+        found = ", ".join(f"{model_label(p.model)} · {p.task} · {p.format}" for p in pairs) or "none"
+        lacking = "; ".join(f"{model_label(i['model'])} · {i['task']} · {i['format']}: {i['missing']}"
+                            for i in incomplete) or "no other model/task/format found"
+        raise DeclensError(
+            f"the correlation needs at least {MIN_PAIRS} complete (Transition Point, critical ratio) pairs of "
+            f"different model/task/format; found {len(pairs)} ({found}) for method {method!r}. Missing: {lacking}. "
+            f"Give folders of 'declens analyze' and 'declens prune --method {method}' for more models or tasks "
+            f"(raise --max-ratio where the critical ratio was not reached)")
+    notes = [f"{model_label(k[0])} · {k[1]} · {k[2]}: {n}" for k in sorted(g.notes) for n in g.notes[k]]
+    keeps = {p.collapse_keep for p in pairs}
+    if len(keeps) > 1:
+        notes.append(f"critical ratios were measured with different --collapse-keep values: {sorted(keeps, key=str)}")
+    from scipy import __version__ as scipy_version
+
+    prov = provenance()
+    prov["versions"]["scipy"] = scipy_version
+    prov["inputs"] = [{"path": str(f.path), "kind": f.kind, "model_fingerprint": _fingerprint(f),
+                       "data_fingerprint": (f.provenance.get("data") or {}).get("fingerprint")} for f in g.files]
+    res = CorrelationResult(config={"run_dirs": list(run_dirs), "method": method}, provenance=prov, method=method,
+                            pairs=pairs, incomplete=incomplete, notes=notes)
+    return res.compute()
+
+
+# ------------------------------------------------------------------------------------------------
+# Figures
+
+
+def _stat_text(s: dict) -> str:
+    if s.get("r") is None:
+        return f"r undefined ({s.get('undefined', 'n/a')}), n = {s['n']}"
+    return f"r = {s['r']:+.3f}, p = {s['p']:.3g}, n = {s['n']}"
+
+
+def _scatter(ax, x: Sequence[float], y: Sequence[float], labels: Sequence[str], stat: dict, fit: bool = True) -> None:
+    import numpy as np
+
+    ax.scatter(x, y, s=36, color="#1f77b4", zorder=3)
+    for xi, yi, lab in zip(x, y, labels):
+        ax.annotate(lab, (xi, yi), textcoords="offset points", xytext=(5, 4), fontsize=7)
+    if fit and stat.get("r") is not None:
+        slope, icept = np.polyfit(np.asarray(x, float), np.asarray(y, float), 1)
+        xs = np.linspace(min(x), max(x), 50)
+        ax.plot(xs, slope * xs + icept, "--", color="#d62728", lw=1.2, label=f"least-squares fit (slope {slope:+.3g})")
+        ax.legend(fontsize=7, loc="best")
+    ax.grid(alpha=0.3)
+
+
+def plot_correlation(axes, res: "CorrelationResult") -> None:
+    """Two panels: critical ratio against TP layer index, and against TP fraction of depth."""
+    labels = res.labels()
+    cr = [p.critical_ratio for p in res.pairs]
+    a1, a2 = axes
+    _scatter(a1, [p.transition_layer for p in res.pairs], cr, labels, res.stats["layer"])
+    a1.set_xlabel("Transition Point (layer index)")
+    a1.set_ylabel(f"critical pruning ratio ({res.method})")
+    a1.set_title(f"TP layer vs critical ratio\n{_stat_text(res.stats['layer'])}", fontsize=10)
+    _scatter(a2, [p.transition_fraction for p in res.pairs], cr, labels, res.stats["fraction"])
+    a2.set_xlabel("Transition Point (fraction of depth)")
+    a2.set_ylabel(f"critical pruning ratio ({res.method})")
+    a2.set_title(f"TP fraction vs critical ratio\n{_stat_text(res.stats['fraction'])}", fontsize=10)
+
+
+def plot_safe_margin(ax, res: "CorrelationResult") -> None:
+    """Predicted safe pruning margin (Decisive Phase fraction) against the measured critical ratio."""
+    x = [p.decisive_fraction for p in res.pairs]
+    y = [p.critical_ratio for p in res.pairs]
+    _scatter(ax, x, y, res.labels(), res.stats["safe_margin"], fit=False)
+    hi = max(x + y) * 1.1 or 1.0
+    ax.plot([0, hi], [0, hi], ":", color="k", lw=1, label="identity (prediction = measurement)")
+    ax.set_xlim(0, hi)
+    ax.set_ylim(0, hi)
+    ax.set_aspect("equal")
+    ax.legend(fontsize=7, loc="upper left")
+    s = res.stats["safe_margin"]
+    ax.set_xlabel("safe pruning margin estimate (Decisive Phase share of depth)")
+    ax.set_ylabel(f"measured critical pruning ratio ({res.method})")
+    ax.set_title(f"Safe pruning margin vs critical ratio\nMAE {s['mae']:.3f}, bias {s['bias']:+.3f}; "
+                 f"{_stat_text(s)}", fontsize=10)
+
+
+def correlation_figures(res: "CorrelationResult") -> dict[str, bytes]:
+    """Render ``correlate.png`` and ``safe_margin.png`` to PNG bytes."""
+    from ..plots import plt  # the Agg backend is selected there
+
+    out = {}
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+    plot_correlation(axes, res)
+    fig.suptitle(f"Transition Point vs critical pruning ratio ({res.method}), {len(res.pairs)} model-task pairs",
+                 fontsize=11)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    out["correlate.png"] = buf.getvalue()
+    fig, ax = plt.subplots(figsize=(6.5, 6.5))
+    plot_safe_margin(ax, res)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    out["safe_margin.png"] = buf.getvalue()
+    return out

@@ -1,0 +1,541 @@
+"""Phase-dependent noise sensitivity (the paper's Figure 6 and A.9).
+
+One layer at a time, Gaussian noise scaled to the layer's own activation size is added to its output::
+
+    h~_l = h_l + a * sigma_l * eps,    eps ~ N(0, I)
+
+and the Decision Margin (and accuracy) of the model's *final* layer is measured, for every layer
+``l`` and noise scale ``a``. ``sigma_l`` is the standard deviation of layer ``l``'s output over every
+real token and hidden unit of the evaluated rows, measured on the clean dense model. The result is a
+``[layers, scales]`` map of final DM; the dense model's Transition Point splits its rows into the
+Silent and the Decisive Phase, whose sensitivity the paper compares.
+
+Where the noise goes: at the output of layer ``l`` only, at **every real token of every row**
+(letter: every prompt token, the decision token included; cloze: every token of the row, context and
+continuation, which in a packed row is every token of the item's prefix tree); padding is untouched.
+
+Noise draws: each row gets its own ``eps`` (``[tokens, d]``, float32) from a ``torch.Generator``
+seeded by a hash of ``(seed, layer id, scale, repeat, row index)``, so a study is bit-for-bit
+repeatable, independent of the order of the loops and of how rows are batched (``max_tokens``), and
+every (layer, scale, repeat) cell has an independent draw. The draws are made on the model's device,
+so a CUDA run draws other numbers than a CPU run with the same seed. Scale 0 draws nothing: it is
+the clean model, computed through the same code path (a check of the prefix reuse).
+
+Speed: noise at layer ``l`` changes nothing before it, so each batch runs the dense model once,
+keeps every layer's output, and evaluates each (layer, scale) by running only the layers after ``l``
+from the kept output plus noise; noise on the last layer needs no forward pass at all (the lens reads
+the noised state directly). The whole study costs about ``L/2 * scales * repeats`` forward passes of
+the batch instead of ``L * scales * repeats``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..errors import DeclensError, LayerSpecError
+from ..formats import FORMATS, ClozeRequests, LetterRequests
+from ..metrics import compute_metrics, margins, predictions
+from ..models import LoadedModel
+from ..results import atomic_save_npz, atomic_write_json, provenance
+from ..runner import Batch, Probe, collate, default_max_tokens, forward, plan_batches
+from ..scoring import ScoringPlan
+from ..surgery import dense_layer_ids
+from ..tasks import TaskData
+
+NOISE_FILE = "noise.json"
+NOISE_NPZ = "noise.npz"
+DEFAULT_SCALES = (0.0, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
+
+#: Most bytes of kept layer outputs per batch (all layers of one batch are kept, in CPU memory):
+#: the default batch budget is lowered so that ``tokens x d x L x itemsize`` stays below it.
+CACHE_BYTES = 4 * 1024**3
+
+
+class NoiseSpecError(DeclensError):
+    """A bad noise study request: negative or non-finite scales, repeats below 1, and the like."""
+
+
+# ------------------------------------------------------------------------------------------------
+# Noise
+
+
+def validate_scales(scales: Sequence[float]) -> list[float]:
+    """Check noise scales: at least one, each finite and >= 0, none repeated; return them as floats.
+
+    Raises:
+        NoiseSpecError: otherwise.
+    """
+    try:
+        out = [float(a) for a in scales]
+    except (TypeError, ValueError):
+        raise NoiseSpecError(f"noise scales must be numbers, got {scales!r}") from None
+    if not out:
+        raise NoiseSpecError("give at least one noise scale, e.g. 0,0.1,0.5,1")
+    bad = [a for a in out if not math.isfinite(a) or a < 0]
+    if bad:
+        raise NoiseSpecError(f"noise scale(s) {bad} are invalid: a scale multiplies the layer's standard deviation "
+                             "and must be a finite number >= 0")
+    dup = sorted({a for a in out if out.count(a) > 1})
+    if dup:
+        raise NoiseSpecError(f"noise scale(s) {dup} given more than once; list each scale once")
+    return out
+
+
+def noise_seed(seed: int, layer_id: int, scale: float, repeat: int, row: int) -> int:
+    """The 63-bit generator seed of one row's noise: a hash of ``(seed, layer id, scale, repeat, row)``."""
+    key = f"declens-noise|{int(seed)}|{int(layer_id)}|{float(scale)!r}|{int(repeat)}|{int(row)}"
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little") & (2**63 - 1)
+
+
+def add_noise(h: Tensor, batch: Batch, scale: float, sigma: float, seed: int, layer_id: int,
+              repeat: int = 0) -> Tensor:
+    """``h + scale * sigma * eps`` at the real tokens of each row; padding is left as it is.
+
+    Args:
+        h: ``[B, T, d]`` a layer's output for ``batch`` (any float dtype, any device).
+        batch: the batch (``lengths`` and ``index`` give each row's real tokens and its seed).
+        scale: the noise scale ``a`` (0 returns ``h`` itself, nothing drawn).
+        sigma: the layer's standard deviation ``sigma_l``.
+        seed, layer_id, repeat: with the row index, the seed of each row's draw (:func:`noise_seed`).
+
+    Returns:
+        ``[B, T, d]`` a new tensor in ``h``'s dtype (``eps`` is float32, the sum is computed in float32).
+    """
+    if scale == 0:
+        return h
+    out = h.clone()
+    std = float(scale) * float(sigma)
+    d = h.shape[-1]
+    for b, (n, row) in enumerate(zip(batch.lengths.tolist(), batch.index.tolist())):
+        g = torch.Generator(device=h.device)
+        g.manual_seed(noise_seed(seed, layer_id, scale, repeat, row))
+        eps = torch.randn((int(n), d), generator=g, device=h.device, dtype=torch.float32)
+        out[b, : int(n)] = (h[b, : int(n)].float() + std * eps).to(h.dtype)
+    return out
+
+
+class NoiseProbe(Probe):
+    """Adds noise to the output of one layer during an ordinary forward pass (the straightforward
+    implementation of the study, without prefix reuse; same draws as :func:`noise_study`).
+
+    Put it before the probes that should see the noised state.
+
+    Args:
+        layer_id: dense id of the layer whose output is noised.
+        scale, sigma, seed, repeat: as in :func:`add_noise`.
+    """
+
+    def __init__(self, layer_id: int, scale: float, sigma: float, seed: int = 0, repeat: int = 0):
+        self.layer_id, self.scale, self.sigma, self.seed, self.repeat = layer_id, scale, sigma, seed, repeat
+
+    def start(self, batch: Batch) -> None:
+        self.batch = batch
+
+    def layer(self, pos, layer_id, inputs, output):
+        if layer_id != self.layer_id or self.scale == 0:
+            return None
+        return add_noise(output, self.batch, self.scale, self.sigma, self.seed, self.layer_id, self.repeat)
+
+
+class SigmaProbe(Probe):
+    """Standard deviation of every layer's output over all real tokens and hidden units (population
+    std, combined across batches in float64 by Chan's formula)."""
+
+    def __init__(self):
+        self.stats: dict[int, tuple[int, float, float]] = {}  # id -> (count, mean, M2)
+
+    def start(self, batch: Batch) -> None:
+        T = batch.input_ids.shape[1]
+        self.mask = torch.arange(T, device=batch.input_ids.device)[None, :] < batch.lengths[:, None]
+
+    def layer(self, pos, layer_id, inputs, output):
+        x = output[self.mask].float()  # [tokens, d]
+        var, mean = torch.var_mean(x, correction=0)
+        n_b, mean_b, m2_b = x.numel(), float(mean), float(var) * x.numel()
+        n_a, mean_a, m2_a = self.stats.get(layer_id, (0, 0.0, 0.0))
+        n = n_a + n_b
+        delta = mean_b - mean_a
+        self.stats[layer_id] = (n, mean_a + delta * n_b / n, m2_a + m2_b + delta * delta * n_a * n_b / n)
+        return None
+
+    def sigma(self) -> dict[int, float]:
+        """Dense layer id -> standard deviation of its output."""
+        return {lid: math.sqrt(m2 / n) for lid, (n, _, m2) in sorted(self.stats.items())}
+
+
+class _OutputCache(Probe):
+    """Keeps every layer's output (the dense states noise is added to), in CPU memory."""
+
+    def start(self, batch: Batch) -> None:
+        self.store: list[Tensor] = []
+
+    def layer(self, pos, layer_id, inputs, output):
+        self.store.append(output.to("cpu", copy=True))
+        return None
+
+
+# ------------------------------------------------------------------------------------------------
+# Result
+
+
+@dataclass
+class NoiseResult:
+    """Final-layer Decision Margin under noise at each layer and scale.
+
+    Attributes:
+        config: what was asked for (model, task, format, scales, layers, seed, repeats ...).
+        provenance: versions, model and data fingerprints, timings.
+        layer_ids: ``[P]`` dense ids of the perturbed layers.
+        scales: ``[S]`` noise scales.
+        dm: ``[P, S]`` final-layer mean Decision Margin, averaged over repeats.
+        acc: ``[P, S]`` final-layer accuracy, averaged over repeats.
+        dm_runs, acc_runs: ``[R, P, S]`` the same per repeat.
+        scores: ``[R, P, S, N, K]`` final-layer decision scores of every item (NaN for absent options).
+        sigma: dense id -> ``sigma_l`` (every layer of the model).
+        dense: the clean model's layer ids ``[L]``, per-layer DM ``[L]`` and accuracy ``[L]`` through the
+            lens, final DM and accuracy, Transition Point and phases.
+    """
+
+    config: dict
+    provenance: dict
+    layer_ids: list[int]
+    scales: list[float]
+    dm: np.ndarray
+    acc: np.ndarray
+    dm_runs: np.ndarray
+    acc_runs: np.ndarray
+    scores: np.ndarray
+    sigma: dict[int, float]
+    dense: dict
+    extra: dict = field(default_factory=dict)
+
+    def phase_of(self, layer_id: int) -> str:
+        """``silent`` or ``decisive`` (the dense model's phase of a layer)."""
+        return "decisive" if layer_id in set(self.dense["decisive_layers"]) else "silent"
+
+    def phase_summary(self) -> dict:
+        """Per phase: its perturbed layers, the mean final DM and the mean DM drop (clean final DM minus
+        noised) at each scale (None where the phase has no perturbed layer)."""
+        out = {}
+        clean = float(self.dense["final_dm"])
+        for ph in ("silent", "decisive"):
+            rows = [i for i, lid in enumerate(self.layer_ids) if self.phase_of(lid) == ph]
+            if rows:
+                dm = self.dm[rows].mean(axis=0)
+                out[ph] = {"layers": [self.layer_ids[i] for i in rows], "dm": dm.tolist(),
+                           "dm_drop": (clean - dm).tolist(), "accuracy": self.acc[rows].mean(axis=0).tolist()}
+            else:
+                out[ph] = {"layers": [], "dm": None, "dm_drop": None, "accuracy": None}
+        return out
+
+    def layer_rows(self) -> list[dict]:
+        """One dict per perturbed layer: phase, sigma, and final DM / accuracy at each scale."""
+        return [{"layer": lid, "phase": self.phase_of(lid), "sigma": self.sigma[lid],
+                 "dm": self.dm[i].tolist(), "accuracy": self.acc[i].tolist()} for i, lid in enumerate(self.layer_ids)]
+
+    def to_dict(self) -> dict:
+        return {
+            "kind": "noise",
+            "config": self.config,
+            "provenance": self.provenance,
+            "scales": self.scales,
+            "layer_ids": self.layer_ids,
+            "dense": self.dense,
+            "phase_summary": self.phase_summary(),
+            "layers": self.layer_rows(),
+            "dm": self.dm,
+            "accuracy": self.acc,
+            **self.extra,
+        }
+
+    def save(self, out_dir: Path | str, plots: bool = True) -> Path:
+        """Write ``noise.json``, ``noise.npz`` and (with ``plots``) ``noise_heatmap.png`` and
+        ``noise_phases.png`` into ``out_dir`` (atomically)."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_save_npz(out / NOISE_NPZ, dm=self.dm, accuracy=self.acc, dm_runs=self.dm_runs, acc_runs=self.acc_runs,
+                        scores=self.scores, layer_ids=np.array(self.layer_ids), scales=np.array(self.scales),
+                        sigma=np.array([self.sigma[i] for i in self.dense["layer_ids"]]),
+                        dense_layer_ids=np.array(self.dense["layer_ids"]), dense_dm=np.array(self.dense["dm"]))
+        atomic_write_json(out / NOISE_FILE, self.to_dict())
+        if plots:
+            plot_noise(self, out)
+        return out
+
+
+# ------------------------------------------------------------------------------------------------
+# The study
+
+
+def _perturbed_positions(dense_ids: list[int], layers: Sequence[int] | None) -> list[int]:
+    if layers is None:
+        return list(range(len(dense_ids)))
+    ids = [int(i) for i in layers]
+    if not ids:
+        raise LayerSpecError("give at least one layer to perturb (or none, for every layer)")
+    bad = [i for i in ids if i not in dense_ids]
+    if bad:
+        raise LayerSpecError(f"layer id(s) {bad} are not in the model (its layers are {dense_ids[0]}..{dense_ids[-1]}"
+                             f"{'' if dense_ids == list(range(len(dense_ids))) else f': {dense_ids}'})")
+    dup = sorted({i for i in ids if ids.count(i) > 1})
+    if dup:
+        raise LayerSpecError(f"layer id(s) {dup} given more than once; list each layer once")
+    return sorted(dense_ids.index(i) for i in ids)
+
+
+def _cache_budget(lm: LoadedModel, max_tokens: int | None) -> int:
+    if max_tokens:
+        return int(max_tokens)
+    d = lm.parts.config.hidden_size
+    per_token = d * lm.num_layers * torch.empty((), dtype=lm.dtype).element_size()
+    return max(256, min(default_max_tokens(lm.parts), CACHE_BYTES // max(per_token, 1)))
+
+
+def noise_study(
+    lm: LoadedModel,
+    data: TaskData,
+    fmt: str = "letter",
+    scales: Sequence[float] = DEFAULT_SCALES,
+    layers: Sequence[int] | None = None,
+    seed: int = 0,
+    repeats: int = 1,
+    max_tokens: int | None = None,
+    progress: bool = True,
+    *,
+    num_fewshot: int = 0,
+    decision_score: str = "raw",
+    requests: LetterRequests | ClozeRequests | None = None,
+) -> NoiseResult:
+    """Final-layer Decision Margin with noise ``a * sigma_l * eps`` added to the output of one layer ``l``.
+
+    Args:
+        lm: the model (dense, or an exported pruned model: layers keep their dense ids).
+        data: the task rows.
+        fmt: ``letter`` or ``cloze``.
+        scales: noise scales ``a`` (each >= 0; 0 is the clean model).
+        layers: dense ids of the layers to perturb (default: every layer).
+        seed: seed of the noise draws (see the module docstring).
+        repeats: independent draws per (layer, scale); ``dm`` / ``acc`` are their mean.
+        max_tokens: padded tokens per batch (default: sized to the device and to the kept states).
+        progress: show progress bars.
+        num_fewshot: solved examples prepended to each prompt.
+        decision_score: cloze only: DM / accuracy on ``raw`` log-likelihoods or per-character ``norm``.
+        requests: prebuilt requests (from :func:`~declens.analyses.decision.prepare`).
+
+    Returns:
+        The :class:`NoiseResult`.
+
+    Raises:
+        NoiseSpecError: bad scales or repeats; LayerSpecError: bad layer ids; DeclensError: bad format.
+    """
+    from tqdm.auto import tqdm
+
+    from .decision import encoder_for, prepare
+
+    if fmt not in FORMATS:
+        raise DeclensError(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
+    if decision_score not in ("raw", "norm"):
+        raise DeclensError(f"decision_score must be 'raw' or 'norm', not {decision_score!r}")
+    scales = validate_scales(scales)
+    if int(repeats) != repeats or repeats < 1:
+        raise NoiseSpecError(f"repeats must be a whole number >= 1, got {repeats}")
+    repeats = int(repeats)
+    parts = lm.parts
+    dense_ids = dense_layer_ids(parts)
+    L = len(dense_ids)
+    positions = _perturbed_positions(dense_ids, layers)
+    t0 = time.perf_counter()
+    req = requests if requests is not None else prepare(lm, data, fmt, num_fewshot=num_fewshot)
+    plan = ScoringPlan(parts, req)
+    pad = encoder_for(lm).pad_id
+    budget = _cache_budget(lm, max_tokens)
+    batches = plan_batches([len(r) for r in plan.rows], budget)
+
+    def assemble(out: np.ndarray, ids: list[int]) -> np.ndarray:
+        s = plan.assemble(out, ids)
+        return s.norm_scores if decision_score == "norm" and s.norm_scores is not None else s.scores
+
+    # Pass 1: the clean dense model, every layer through the lens, and sigma of every layer.
+    dense_out = plan.new_out(L)
+    sig = SigmaProbe()
+    bar = tqdm(total=len(plan.rows), desc="noise: dense pass", unit="seq", disable=not progress, leave=False)
+    for idx in batches:
+        forward(parts, collate(plan.rows, idx, pad, lm.device), [plan.probe(dense_out), sig])
+        bar.update(len(idx))
+    bar.close()
+    dense_scores = assemble(dense_out, dense_ids)
+    s0 = plan.assemble(dense_out, dense_ids)
+    dm0 = compute_metrics(dense_scores, s0.gold, dense_ids, s0.n_options)
+    sigma = sig.sigma()
+
+    # Pass 2: per batch, keep every layer's output, then run each (layer, scale, repeat) from it.
+    last = dense_ids[-1]
+    # final-layer probe outputs of every (repeat, layer, scale): [R, P, S, 1, N, K] (cloze: [R, P, S, 1, slots])
+    outs = np.full((repeats, len(positions), len(scales), *plan.out_shape(1)), np.nan, dtype=np.float32)
+    bar = tqdm(total=len(batches) * len(positions) * len(scales) * repeats, desc="noise", unit="run",
+               disable=not progress, leave=False)
+    try:
+        for idx in batches:
+            b = collate(plan.rows, idx, pad, lm.device)
+            cache = _OutputCache()
+            forward(parts, b, [cache])
+            for pi, p in enumerate(positions):
+                lid = dense_ids[p]
+                h = cache.store[p].to(lm.device)
+                for r in range(repeats):
+                    for si, a in enumerate(scales):
+                        probe = plan.probe(outs[r, pi, si], {last: 0})
+                        noised = add_noise(h, b, a, sigma[lid], seed, lid, r)
+                        if p == L - 1:  # the model's output itself: read the lens on the noised state
+                            with torch.inference_mode():
+                                probe.start(b)
+                                probe.layer(p, lid, noised, noised)
+                                probe.finish(b)
+                        else:
+                            forward(parts, b, [probe], layers=list(range(p + 1, L)), start_hidden=noised)
+                        bar.update(1)
+            del cache
+    finally:
+        bar.close()
+    t_run = time.perf_counter() - t0
+
+    R, P, S = repeats, len(positions), len(scales)
+    gold = s0.gold
+    finals = np.stack([assemble(outs[r, pi, si], [last])[0] for r in range(R) for pi in range(P) for si in range(S)])
+    finals = finals.reshape(R, P, S, *finals.shape[1:])  # [R, P, S, N, K]
+    flat = finals.reshape(R * P * S, *finals.shape[3:])
+    dm_runs = margins(flat, gold).mean(axis=1).reshape(R, P, S)
+    acc_runs = (predictions(flat) == gold[None]).mean(axis=1).reshape(R, P, S)
+    layer_ids = [dense_ids[p] for p in positions]
+    dense = {
+        "layer_ids": list(dense_ids), "dm": dm0.dm, "accuracy": dm0.acc,
+        "final_dm": dm0.final_dm, "final_accuracy": dm0.final_acc, "chance": dm0.chance,
+        "transition_layer": dm0.transition_layer, "silent_layers": dm0.silent_layers,
+        "decisive_layers": dm0.decisive_layers,
+    }
+    config = {
+        "model": lm.spec, "task": data.name, "format": fmt, **data.selection, "num_fewshot": num_fewshot,
+        "scales": scales, "layers": layer_ids, "seed": seed, "repeats": repeats, "decision_score": decision_score,
+        "noise": "h_l + a * sigma_l * eps, eps ~ N(0, I) float32, at the output of one layer, at every real token of "
+                 "every row; sigma_l = std of the clean layer output over all real tokens and hidden units",
+        "packed_rows": bool(plan.pack) if not plan.letter else False,
+        "dtype": str(lm.dtype).replace("torch.", ""), "device": str(lm.device), "max_tokens": budget,
+    }
+    prov = provenance(lm, data, timing={"study_s": round(t_run, 3), "forward_runs": len(batches) * P * S * R})
+    return NoiseResult(config=config, provenance=prov, layer_ids=layer_ids, scales=scales,
+                       dm=dm_runs.mean(axis=0), acc=acc_runs.mean(axis=0), dm_runs=dm_runs, acc_runs=acc_runs,
+                       scores=finals.astype(np.float32), sigma=sigma, dense=dense)
+
+
+# ------------------------------------------------------------------------------------------------
+# Figures
+
+
+def _pyplot():
+    from .. import plots  # noqa: F401  (sets the Agg backend, as every declens figure does)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _tp_x(res: NoiseResult) -> float | None:
+    """x position of the dense Transition Point on an axis over the perturbed layers: the boundary
+    before the first perturbed layer at or after it."""
+    tp = res.dense["transition_layer"]
+    if tp is None:
+        return None
+    before = [i for i, lid in enumerate(res.layer_ids) if lid < tp]
+    return (before[-1] + 0.5) if before else -0.5
+
+
+def plot_noise_heatmap(ax, res: NoiseResult, title: str = "") -> None:
+    """Final DM per perturbed layer (x) and noise scale (y), diverging around 0, with the dense
+    phases under the map and the Transition Point marked."""
+    from matplotlib.colors import TwoSlopeNorm
+
+    from ..plots import DECISIVE, SILENT, TP_COLOR
+
+    plt = _pyplot()
+    P, S = res.dm.shape
+    lim = float(np.nanmax(np.abs(res.dm))) or 1.0
+    im = ax.imshow(res.dm.T, aspect="auto", origin="lower", cmap="RdBu", norm=TwoSlopeNorm(0.0, -lim, lim),
+                   extent=(-0.5, P - 0.5, -0.5, S - 0.5), interpolation="nearest")
+    if P * S <= 160:
+        for i in range(P):
+            for j in range(S):
+                v = res.dm[i, j]
+                ax.text(i, j, f"{v:.2f}", ha="center", va="center", fontsize=6,
+                        color="white" if abs(v) > 0.6 * lim else "black")
+    for i, lid in enumerate(res.layer_ids):  # phase strip below the map
+        ax.add_patch(plt.Rectangle((i - 0.5, -0.5 - 0.06 * S), 1, 0.06 * S, clip_on=False, lw=0,
+                                   color=DECISIVE if res.phase_of(lid) == "decisive" else SILENT))
+    tp = _tp_x(res)
+    if tp is not None:
+        ax.axvline(tp, color=TP_COLOR, ls="--", lw=1.5, label=f"Transition Point (layer {res.dense['transition_layer']})")
+        ax.legend(fontsize=7, loc="upper right")
+    step = max(1, -(-P // 16))
+    ax.set_xticks(range(0, P, step))
+    ax.set_xticklabels([str(res.layer_ids[i]) for i in range(0, P, step)])
+    ax.set_yticks(range(S))
+    ax.set_yticklabels([f"{a:g}" for a in res.scales])
+    ax.set_ylim(-0.5 - 0.06 * S, S - 0.5)
+    ax.set_xlabel("noised layer (original id; strip: grey Silent, green Decisive Phase)")
+    ax.set_ylabel("noise scale a (x sigma_l)")
+    ax.set_title(title or "Final Decision Margin with noise at one layer")
+    plt.colorbar(im, ax=ax, label="final-layer mean DM", fraction=0.046)
+
+
+def plot_noise_phases(ax, res: NoiseResult, title: str = "") -> None:
+    """Mean final DM against noise scale, one line per phase (band: range over the phase's layers)."""
+    x = np.arange(len(res.scales))
+    colors = {"silent": "#7f7f7f", "decisive": "#2ca02c"}
+    for ph in ("silent", "decisive"):
+        rows = [i for i, lid in enumerate(res.layer_ids) if res.phase_of(lid) == ph]
+        if not rows:
+            continue
+        d = res.dm[rows]
+        ax.fill_between(x, d.min(axis=0), d.max(axis=0), color=colors[ph], alpha=0.15, lw=0)
+        ax.plot(x, d.mean(axis=0), "-o", ms=4, color=colors[ph],
+                label=f"{ph.capitalize()} Phase ({len(rows)} layer{'s' if len(rows) > 1 else ''})")
+    ax.axhline(res.dense["final_dm"], color="#1f77b4", ls="--", lw=1, label=f"clean final DM ({res.dense['final_dm']:+.2f})")
+    ax.axhline(0, color="k", lw=0.8)
+    ax.set_xticks(x)
+    ax.set_xticklabels([f"{a:g}" for a in res.scales])
+    ax.set_xlabel("noise scale a (x sigma_l)")
+    ax.set_ylabel("final-layer mean DM")
+    ax.set_title(title or "Noise sensitivity by phase (band: min-max over layers)")
+    ax.legend(fontsize=8)
+
+
+def plot_noise(res: NoiseResult, out_dir: Path | str) -> list[Path]:
+    """Draw ``noise_heatmap.png`` and ``noise_phases.png`` into ``out_dir``."""
+    plt = _pyplot()
+    out = Path(out_dir)
+    cfg = res.config
+    tp = res.dense["transition_layer"]
+    name = (f"{Path(str(cfg.get('model'))).name} · {cfg.get('task')} · {cfg.get('format')} · "
+            f"transition point {'none' if tp is None else tp}")
+    paths = []
+    P = len(res.layer_ids)
+    fig, ax = plt.subplots(figsize=(max(7.0, 0.32 * P + 3), max(3.5, 0.45 * len(res.scales) + 1.8)))
+    plot_noise_heatmap(ax, res, f"Final Decision Margin, noise at one layer\n{name}")
+    p = out / "noise_heatmap.png"
+    fig.savefig(p, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    paths.append(p)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    plot_noise_phases(ax, res, f"Noise sensitivity by phase\n{name}")
+    p = out / "noise_phases.png"
+    fig.savefig(p, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    paths.append(p)
+    return paths

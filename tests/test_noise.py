@@ -1,0 +1,180 @@
+"""Noise sensitivity: exact clean baseline, repeatable draws, prefix reuse against full forward passes."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from declens.analyses.decision import analyze, encoder_for, prepare
+from declens.analyses.noise import (NoiseProbe, NoiseSpecError, add_noise, noise_seed, noise_study,
+                                    validate_scales)
+from declens.errors import LayerSpecError
+from declens.metrics import margins
+from declens.runner import collate, forward, plan_batches
+from declens.scoring import ScoringPlan, option_mask
+from declens.tasks import load_task
+
+
+def full_forward_study(lm, req, scales, sigma, seed=0, repeats=1, max_tokens=64):
+    """The straightforward implementation: a noise probe on a full forward pass, per layer and scale.
+
+    Returns ``[R, L, S, N, K]`` final-layer scores (letter format)."""
+    plan = ScoringPlan(lm.parts, req)
+    pad = encoder_for(lm).pad_id
+    L = lm.num_layers
+    out = np.full((repeats, L, len(scales), 1, len(req.prompts), len(req.option_ids)), np.nan, dtype=np.float32)
+    for idx in plan_batches([len(r) for r in plan.rows], max_tokens):
+        b = collate(plan.rows, idx, pad, lm.device)
+        for lid in range(L):
+            for r in range(repeats):
+                for s, a in enumerate(scales):
+                    noise = NoiseProbe(lid, a, sigma[lid], seed=seed, repeat=r)
+                    forward(lm.parts, b, [noise, plan.probe(out[r, lid, s], {L - 1: 0})])
+    scores = out[:, :, :, 0]  # [R, L, S, N, K]
+    scores[..., ~option_mask(req.n_options, scores.shape[-1])] = np.nan
+    return scores
+
+
+def test_validation_errors():
+    from conftest import make_tiny
+
+    assert validate_scales([0, 0.5, 2]) == [0.0, 0.5, 2.0]
+    for bad in ([-0.1], [float("nan")], [float("inf")], [], [0.1, 0.1], ["x"]):
+        with pytest.raises(NoiseSpecError):
+            validate_scales(bad)
+    lm = make_tiny("llama")
+    data = load_task("arc_easy", limit=2)
+    with pytest.raises(NoiseSpecError, match=">= 0"):
+        noise_study(lm, data, scales=(0, -1), progress=False)
+    with pytest.raises(NoiseSpecError, match="repeats"):
+        noise_study(lm, data, scales=(0,), repeats=0, progress=False)
+    with pytest.raises(LayerSpecError):
+        noise_study(lm, data, scales=(0,), layers=[4], progress=False)
+    with pytest.raises(LayerSpecError):
+        noise_study(lm, data, scales=(0,), layers=[1, 1], progress=False)
+
+
+def test_add_noise_statistics_padding_and_batch_independence():
+    from declens.runner import Batch
+
+    torch.manual_seed(0)
+    h = torch.randn(2, 50, 64)
+    batch = Batch(input_ids=torch.zeros(2, 50, dtype=torch.long), attention_mask=None,
+                  lengths=torch.tensor([50, 30]), index=torch.tensor([7, 3]))
+    out = add_noise(h, batch, scale=0.5, sigma=2.0, seed=11, layer_id=4)
+    diff = out - h
+    assert torch.equal(out[1, 30:], h[1, 30:])  # padding untouched
+    assert float(diff[0].std()) == pytest.approx(1.0, rel=0.05)  # a * sigma
+    assert float(diff[1, :30].std()) == pytest.approx(1.0, rel=0.06)
+    # row 7's noise does not depend on its batch mates or its place in the batch
+    alone = Batch(input_ids=torch.zeros(1, 50, dtype=torch.long), attention_mask=None,
+                  lengths=torch.tensor([50]), index=torch.tensor([7]))
+    assert torch.equal(add_noise(h[:1], alone, 0.5, 2.0, 11, 4), out[:1])
+    assert add_noise(h, batch, 0.0, 2.0, 11, 4) is h  # scale 0: nothing drawn, nothing changed
+    # each part of the seed matters
+    base = noise_seed(0, 1, 0.5, 0, 3)
+    assert len({base, noise_seed(1, 1, 0.5, 0, 3), noise_seed(0, 2, 0.5, 0, 3), noise_seed(0, 1, 0.2, 0, 3),
+                noise_seed(0, 1, 0.5, 1, 3), noise_seed(0, 1, 0.5, 0, 4)}) == 6
+
+
+def test_scale_zero_is_the_clean_model_exactly(tiny):
+    data = load_task("arc_easy", limit=5, seed=0)
+    res = noise_study(tiny, data, scales=(0.0, 0.3), progress=False)
+    L = tiny.num_layers
+    assert res.dm.shape == (L, 2) and res.layer_ids == list(range(L))
+    clean = res.dense["final_dm"]
+    assert np.array_equal(res.dm[:, 0], np.full(L, clean))  # bit-identical, every layer incl. the last
+    ref = analyze(tiny, data, "letter", progress=False)
+    assert clean == pytest.approx(ref.metrics.final_dm, abs=1e-5)
+    np.testing.assert_allclose(res.dense["dm"], ref.metrics.dm, atol=1e-5)
+    assert (res.dm[:, 1] != clean).any()  # noise does something
+
+
+def test_prefix_reuse_equals_full_forward_with_noise_probe(tiny):
+    """Starting from the cached dense output of layer l plus noise (and, at the last layer, reading
+    the lens on the noised state without a forward pass) equals a full forward pass with a noise
+    probe; the full passes use another batching, which the per-row draws make irrelevant."""
+    data = load_task("arc_challenge", limit=5, seed=1)
+    scales = (0.0, 0.25, 1.0)
+    res = noise_study(tiny, data, scales=scales, seed=3, repeats=2, progress=False)
+    req = prepare(tiny, data, "letter")
+    ref = full_forward_study(tiny, req, scales, res.sigma, seed=3, repeats=2, max_tokens=64)
+    assert res.scores.shape == ref.shape
+    np.testing.assert_allclose(res.scores, ref, atol=2e-4, rtol=1e-4)
+    dm_ref = margins(ref.reshape(-1, *ref.shape[-2:]), req.gold).mean(axis=1).reshape(ref.shape[:3]).mean(axis=0)
+    np.testing.assert_allclose(res.dm, dm_ref, atol=1e-4)
+
+
+def test_cloze_packed_prefix_reuse_matches_full_forward():
+    from conftest import make_tiny
+
+    lm = make_tiny("mistral")
+    data = load_task("piqa", limit=4, seed=0)
+    res = noise_study(lm, data, fmt="cloze", scales=(0.0, 0.5), layers=[0, 3], seed=1, progress=False)
+    assert res.config["packed_rows"] is True
+    plan = ScoringPlan(lm.parts, prepare(lm, data, "cloze"))
+    pad = encoder_for(lm).pad_id
+    for pi, lid in enumerate([0, 3]):
+        for si, a in enumerate((0.0, 0.5)):
+            out = plan.new_out(1)
+            for idx in plan_batches([len(r) for r in plan.rows], 4096):
+                b = collate(plan.rows, idx, pad, lm.device)
+                forward(lm.parts, b, [NoiseProbe(lid, a, res.sigma[lid], seed=1), plan.probe(out, {3: 0})])
+            np.testing.assert_allclose(res.scores[0, pi, si], plan.assemble(out, [3]).scores[0], atol=2e-4, rtol=1e-4)
+
+
+def test_same_seed_same_heatmap_other_seed_differs():
+    from conftest import make_tiny
+
+    lm = make_tiny("gemma2")
+    data = load_task("arc_easy", limit=4, seed=5)
+    kw = dict(scales=(0.0, 0.5, 2.0), progress=False)
+    a = noise_study(lm, data, seed=0, **kw)
+    b = noise_study(lm, data, seed=0, max_tokens=48, **kw)  # another batching: the same draws
+    c = noise_study(lm, data, seed=1, **kw)
+    assert np.array_equal(a.dm, noise_study(lm, data, seed=0, **kw).dm)  # bit-identical
+    np.testing.assert_allclose(a.dm, b.dm, atol=1e-4)
+    assert np.array_equal(a.dm[:, 0], c.dm[:, 0])
+    assert not np.allclose(a.dm[:, 1:], c.dm[:, 1:])
+
+
+def test_phase_summary_and_save(tmp_path):
+    from conftest import make_tiny
+
+    lm = make_tiny("qwen3")
+    data = load_task("arc_easy", limit=4, seed=2)
+    res = noise_study(lm, data, scales=(0.0, 1.0), layers=[0, 2, 3], progress=False)
+    # force known phases to check the summary arithmetic
+    res.dense["decisive_layers"], res.dense["silent_layers"] = [2, 3], [0, 1]
+    ps = res.phase_summary()
+    assert ps["silent"]["layers"] == [0] and ps["decisive"]["layers"] == [2, 3]
+    np.testing.assert_allclose(ps["decisive"]["dm"], res.dm[1:].mean(axis=0))
+    np.testing.assert_allclose(ps["silent"]["dm_drop"], res.dense["final_dm"] - res.dm[0])
+    assert ps["silent"]["dm_drop"][0] == 0.0
+    res.save(tmp_path)
+    d = json.loads((tmp_path / "noise.json").read_text())
+    assert d["kind"] == "noise" and d["config"]["scales"] == [0.0, 1.0] and d["config"]["layers"] == [0, 2, 3]
+    assert d["provenance"]["model"]["fingerprint"] and d["phase_summary"]["decisive"]["layers"] == [2, 3]
+    assert [r["phase"] for r in d["layers"]] == ["silent", "decisive", "decisive"]
+    with np.load(tmp_path / "noise.npz") as z:
+        np.testing.assert_array_equal(z["dm"], res.dm)
+        assert z["scores"].shape == (1, 3, 2, 4, 4)
+    for f in ("noise_heatmap.png", "noise_phases.png"):
+        assert (tmp_path / f).stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_smollm2_noise(smollm2, tmp_path):
+    data = load_task("arc_easy", limit=16, seed=0)
+    res = noise_study(smollm2, data, fmt="cloze", scales=(0.0, 1.0), layers=[0, 10, 20, 29], progress=False)
+    ref = analyze(smollm2, data, "cloze", progress=False)
+    assert res.dense["final_dm"] == pytest.approx(ref.metrics.final_dm, abs=1e-4)
+    assert res.dense["transition_layer"] == ref.metrics.transition_layer
+    assert np.array_equal(res.dm[:, 0], np.full(4, res.dense["final_dm"]))
+    assert np.isfinite(res.dm).all() and (res.dm[:, 1] != res.dm[:, 0]).all()
+    assert all(s > 0 for s in res.sigma.values()) and len(res.sigma) == smollm2.num_layers
+    res.save(tmp_path)
+    assert (tmp_path / "noise_heatmap.png").exists() and json.loads((tmp_path / "noise.json").read_text())["kind"] == "noise"
