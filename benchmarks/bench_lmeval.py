@@ -156,9 +156,10 @@ def selected_records(task: str, limit: int, seed: int):
     records = _read_records(_bundled(location), location)
     idx = subsample(len(records), limit, seed)
     chosen = [records[i] for i in idx]
-    items = [_records_to_items([r], spec.fields, data.split, location, spec.preprocess)[0] for r in chosen]
+    all_items = _records_to_items(records, spec.fields, data.split, location, spec.preprocess)
+    items = [all_items[i] for i in idx]
     for i, (a, b) in enumerate(zip(items, data.items)):
-        same = (a.question, a.choices, a.gold) == (b.question, b.choices, b.gold)
+        same = (a.id, a.question, a.choices, a.gold) == (b.id, b.question, b.choices, b.gold)
         if not same:
             raise SystemExit(f"{task}: row {i} of the replayed selection differs from load_task's")
     if len(chosen) != len(data.items):
@@ -212,7 +213,22 @@ def declens_command(args, task: str, out: Path) -> list[str]:
     return [args.declens, "analyze", "--model", str(args.model), "--task", task,
             "--limit", str(args.limit), "--seed", str(args.seed),
             "--format", "cloze", "--dtype", "float32", "--device", "cpu", "--lens-layers", "last",
-            "--out", str(out)]
+            "--out", str(out), *args.declens_extra.split()]
+
+
+def lmeval_compute_s(log: Path) -> float | None:
+    """Seconds between lm-eval's "Running loglikelihood requests" and "Saving results" log lines
+    (1 s resolution): its scoring time, the rest of its wall time being start-up and writing."""
+    import datetime as dt
+
+    stamps = {}
+    for line in log.read_text(errors="replace").splitlines():
+        for key, marker in (("run", "Running loglikelihood requests"), ("save", "Saving results")):
+            if marker in line and key not in stamps and line[:4].isdigit():
+                stamps[key] = dt.datetime.strptime(line.split()[0], "%Y-%m-%d:%H:%M:%S")
+    if len(stamps) < 2:
+        return None
+    return (stamps["save"] - stamps["run"]).total_seconds()
 
 
 def read_lmeval(out: Path, task_name: str) -> tuple[dict, list[dict]]:
@@ -221,7 +237,8 @@ def read_lmeval(out: Path, task_name: str) -> tuple[dict, list[dict]]:
     if not res or not smp:
         raise SystemExit(f"no lm-eval results/samples under {out}")
     results = json.loads(Path(res[-1]).read_text())["results"][task_name]
-    samples = [json.loads(line) for line in Path(smp[-1]).read_text().splitlines() if line.strip()]
+    # split on "\n" only: splitlines() would also split on U+2028 inside unescaped strings
+    samples = [json.loads(line) for line in Path(smp[-1]).read_text(encoding="utf-8").split("\n") if line.strip()]
     samples.sort(key=lambda s: s["doc_id"])
     return results, samples
 
@@ -253,9 +270,11 @@ def compare(task: str, data, lm_samples: list[dict], dl: dict, tok) -> dict:
     max_abs = 0.0
     for i, (it, ls, ds) in enumerate(zip(data.items, lm_samples, dl_samples)):
         pairs = cloze_pairs(spec, it)
-        lm_args = [(a["arg_0"], a["arg_1"]) if isinstance(a, dict) else tuple(a) for a in ls["arguments"].values()] \
-            if isinstance(ls["arguments"], dict) else [tuple(a) for a in ls["arguments"]]
-        if [tuple(p) for p in lm_args] != [tuple(p) for p in pairs]:
+        # lm-eval 0.4.x logs {"gen_args_k": {"arg_0": context, "arg_1": continuation}} per option
+        args_ = ls["arguments"]
+        args_ = [args_[k] for k in sorted(args_, key=lambda k: int(k.rsplit("_", 1)[-1]))] if isinstance(args_, dict) else args_
+        lm_args = [(a["arg_0"], a["arg_1"]) if isinstance(a, dict) else (a[0], a[1]) for a in args_]
+        if lm_args != [tuple(p) for p in pairs]:
             prompt_diff.append({"row": i, "id": it.id, "lm_eval": lm_args[0], "declens": pairs[0]})
         for (c, x) in pairs:
             if lmeval_pair(tok, c, x) != enc.pair(c, x):
@@ -263,7 +282,7 @@ def compare(task: str, data, lm_samples: list[dict], dl: dict, tok) -> dict:
         lm_ll = np.array([float(r[0]) for r in ls["filtered_resps"]], dtype=np.float64)
         dl_ll = np.array(ds["scores"], dtype=np.float64)
         max_abs = max(max_abs, float(np.max(np.abs(lm_ll - dl_ll))))
-        len_lm = np.array([len(x) - 1 for _, x in pairs], dtype=np.float64)  # len(choice): lm-eval
+        len_lm = np.array([len(c) for c in it.choices], dtype=np.float64)  # len(choice): lm-eval
         len_dl = np.array([len(x) for _, x in pairs], dtype=np.float64)  # len(" " + choice): declens
         rows.append({
             "id": it.id, "gold": it.gold, "lm_ll": lm_ll, "dl_ll": dl_ll,
@@ -322,6 +341,10 @@ def compare(task: str, data, lm_samples: list[dict], dl: dict, tok) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
+def _s(v) -> str:
+    return "?" if v is None else f"{v:.1f}"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--limit", type=int, default=200, help="rows per task (default 200)")
@@ -332,6 +355,10 @@ def main(argv=None) -> int:
     ap.add_argument("--python", default="/work/lmeval-venv/bin/python", help="interpreter with lm_eval installed")
     ap.add_argument("--declens", default=str(Path(sys.executable).parent / "declens"),
                     help="the declens command (default: next to this interpreter)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="set OMP_NUM_THREADS/MKL_NUM_THREADS for both commands (default: unset, torch uses every core); "
+                         "1 makes CPU seconds a load-robust measure of work on a shared machine")
+    ap.add_argument("--declens-extra", default="", help="extra declens analyze options, written with =: --declens-extra=\"--max-tokens 1024\"")
     ap.add_argument("--work", type=Path, default=REPO / "runs" / "bench_lmeval", help="work folder (data, tasks, outputs, logs)")
     ap.add_argument("--out", type=Path, default=None,
                     help="result JSON (default benchmarks/results/lmeval_<model>_<limit>.json)")
@@ -347,6 +374,8 @@ def main(argv=None) -> int:
 
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                HF_DATASETS_CACHE=str(work / "hf_datasets_cache"), TOKENIZERS_PARALLELISM="false")
+    if args.threads:
+        env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     lm_version = subprocess.run([args.python, "-c", "import importlib.metadata as m; print(m.version('lm_eval'))"],
                                 capture_output=True, text=True, env=env).stdout.strip()
     if not lm_version:
@@ -363,6 +392,7 @@ def main(argv=None) -> int:
     tok = AutoTokenizer.from_pretrained(str(args.model))
     report = {
         "model": str(args.model), "limit": args.limit, "seed": args.seed, "batch_size": args.batch_size,
+        "threads": args.threads, "declens_extra": args.declens_extra,
         "versions": {"declens": declens.__version__, "lm_eval": lm_version, "python": platform.python_version()},
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
         "tasks": {},
@@ -388,22 +418,25 @@ def main(argv=None) -> int:
         cmp_["acc_norm_lmeval_reported"] = lm_res.get("acc_norm,none")
         cmp_["declens_fingerprint_matches"] = dl["provenance"]["data"]["fingerprint"] == data.fingerprint()
         report["tasks"][task] = {
-            "lmeval": {**t_lm, "command": lm_cmd}, "declens": {**t_dl, "command": dl_cmd,
-                                                              "score_s": dl["provenance"]["timing"]["score_s"]},
+            "lmeval": {**t_lm, "command": lm_cmd, "score_s": lmeval_compute_s(lm_out / "log.txt")},
+            "declens": {**t_dl, "command": dl_cmd, "score_s": dl["provenance"]["timing"]["score_s"]},
             "speedup_wall": round(t_lm["wall_s"] / t_dl["wall_s"], 2),
             "speedup_cpu": round(t_lm["cpu_s"] / max(t_dl["cpu_s"], 1e-9), 2),
             **cmp_,
         }
 
-    hdr = (f"{'task':<10} {'rows':>4} {'lm-eval s':>9} {'declens s':>9} {'ratio':>6} {'acc lm/dl':>13} "
+    hdr = (f"{'task':<10} {'rows':>4} {'lm-eval s':>9} {'declens s':>9} {'ratio':>6} {'score s lm/dl':>13} {'acc lm/dl':>13} "
            f"{'acc_norm lm/dl':>14} {'agree':>6} {'agree_n':>7} {'agree_n*':>8} {'prompts':>7}")
     print("\n" + hdr + "\n" + "-" * len(hdr))
     for task, r in report["tasks"].items():
         print(f"{task:<10} {r['rows']:>4} {r['lmeval']['wall_s']:>9.1f} {r['declens']['wall_s']:>9.1f} "
-              f"{r['speedup_wall']:>5.2f}x {r['acc_lmeval']:.3f}/{r['acc_declens']:.3f}  "
+              f"{r['speedup_wall']:>5.2f}x {_s(r['lmeval']['score_s']):>6}/{_s(r['declens']['score_s']):<6} "
+              f"{r['acc_lmeval']:.3f}/{r['acc_declens']:.3f}  "
               f"{r['acc_norm_lmeval']:.3f}/{r['acc_norm_declens']:.3f}  {r['agree_pred']:>6.3f} "
               f"{r['agree_pred_norm']:>7.3f} {r['agree_pred_norm_same_convention']:>8.3f} "
               f"{'same' if r['prompt_strings_identical'] and r['token_ids_identical'] else 'DIFF':>7}")
+    print("ratio: lm-eval wall / declens wall (whole commands); score s: scoring only (lm-eval from its log, 1 s "
+          "resolution; declens from result.json); the rest of each wall time is start-up, model load and writing")
     print("agree: per-row acc choice; agree_n: acc_norm choice (each tool's convention); agree_n*: acc_norm "
           "with lm-eval's log-likelihoods under declens' len(' '+choice) convention")
     for task, r in report["tasks"].items():

@@ -264,3 +264,23 @@ def test_analyze_on_exported_model_reports_dense_ids(tmp_path):
         analyze(back, load_task("piqa", limit=4), "letter", remove=[1], progress=False)
     res2 = analyze(back, load_task("piqa", limit=4), "letter", remove=[2], progress=False)
     assert res2.metrics.layer_ids == [0, 4]
+
+
+def test_calibration_rows_inside_the_evaluation_rows_share_its_pass():
+    lm = make_tiny("qwen3", layers=5)
+    data = load_task("arc_challenge", limit=12, seed=0)
+    req = prepare(lm, data, "letter")
+    calib = [req.prompts[i] for i in (0, 3, 5, 8)]
+    shared = PruningEngine(lm, req, calib, progress=False)
+    assert shared.calib_in_eval is not None and int(shared.calib_in_eval.sum()) == 4
+    separate = PruningEngine(lm, req, calib, progress=False)
+    separate.calib_in_eval = None
+    for removed in ([], [3], [4, 1]):
+        a, b = shared.evaluate(removed), separate.evaluate(removed)
+        assert a.bi.keys() == b.bi.keys()
+        for lid in a.bi:
+            assert a.bi[lid] == pytest.approx(b.bi[lid], abs=1e-5)
+        np.testing.assert_allclose(a.scores.scores, b.scores.scores, rtol=1e-5, atol=1e-5)
+    assert shared.work["run"] < separate.work["run"]  # the calibration rows never ran on their own
+    nll = shared.evaluate([2], scores=False, bi=False, nll=True).nll
+    assert nll == pytest.approx(separate.evaluate([2], scores=False, bi=False, nll=True).nll, rel=1e-5)

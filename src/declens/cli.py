@@ -131,7 +131,7 @@ def analyze(
 def prune(
     model: str = ModelOpt,
     task: str = typer.Option("arc_challenge", "--task", "-t", help="Task evaluated after every step."),
-    method: str = typer.Option("ip", "--method", help="ip, shortgpt, sleb, angular, last, random, phase; comma-separate several to compare."),
+    method: str = typer.Option("ip", "--method", help="ip, shortgpt, sleb, angular, last, random, phase, replay; comma-separate several to compare."),
     skip_prun: bool = typer.Option(False, "--skip-prun", help="ip/phase: restart from the best state when a step collapses."),
     collapse_drop: float = typer.Option(0.10, "--collapse-drop", help="SKIP-Prun: a step collapses when accuracy falls more than this (absolute)."),
     max_skips: int = typer.Option(3, "--max-skips", help="SKIP-Prun: alternatives tried at one state."),
@@ -142,6 +142,8 @@ def prune(
     calib_split: Optional[str] = typer.Option(None, "--calib-split", help="Split of the calibration rows (default: the task's train split if any)."),
     collapse_keep: float = typer.Option(0.25, "--collapse-keep", help="Critical ratio: collapsed when at most this share of the dense accuracy above chance is left."),
     no_reuse: bool = typer.Option(False, "--no-reuse", help="Recompute every layer at every step (for timing the prefix reuse)."),
+    order: Optional[str] = typer.Option(None, "--order", help="replay: the removal order (dense ids), e.g. the paper's 24,23,25,..."),
+    calib_from_eval: bool = typer.Option(False, "--calib-from-eval", help="Draw the calibration rows from the evaluated rows (BI then costs no extra pass)."),
     fmt: str = FormatOpt,
     split: Optional[str] = SplitOpt,
     limit: Optional[int] = LimitOpt,
@@ -158,6 +160,7 @@ def prune(
         from .models import load_model
         from .pruning import SkipPrun
         from .pruning import prune as run_prune
+        from .surgery import parse_layer_ids
         from .tasks import load_task
 
         data = load_task(task, split=split, limit=limit, seed=seed, subjects=_split_list(subjects))
@@ -166,7 +169,8 @@ def prune(
         res = run_prune(lm, data, fmt, _split_list(method) or ["ip"], max_ratio=max_ratio, calib_samples=calib_samples,
                         calib_task=calib_task, calib_split=calib_split, seed=seed, reuse=not no_reuse,
                         skip=SkipPrun(enabled=skip_prun, drop=collapse_drop, max_skips=max_skips, max_restarts=max_restarts),
-                        collapse_keep=collapse_keep, max_tokens=max_tokens, out_dir=folder)
+                        collapse_keep=collapse_keep, max_tokens=max_tokens, out_dir=folder,
+                        order=parse_layer_ids(order) if order else None, calib_from_eval=calib_from_eval)
         print_prune(res)
         console.print(f"results in [bold]{folder}[/bold] (prune.json, table.csv, steps.csv, *.png); "
                       f"{res.provenance['timing']['prune_s']:.1f} s, prefix reuse saved "
@@ -288,6 +292,183 @@ def export(
     _run(go)
 
 
+# ------------------------------------------------------------------------------------------------
+# Mechanism studies
+
+
+def print_cka(res) -> None:
+    """Per pruned layer: its best-matching dense layer for both signals and the CKA with its own dense layer."""
+    s = res.summary()
+    t = Table(title=f"CKA of {len(res.pruned_ids)} pruned layers against {len(res.dense_ids)} dense layers "
+                    f"({res.config['n_samples']} rows)", header_style="bold")
+    for col in ("layer", "best hidden (CKA)", "own hidden CKA", "best decision (CKA)", "own decision CKA"):
+        t.add_column(col, justify="right")
+    for r in res.layer_rows():
+        t.add_row(str(r["layer"]), f"{r['best_hidden']} ({r['best_hidden_cka']:.3f})", f"{r['own_hidden_cka']:.3f}",
+                  f"{r['best_decision']} ({r['best_decision_cka']:.3f})", f"{r['own_decision_cka']:.3f}")
+    console.print(t)
+    h, d = s["hidden"], s["decision"]
+    console.print(f"final pruned layer ({res.pruned_ids[-1]}) aligns best with dense layer {h['final_layer_best_match']} "
+                  f"(hidden) and {d['final_layer_best_match']} (decision token); best match below its own layer: "
+                  f"{h['below_identity']} (hidden), {d['below_identity']} (decision) of {len(res.pruned_ids)} layers")
+
+
+@app.command()
+def cka(
+    model: str = ModelOpt,
+    task: str = typer.Option("arc_challenge", "--task", "-t", help="Task whose rows are compared (the paper: arc_challenge)."),
+    remove: str = typer.Option(..., "--remove", help="The pruned view: dense layer ids to remove, e.g. 24,23,22 or 20-27 (\"\" compares the dense model with itself)."),
+    fmt: str = FormatOpt,
+    split: Optional[str] = SplitOpt,
+    limit: int = typer.Option(500, "--limit", "--samples", "-n", help="Rows compared, drawn deterministically with --seed (the paper: 500)."),
+    seed: int = SeedOpt,
+    num_fewshot: int = FewshotOpt,
+    subjects: Optional[str] = SubjectsOpt,
+    dtype: str = DtypeOpt,
+    device: str = DeviceOpt,
+    max_tokens: Optional[int] = MaxTokOpt,
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Results folder (default runs/cka_<model>_<task>_<format>)."),
+):
+    """CKA of every pruned layer with every dense layer, on token-averaged and decision-token states."""
+
+    def go():
+        from .analyses.cka import cka_study
+        from .models import load_model
+        from .surgery import parse_layer_ids
+        from .tasks import load_task
+
+        data = load_task(task, split=split, limit=limit, seed=seed, subjects=_split_list(subjects))
+        lm = load_model(model, dtype=dtype, device=device)
+        folder = Path(out) if out else Path("runs") / f"cka_{_slug(model)}_{_slug(data.name)}_{fmt}"
+        res = cka_study(lm, data, parse_layer_ids(remove), fmt, n_samples=None, seed=seed, max_tokens=max_tokens,
+                        num_fewshot=num_fewshot)
+        res.save(folder)
+        print_cka(res)
+        console.print(f"results in [bold]{folder}[/bold] (cka.json, cka.npz, cka_hidden.png, cka_decision.png, "
+                      f"cka_best_match.png); {res.provenance['timing']['forward_s']:.1f} s")
+
+    _run(go)
+
+
+def print_noise(res) -> None:
+    """Final DM per noised layer and scale, with the dense phases and the per-phase means."""
+    d = res.dense
+    tp = d["transition_layer"]
+    console.print(f"clean final DM {d['final_dm']:+.3f}, accuracy {d['final_accuracy']:.3f}; transition point "
+                  f"{'none (every layer is Silent)' if tp is None else f'layer {tp}'}")
+    t = Table(title="Final-layer mean DM with noise a * sigma_l at one layer", header_style="bold")
+    t.add_column("layer", justify="right")
+    t.add_column("phase")
+    t.add_column("sigma", justify="right")
+    for a in res.scales:
+        t.add_column(f"a={a:g}", justify="right")
+    for i, lid in enumerate(res.layer_ids):
+        t.add_row(str(lid), res.phase_of(lid), f"{res.sigma[lid]:.3g}", *(f"{v:+.3f}" for v in res.dm[i]))
+    for ph, s in res.phase_summary().items():
+        if s["dm"] is not None:
+            t.add_row(f"{ph} mean", "", "", *(f"{v:+.3f}" for v in s["dm"]), style="bold")
+    console.print(t)
+
+
+@app.command()
+def noise(
+    model: str = ModelOpt,
+    task: str = typer.Option("arc_challenge", "--task", "-t", help="Task evaluated under noise."),
+    scales: str = typer.Option("0,0.05,0.1,0.2,0.5,1,2", "--scales", help="Noise scales a (multiples of the layer's std), comma-separated, each >= 0."),
+    layers: Optional[str] = typer.Option(None, "--layers", help="Dense ids of the layers to perturb, e.g. 0-10,20 (default: every layer)."),
+    repeats: int = typer.Option(1, "--repeats", help="Independent noise draws per layer and scale (averaged)."),
+    fmt: str = FormatOpt,
+    split: Optional[str] = SplitOpt,
+    limit: Optional[int] = LimitOpt,
+    seed: int = typer.Option(0, "--seed", help="Seed of the row selection and of the noise draws."),
+    num_fewshot: int = FewshotOpt,
+    subjects: Optional[str] = SubjectsOpt,
+    decision_score: str = typer.Option("raw", "--decision-score", help="cloze: base DM on raw log-likelihood or per-character 'norm'."),
+    dtype: str = DtypeOpt,
+    device: str = DeviceOpt,
+    max_tokens: Optional[int] = MaxTokOpt,
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Results folder (default runs/noise_<model>_<task>_<format>)."),
+):
+    """Final Decision Margin with Gaussian noise (scaled to each layer's std) added to one layer at a time."""
+
+    def go():
+        from .analyses.noise import noise_study, parse_scales
+        from .models import load_model
+        from .surgery import parse_layer_ids
+        from .tasks import load_task
+
+        a = parse_scales(scales)  # fail on a typo before loading anything
+        data = load_task(task, split=split, limit=limit, seed=seed, subjects=_split_list(subjects))
+        lm = load_model(model, dtype=dtype, device=device)
+        folder = Path(out) if out else Path("runs") / f"noise_{_slug(model)}_{_slug(data.name)}_{fmt}"
+        res = noise_study(lm, data, fmt, scales=a, layers=parse_layer_ids(layers) or None, seed=seed, repeats=repeats,
+                          max_tokens=max_tokens, num_fewshot=num_fewshot, decision_score=decision_score)
+        res.save(folder)
+        print_noise(res)
+        console.print(f"results in [bold]{folder}[/bold] (noise.json, noise.npz, noise_heatmap.png, noise_phases.png); "
+                      f"{res.provenance['timing']['study_s']:.1f} s")
+
+    _run(go)
+
+
+@app.command()
+def correlate(
+    run_dirs: list[Path] = typer.Argument(..., metavar="RUN_DIR...", help="Folders of 'declens analyze' and 'declens prune' (eval too) for at least 3 model/task pairs."),
+    method: str = typer.Option("ip", "--method", help="Pruning method whose critical ratio is used: ip, shortgpt, sleb, angular, last, random, phase."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Results folder (default runs/correlate_<method>)."),
+):
+    """Pearson correlation of the Transition Point with the critical pruning ratio across model-task pairs."""
+
+    def go():
+        from .analyses.correlation import correlate as run_correlate
+
+        res = run_correlate(run_dirs, method=method)
+        folder = Path(out) if out else Path("runs") / f"correlate_{_slug(method)}"
+        res.save(folder)
+        print_correlation(res)
+        console.print(f"results in [bold]{folder}[/bold] (correlate.json, correlate.csv, correlate.png, safe_margin.png)")
+
+    _run(go)
+
+
+def print_correlation(res) -> None:
+    """The pairs, Pearson r / p of TP (layer, fraction) against the critical ratio, and the safe-margin check."""
+    t = Table(title=f"Transition Point vs critical pruning ratio ({res.method}), {len(res.pairs)} pairs", header_style="bold")
+    for col in ("pair", "format", "TP layer", "TP fraction", "safe margin estimate", "critical ratio", "estimate - measured"):
+        t.add_column(col, justify="left" if col in ("pair", "format") else "right")
+    for p in res.pairs:
+        t.add_row(p.label, p.format, f"{p.transition_layer} of {p.num_layers}", f"{p.transition_fraction:.1%}",
+                  f"{p.decisive_fraction:.1%}", f"{p.critical_ratio:.1%}", f"{p.margin_error:+.3f}")
+    console.print(t)
+    for name, what in (("layer", "TP layer index"), ("fraction", "TP fraction of depth"), ("safe_margin", "safe margin estimate")):
+        s = res.stats[name]
+        rp = f"undefined ({s['undefined']})" if s["r"] is None else f"r = {s['r']:+.3f}, p = {s['p']:.3g} (two-sided)"
+        console.print(f"{what} vs critical ratio: {rp}, n = {s['n']}")
+    sm = res.stats["safe_margin"]
+    console.print(f"safe margin estimate: mean absolute error {sm['mae']:.3f}, mean signed error {sm['bias']:+.3f}")
+    for i in res.incomplete:
+        console.print(f"[dim]left out {i['model']} · {i['task']} · {i['format']}: {i['missing']}[/dim]", highlight=False)
+    for n in res.notes:
+        console.print(f"[dim]note: {n}[/dim]", highlight=False)
+
+
+@app.command()
+def report(
+    run_dirs: list[Path] = typer.Argument(..., metavar="RUN_DIR...", help="Run folders written by declens (analyze, prune, eval, correlate, cka, noise, ...)."),
+    out: Path = typer.Option(Path("report.html"), "--out", "-o", help="The HTML page to write (self-contained: figures embedded)."),
+    title: Optional[str] = typer.Option(None, "--title", help="Page title (default: 'declens report' and the models found)."),
+):
+    """One self-contained HTML page: headline numbers, the TP / critical-ratio correlation, every run's tables and figures."""
+
+    def go():
+        from .report import build_report
+
+        page = build_report(run_dirs, out, title=title)
+        console.print(f"wrote [bold]{page}[/bold] ({page.stat().st_size / 1e6:.1f} MB, self-contained)")
+
+    _run(go)
+
+
 @app.command()
 def demo(
     out: Path = typer.Option(Path("runs/demo"), "--out", "-o", help="Results folder."),
@@ -343,7 +524,11 @@ def _unknown_preset(name: str) -> str:
 
 
 def main() -> None:
-    """Entry point of the ``declens`` script."""
+    """Entry point of the ``declens`` script (also under ``torchrun``: data-parallel over the ranks)."""
+    from . import distributed
+
+    if distributed.init_from_env() and not distributed.is_main():
+        console.quiet = True  # every rank computes; rank 0 reports and writes
     app()
 
 

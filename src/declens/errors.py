@@ -25,3 +25,11 @@ class TokenizationError(DeclensError):
 
 class LayerSpecError(DeclensError):
     """Requested layer ids are out of range, repeated, or remove every layer."""
+
+
+class CKAError(DeclensError):
+    """Representations that CKA cannot compare (shapes, non-finite values) or a bad CKA request."""
+
+
+class NoiseSpecError(DeclensError):
+    """A bad noise study request: negative or non-finite scales, repeats below 1, and the like."""

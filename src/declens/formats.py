@@ -134,6 +134,11 @@ class Encoder:
         ids = self.prefix + self.encode(text)
         return self._fit(ids, 0)
 
+    def prompts(self, texts: Sequence[str]) -> list[list[int]]:
+        """:meth:`prompt` for many texts in one batched tokenizer call (parallel in fast tokenizers)."""
+        batch = self.tok(list(texts), add_special_tokens=False)["input_ids"] if texts else []
+        return [self._fit(self.prefix + list(ids), 0) for ids in batch]
+
     def _fit(self, ctx: list[int], n_cont: int) -> list[int]:
         if self.max_length and len(ctx) + n_cont > self.max_length:
             self.truncated += 1
@@ -229,7 +234,7 @@ def build_letter(data: TaskData, enc: Encoder, num_fewshot: int = 0, seed: int =
         body = "".join(letter_prompt(spec, s, labels) + f"{label_prefix}{labels[s.gold]}\n\n" for s in shots)
         texts.append(head + body + letter_prompt(spec, it, labels))
     option_ids = option_token_ids(enc, labels[:k_max], texts[0], label_prefix)
-    prompts = [enc.prompt(t) for t in texts]
+    prompts = enc.prompts(texts)
     return LetterRequests(
         prompts=prompts, option_ids=option_ids, labels=labels[:k_max],
         n_options=np.array([len(it.choices) for it in data.items]),

@@ -96,9 +96,11 @@ def decoder_parts(model: nn.Module) -> DecoderParts:
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
-    """``auto`` picks CUDA when available, else CPU."""
+    """``auto`` picks CUDA when available (this rank's GPU under ``torchrun``), else CPU."""
     if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        from .distributed import local_device
+
+        return local_device() or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ModelError(f"device {device!r} requested but CUDA is not available; use --device cpu")
@@ -188,6 +190,7 @@ def model_fingerprint(model: nn.Module, samples_per_tensor: int = 4096) -> str:
     for k in _NON_SEMANTIC_CONFIG:
         cfg.pop(k, None)
     h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
+    samples = {}
     with torch.no_grad():
         for name, p in model.state_dict().items():
             h.update(f"{name}|{tuple(p.shape)}|{p.dtype}".encode())
@@ -195,8 +198,9 @@ def model_fingerprint(model: nn.Module, samples_per_tensor: int = 4096) -> str:
             if flat.numel() == 0:
                 continue
             step = max(1, flat.numel() // samples_per_tensor)
-            sample = flat[::step][:samples_per_tensor].detach().to("cpu", torch.float32).contiguous()
-            h.update(sample.numpy().tobytes())
+            samples.setdefault(flat.device, []).append(flat[::step][:samples_per_tensor].float())
+        for dev in sorted(samples, key=str):  # one transfer per device, not one per tensor
+            h.update(torch.cat(samples[dev]).cpu().numpy().tobytes())
     return h.hexdigest()[:16]
 
 

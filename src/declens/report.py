@@ -129,7 +129,7 @@ def img_tag(data: bytes, mime: str, name: str) -> str:
 
 
 def _flat_scalars(d: dict, prefix: str = "", depth: int = 0, limit: int = 60) -> list[tuple[str, Any]]:
-    """Scalar (and short scalar-list) fields of a dict, nested dicts flattened to ``a.b`` (two levels)."""
+    """Scalar (and short scalar-list) fields of a dict, nested dicts flattened to ``a.b.c`` (three levels)."""
     out: list[tuple[str, Any]] = []
     for k, v in d.items():
         name = f"{prefix}{k}"
@@ -137,7 +137,7 @@ def _flat_scalars(d: dict, prefix: str = "", depth: int = 0, limit: int = 60) ->
             out.append((name, v))
         elif isinstance(v, list) and len(v) <= 12 and all(isinstance(x, (str, int, float, bool)) or x is None for x in v):
             out.append((name, v))
-        elif isinstance(v, dict) and depth < 1:
+        elif isinstance(v, dict) and depth < 2:
             out.extend(_flat_scalars(v, f"{name}.", depth + 1, limit))
         if len(out) >= limit:
             break
@@ -225,12 +225,19 @@ def _analysis_section(f: RunFile) -> str:
     return head + layers + _config_details(f)
 
 
-def _ratio_text(v: Any, max_ratio: Any) -> str:
+def _ratio_text(v: Any, max_ratio: Any, dense_acc: Any = None, chance: Any = None) -> str:
+    """A critical ratio, or why there is none (never collapsed within the run, or nothing to lose)."""
     if isinstance(v, (int, float)) and not isinstance(v, bool):
         return pct(v)
+    if isinstance(dense_acc, (int, float)) and isinstance(chance, (int, float)) and dense_acc <= chance:
+        return "n/a (dense model not above chance)"
     if isinstance(max_ratio, (int, float)):
         return f"not reached (&gt; {pct(max_ratio)})"
     return "not reached"
+
+
+def _dense_acc_chance(dense: dict | None) -> tuple[Any, Any]:
+    return (None, None) if not dense else (dense.get("accuracy"), dense.get("chance"))
 
 
 def _prune_section(f: RunFile) -> str:
@@ -254,7 +261,7 @@ def _prune_section(f: RunFile) -> str:
         dense = next((r for r in recs if r.get("k") == 0), None)
         tab = methods[m].get("table") or []
         last = tab[-1] if tab else None
-        rows.append([e(m), _ratio_text(crit.get(m), c.get("max_ratio")),
+        rows.append([e(m), _ratio_text(crit.get(m), c.get("max_ratio"), *_dense_acc_chance(dense)),
                      num(None if dense is None else dense.get("accuracy")),
                      num(None if last is None else last.get("accuracy")),
                      pct(None if last is None else last.get("ratio")), e(len(recs))])
@@ -274,7 +281,7 @@ def _prune_section(f: RunFile) -> str:
                          num(r.get("final_dm")), num(r.get("transition_layer")), e(json.dumps(r.get("removed")))])
             cls.append("")
         out.append(f"<h4>{e(m)}: removed layers per pruning ratio (critical ratio "
-                   f"{_ratio_text(crit.get(m), c.get('max_ratio'))})</h4>")
+                   f"{_ratio_text(crit.get(m), c.get('max_ratio'), *_dense_acc_chance(dense))})</h4>")
         out.append(table(["Remain", "#Removed", "Pruning Ratio", "accuracy", "final DM", "TP",
                           "Removed Layer IDs (0-based)"], rows, left=(6,), row_cls=cls))
     work = d.get("work")
@@ -284,7 +291,8 @@ def _prune_section(f: RunFile) -> str:
     return "".join(out)
 
 
-def _eval_section(f: RunFile) -> str:
+def _eval_tables(f: RunFile) -> str:
+    """Accuracy (%) per task and configuration, one table per format (``eval`` and eval-shaped results)."""
     d = f.data
     cells = d.get("cells") or []
     tasks = d.get("tasks") or sorted({x.get("task") for x in cells}, key=str)
@@ -311,7 +319,35 @@ def _eval_section(f: RunFile) -> str:
                                        for v in sums.values()])
         out.append(f"<h4>accuracy (%), {e(fm)} format</h4>")
         out.append(table(["Task"] + [e(lab) for lab in labels], rows, left=(0,)))
-    out.append(_config_details(f))
+    return "".join(out)
+
+
+def _eval_section(f: RunFile) -> str:
+    return _eval_tables(f) + _config_details(f)
+
+
+def _is_scalar(v: Any) -> bool:
+    return isinstance(v, (str, int, float, bool)) or v is None
+
+
+def _row_tables(d: dict, max_rows: int = 500, max_cols: int = 24) -> str:
+    """Top-level lists of flat records (like a ``table`` field), each as a collapsed table."""
+    out = []
+    for k, v in d.items():
+        if k in ("kind", "config", "provenance", "cells") or not isinstance(v, list) or not v or len(v) > max_rows:
+            continue
+        if not all(isinstance(r, dict) for r in v):
+            continue
+        cols: list[str] = []
+        for r in v:
+            cols += [c for c in r if c not in cols]
+        flat = all(_is_scalar(x) or (isinstance(x, list) and len(x) <= 16 and all(_is_scalar(y) for y in x))
+                   for r in v for x in r.values())
+        if not flat or len(cols) > max_cols:
+            continue
+        rows = [[num(r.get(c)) for c in cols] for r in v]
+        out.append(f"<details><summary>{e(k)} ({len(v)} rows)</summary>" + table([e(c) for c in cols], rows)
+                   + "</details>")
     return "".join(out)
 
 
@@ -322,6 +358,11 @@ def _generic_section(f: RunFile) -> str:
         out.append("<h4>summary (top-level fields)</h4>" + kv_table((k, num(v)) for k, v in fields))
     else:
         out.append('<p class="small">no top-level scalar fields</p>')
+    cells = f.data.get("cells")
+    if isinstance(cells, list) and cells and all(isinstance(c, dict) and {"task", "format", "removed", "accuracy"}
+                                                 <= set(c) for c in cells):
+        out.append(_eval_tables(f))  # eval-shaped results (ablate): the accuracy table
+    out.append(_row_tables(f.data))
     return "".join(out)
 
 
@@ -358,7 +399,7 @@ def _headlines(g: Gathered) -> str:
             row += [e(dd.num_layers), tp, span(dd.silent_phase), span(dd.decisive_phase), acc, num(dd.chance, 3)]
         for m in methods:
             cr = per.get(m)
-            row.append("–" if cr is None else _ratio_text(cr.critical_ratio, cr.max_ratio))
+            row.append("–" if cr is None else _ratio_text(cr.critical_ratio, cr.max_ratio, cr.dense_accuracy, cr.chance))
         row.append("–" if dd is None or dd.transition_layer is None else pct(dd.decisive_fraction))
         row.append("–" if dd is None else f'<span class="small">{e(dd.kind)}: {e(dd.source)}</span>')
         rows.append(row)

@@ -20,7 +20,8 @@ from torch import Tensor
 from .formats import ClozeRequests, LetterRequests
 from .lens import Lens
 from .models import DecoderParts
-from .runner import Batch, Probe, pack_sequences, run_batches
+from . import distributed
+from .runner import Batch, Probe, pack_sequences, run_batches, to_device
 from .errors import LayerSpecError
 from .surgery import dense_layer_ids
 
@@ -61,6 +62,34 @@ class LayerScores:
         return self.scores[-1]
 
 
+class _HostCopy:
+    """A device-to-host copy in flight; ``numpy()`` waits for it (on the source device's stream)."""
+
+    def __init__(self, t: Tensor):
+        if t.device.type != "cuda":
+            self.host, self.event = t.detach().cpu(), None
+            return
+        self.host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        with torch.cuda.device(t.device):
+            self.host.copy_(t, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record(torch.cuda.current_stream(t.device))
+
+    @property
+    def shape(self):
+        return self.host.shape
+
+    def numpy(self) -> np.ndarray:
+        if self.event is not None:
+            self.event.synchronize()
+        return self.host.numpy()
+
+
+def _to_host(t: Tensor) -> _HostCopy:
+    """Start copying a device tensor to (pinned) host memory without waiting for it."""
+    return _HostCopy(t)
+
+
 def run_layer_ids(parts: DecoderParts, layers: Sequence[int] | None) -> list[int]:
     """Dense ids of the layers at ``layers`` (positions; None: all)."""
     dense = dense_layer_ids(parts)
@@ -95,12 +124,15 @@ class ScoreState:
 class LetterProbe(Probe):
     """Option-token logits at the last real position of each row, at every layer."""
 
+    last_position_only = True  # reads nothing else, so the fast path may skip the rest at the final layer
+
     def __init__(self, lens: Lens, option_ids: Sequence[int], out: np.ndarray, row_of: dict[int, int] | None = None):
         self.lens = lens
         self.rows = torch.as_tensor(list(option_ids), dtype=torch.long)
         self.out = out  # [L, N, K]
         self.row_of = row_of  # dense layer id -> row of ``out`` (default: position in the running stack)
         self.buf: dict[int, Tensor] = {}
+        self.pending: list = []
 
     def start(self, batch: Batch) -> None:
         self.buf = {}
@@ -109,14 +141,21 @@ class LetterProbe(Probe):
     def layer(self, pos, layer_id, inputs, output):
         row = self.row_of.get(layer_id) if self.row_of is not None else pos
         if row is not None:  # layers not in ``row_of`` are not read
-            self.buf[row] = self.lens.logits(output[self.pick], self.rows)
+            pick = tuple(t.to(output.device) for t in self.pick)
+            self.buf[row] = self.lens.logits(output[pick], self.rows)
         return None
 
     def finish(self, batch: Batch) -> None:
-        idx = batch.index.numpy()
-        for pos, z in self.buf.items():
-            self.out[pos, idx, : z.shape[-1]] = z.cpu().numpy()
+        if self.buf:
+            rows = list(self.buf)
+            z = torch.stack([self.buf[r].to(self.buf[rows[0]].device) for r in rows])
+            self.pending.append((rows, batch.index.numpy(), _to_host(z)))  # copied while the device works on
         self.buf = {}
+
+    def flush(self) -> None:
+        for rows, idx, z in self.pending:
+            self.out[np.ix_(rows, idx, np.arange(z.shape[-1]))] = z.numpy()
+        self.pending = []
 
 
 class ClozeProbe(Probe):
@@ -134,6 +173,7 @@ class ClozeProbe(Probe):
         self.out = out  # [L, slots]
         self.row_of = row_of
         self.buf: dict[int, Tensor] = {}
+        self.pending: list = []
 
     def start(self, batch: Batch) -> None:
         self.buf = {}
@@ -150,26 +190,26 @@ class ClozeProbe(Probe):
                 rslot.append(slots.setdefault(slot, len(slots)))
         order = sorted(range(len(ridx)), key=lambda r: ridx[r])
         dev = batch.input_ids.device
-        self.urow = torch.as_tensor(urow, device=dev)
-        self.upos = torch.as_tensor(upos, device=dev)
-        self.ridx = torch.as_tensor([ridx[r] for r in order], device=dev)
-        self.rtgt = torch.as_tensor([rtgt[r] for r in order], device=dev)
-        self.rslot = torch.as_tensor([rslot[r] for r in order], device=dev)
+        ridx_sorted = [ridx[r] for r in order]
+        put = lambda xs: to_device(torch.as_tensor(xs, dtype=torch.long), dev)  # noqa: E731
+        self.urow, self.upos = put(urow), put(upos)
+        self.ridx, self.rtgt, self.rslot = put(ridx_sorted), put([rtgt[r] for r in order]), put([rslot[r] for r in order])
+        chunk = max(1, LOGIT_BUDGET // self.lens.head.weight.shape[0])
+        self.chunks = [(a, int(np.searchsorted(ridx_sorted, a)), int(np.searchsorted(ridx_sorted, a + chunk)))
+                       for a in range(0, len(urow), chunk)]  # (first position, first read, end read): host-side
+        self.chunk = chunk
         self.slots = np.array(list(slots), dtype=np.int64)
 
     def layer(self, pos, layer_id, inputs, output):
         row = self.row_of.get(layer_id) if self.row_of is not None else pos
         if row is None:  # layers not in ``row_of`` are not read
             return None
-        h = output[self.urow, self.upos]  # [U, d]
-        chunk = max(1, LOGIT_BUDGET // self.lens.head.weight.shape[0])
+        h = output[self.urow.to(output.device), self.upos.to(output.device)]  # [U, d]
         parts = []
-        bounds = torch.searchsorted(self.ridx, torch.arange(0, h.shape[0] + chunk, chunk, device=self.ridx.device))
-        for c, a in enumerate(range(0, h.shape[0], chunk)):
-            z = self.lens.logits(h[a : a + chunk])  # [u, V] float32
+        for a, r0, r1 in self.chunks:
+            z = self.lens.logits(h[a : a + self.chunk])  # [u, V] float32
             lse = torch.logsumexp(z, dim=-1)
-            r0, r1 = int(bounds[c]), int(bounds[c + 1])
-            loc = self.ridx[r0:r1] - a
+            loc = self.ridx[r0:r1].to(z.device) - a
             parts.append(z[loc, self.rtgt[r0:r1].to(z.device)] - lse[loc])
         lp = torch.cat(parts)
         self.buf[row] = torch.zeros(len(self.slots), dtype=torch.float32, device=lp.device).index_add_(
@@ -177,9 +217,16 @@ class ClozeProbe(Probe):
         return None
 
     def finish(self, batch: Batch) -> None:
-        for pos, s in self.buf.items():
-            self.out[pos, self.slots] = s.cpu().numpy()
+        if self.buf:
+            rows = list(self.buf)
+            vals = torch.stack([self.buf[r].to(self.buf[rows[0]].device) for r in rows])
+            self.pending.append((rows, self.slots, _to_host(vals)))
         self.buf = {}
+
+    def flush(self) -> None:
+        for rows, slots, vals in self.pending:
+            self.out[np.ix_(rows, slots)] = vals.numpy()
+        self.pending = []
 
 
 class Checkpointer:
@@ -266,6 +313,12 @@ class ScoringPlan:
             return (n_layers, len(self.req.prompts), len(self.req.option_ids))
         return (n_layers, len(self.owner))
 
+    def out_rows(self, rows: Sequence[int]) -> list[int]:
+        """Indices along axis 1 of the output array that the given rows fill (items, or option slots)."""
+        if self.letter:
+            return list(rows)
+        return sorted({slot for r in rows for slot, _, _ in self.reads[r]})
+
     def new_out(self, n_layers: int) -> np.ndarray:
         return np.full(self.out_shape(n_layers), np.nan, dtype=np.float32)
 
@@ -334,12 +387,18 @@ def score_requests(
     shapes = {"scores": plan.out_shape(len(ids))}
     if state is None or not state.compatible(shapes, len(plan.rows)):
         state = ScoreState.empty(shapes, len(plan.rows))
+    if distributed.active():
+        save = None  # ranks score disjoint batches; a checkpoint would hold one rank's share only
     ck = Checkpointer(state, save)
-    run_batches(parts, plan.rows, [plan.probe(state.arrays["scores"], row_of)], pad_id, max_tokens=max_tokens, layers=layers,
-                progress=progress, skip=lambda idx: bool(state.done[idx].all()), after_batch=ck)
+    used = run_batches(parts, plan.rows, [plan.probe(state.arrays["scores"], row_of)], pad_id, max_tokens=max_tokens,
+                       layers=layers, progress=progress, skip=lambda idx: bool(state.done[idx].all()), after_batch=ck)
     if save:
         save(state)
-    return plan.assemble(state.arrays["scores"], ids)
+    out = state.arrays["scores"]
+    if distributed.active():
+        mine = [i for j in distributed.my_batches(used) for i in used[j]]
+        out = distributed.merge_rows(out, plan.out_rows(mine), axis=1)
+    return plan.assemble(out, ids)
 
 
 def score_letter(parts: DecoderParts, req: LetterRequests, pad_id: int, **kwargs) -> LayerScores:

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..errors import DeclensError
+from ..errors import CKAError, DeclensError
 from ..formats import FORMATS, ClozeRequests, LetterRequests
 from ..models import LoadedModel
 from ..results import atomic_save_npz, atomic_write_json, provenance
@@ -54,10 +54,6 @@ SIGNALS = ("hidden", "decision")
 #: A centred representation whose Frobenius norm is at most this share of the uncentred one is
 #: treated as constant (zero variance): float rounding of a constant column is not structure.
 DEGENERATE_RTOL = 1e-12
-
-
-class CKAError(DeclensError):
-    """Representations that CKA cannot compare (shapes, non-finite values) or a bad CKA request."""
 
 
 # ------------------------------------------------------------------------------------------------

@@ -180,6 +180,8 @@ class CriticalRatio:
     rows: int | None
     source: Path
     fingerprint: str | None = None
+    dense_accuracy: float | None = None
+    chance: float | None = None
 
 
 def _key(model: Any, task: Any, fmt: Any) -> tuple[str, str, str]:
@@ -201,9 +203,11 @@ def _from_layers(key, layer_ids: list[int], tp: int | None, num_layers: int, **k
     t = ids.index(tp) if tp is not None and tp in ids else None
     silent = ids if t is None else ids[:t]
     decisive = [] if t is None else ids[t:]
+    note = "" if ids == list(range(num_layers)) else \
+        "its 'dense' model has layer ids other than 0..L-1 (an exported pruned model?)"
     return DenseDecision(*key, num_layers=num_layers, transition_layer=tp,
                          decisive_fraction=0.0 if tp is None else (num_layers - tp) / num_layers,
-                         silent_phase=_span(silent), decisive_phase=_span(decisive), **kw)
+                         silent_phase=_span(silent), decisive_phase=_span(decisive), note=note, **kw)
 
 
 def dense_decisions(f: RunFile) -> list[DenseDecision]:
@@ -262,10 +266,15 @@ def critical_ratios(f: RunFile) -> list[CriticalRatio]:
         return []
     c = f.config
     key = _key(c.get("model"), c.get("task"), c.get("format"))
-    return [CriticalRatio(*key, method=m, critical_ratio=v, max_ratio=c.get("max_ratio"),
-                          collapse_keep=c.get("collapse_keep"), num_layers=int(c.get("num_layers") or 0),
-                          rows=c.get("rows_selected"), source=f.path, fingerprint=_fingerprint(f))
-            for m, v in sorted((f.data.get("critical_ratio") or {}).items())]
+    out = []
+    for m, v in sorted((f.data.get("critical_ratio") or {}).items()):
+        recs = ((f.data.get("methods") or {}).get(m) or {}).get("records") or []
+        dense = next((r for r in recs if r.get("k") == 0), {})
+        out.append(CriticalRatio(*key, method=m, critical_ratio=v, max_ratio=c.get("max_ratio"),
+                                 collapse_keep=c.get("collapse_keep"), num_layers=int(c.get("num_layers") or 0),
+                                 rows=c.get("rows_selected"), source=f.path, fingerprint=_fingerprint(f),
+                                 dense_accuracy=dense.get("accuracy"), chance=dense.get("chance")))
+    return out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -357,7 +366,7 @@ def gather(run_dirs: Sequence[str | Path]) -> Gathered:
                     f"{other.source} ({other.rows} rows, critical ratio {other.critical_ratio}) not used")
     for key in decisions:
         d, per = decisions[key], ratios.get(key, {})
-        for m, cr in per.items():
+        for cr in per.values():
             if d.fingerprint and cr.fingerprint and d.fingerprint != cr.fingerprint:
                 notes.setdefault(key, []).append(
                     f"model fingerprints differ between {d.source} ({d.fingerprint}) and {cr.source} "
@@ -518,7 +527,11 @@ def _missing(key, g: Gathered, method: str) -> str | None:
         have = ", ".join(sorted(per)) or "none"
         why.append(f"no prune result with method {method!r} (methods found: {have})")
     elif cr.critical_ratio is None:
-        why.append(f"critical ratio ({method}) not reached within --max-ratio {cr.max_ratio} in {cr.source}")
+        if cr.dense_accuracy is not None and cr.chance is not None and cr.dense_accuracy <= cr.chance:
+            why.append(f"the dense model is not above chance in {cr.source} (accuracy {cr.dense_accuracy:.3g}, "
+                       f"chance {cr.chance:.3g}), so no collapse can be measured")
+        else:
+            why.append(f"critical ratio ({method}) not reached within --max-ratio {cr.max_ratio} in {cr.source}")
     return "; ".join(why) or None
 
 

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+from .. import distributed
 from ..errors import DeclensError
 from ..formats import FORMATS, ClozeRequests, Encoder, LetterRequests, build_cloze, build_letter
 from ..models import LoadedModel
@@ -123,6 +124,8 @@ def analyze(
         "dtype": str(lm.dtype).replace("torch.", ""), "device": str(lm.device),
         "lens_layers": read,
     }
+    if not distributed.is_main():
+        out_dir = None  # under torchrun every rank ends with the same numbers; rank 0 writes them
     ck = None
     if out_dir is not None:
         ck = Checkpoint(out_dir, config_key(config, lm.fingerprint(), data.fingerprint()))

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..errors import DeclensError, LayerSpecError
+from ..errors import DeclensError, LayerSpecError, NoiseSpecError
 from ..formats import FORMATS, ClozeRequests, LetterRequests
 from ..metrics import compute_metrics, margins, predictions
 from ..models import LoadedModel
@@ -58,10 +58,6 @@ DEFAULT_SCALES = (0.0, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
 #: Most bytes of kept layer outputs per batch (all layers of one batch are kept, in CPU memory):
 #: the default batch budget is lowered so that ``tokens x d x L x itemsize`` stays below it.
 CACHE_BYTES = 4 * 1024**3
-
-
-class NoiseSpecError(DeclensError):
-    """A bad noise study request: negative or non-finite scales, repeats below 1, and the like."""
 
 
 # ------------------------------------------------------------------------------------------------
@@ -88,6 +84,22 @@ def validate_scales(scales: Sequence[float]) -> list[float]:
     if dup:
         raise NoiseSpecError(f"noise scale(s) {dup} given more than once; list each scale once")
     return out
+
+
+def parse_scales(text: str | Sequence[float]) -> list[float]:
+    """Parse ``"0,0.1,0.5,1"`` (or a sequence of numbers) into validated noise scales.
+
+    Raises:
+        NoiseSpecError: a part is not a number, or the scales are invalid (see :func:`validate_scales`).
+    """
+    if not isinstance(text, str):
+        return validate_scales(text)
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    try:
+        values = [float(p) for p in parts]
+    except ValueError:
+        raise NoiseSpecError(f"bad noise scales {text!r}; write comma-separated numbers like 0,0.1,0.5,1") from None
+    return validate_scales(values)
 
 
 def noise_seed(seed: int, layer_id: int, scale: float, repeat: int, row: int) -> int:
@@ -364,12 +376,15 @@ def noise_study(
         s = plan.assemble(out, ids)
         return s.norm_scores if decision_score == "norm" and s.norm_scores is not None else s.scores
 
-    # Pass 1: the clean dense model, every layer through the lens, and sigma of every layer.
+    # Pass 1: the clean dense model, every layer through the lens, and sigma of every layer. The
+    # outputs of the last batch stay cached, so pass 2 starts with that batch without rerunning it.
     dense_out = plan.new_out(L)
     sig = SigmaProbe()
+    cache = _OutputCache()
     bar = tqdm(total=len(plan.rows), desc="noise: dense pass", unit="seq", disable=not progress, leave=False)
-    for idx in batches:
-        forward(parts, collate(plan.rows, idx, pad, lm.device), [plan.probe(dense_out), sig])
+    for j, idx in enumerate(batches):
+        keep = [cache] if j == len(batches) - 1 else []
+        forward(parts, collate(plan.rows, idx, pad, lm.device), [plan.probe(dense_out), sig, *keep])
         bar.update(len(idx))
     bar.close()
     dense_scores = assemble(dense_out, dense_ids)
@@ -377,35 +392,37 @@ def noise_study(
     dm0 = compute_metrics(dense_scores, s0.gold, dense_ids, s0.n_options)
     sigma = sig.sigma()
 
-    # Pass 2: per batch, keep every layer's output, then run each (layer, scale, repeat) from it.
+    # Pass 2: per batch, every layer's output kept; each (layer, scale, repeat) runs from it.
     last = dense_ids[-1]
     # final-layer probe outputs of every (repeat, layer, scale): [R, P, S, 1, N, K] (cloze: [R, P, S, 1, slots])
     outs = np.full((repeats, len(positions), len(scales), *plan.out_shape(1)), np.nan, dtype=np.float32)
     bar = tqdm(total=len(batches) * len(positions) * len(scales) * repeats, desc="noise", unit="run",
                disable=not progress, leave=False)
     try:
-        for idx in batches:
-            b = collate(plan.rows, idx, pad, lm.device)
-            cache = _OutputCache()
-            forward(parts, b, [cache])
-            for pi, p in enumerate(positions):
-                lid = dense_ids[p]
-                h = cache.store[p].to(lm.device)
-                for r in range(repeats):
-                    for si, a in enumerate(scales):
-                        probe = plan.probe(outs[r, pi, si], {last: 0})
-                        noised = add_noise(h, b, a, sigma[lid], seed, lid, r)
-                        if p == L - 1:  # the model's output itself: read the lens on the noised state
-                            with torch.inference_mode():
+        with torch.inference_mode():
+            for j, idx in enumerate(reversed(batches)):  # the draws are per row: the order does not matter
+                b = collate(plan.rows, idx, pad, lm.device)
+                if j > 0:
+                    forward(parts, b, [cache])
+                for pi, p in enumerate(positions):
+                    lid = dense_ids[p]
+                    h = cache.store[p].to(lm.device)
+                    for r in range(repeats):
+                        for si, a in enumerate(scales):
+                            probe = plan.probe(outs[r, pi, si], {last: 0})
+                            noised = add_noise(h, b, a, sigma[lid], seed, lid, r)
+                            if p == L - 1:  # the model's output itself: read the lens on the noised state
                                 probe.start(b)
                                 probe.layer(p, lid, noised, noised)
                                 probe.finish(b)
-                        else:
-                            forward(parts, b, [probe], layers=list(range(p + 1, L)), start_hidden=noised)
-                        bar.update(1)
-            del cache
+                                probe.flush()
+                            else:
+                                forward(parts, b, [probe], layers=list(range(p + 1, L)), start_hidden=noised)
+                            bar.update(1)
+                    del h
     finally:
         bar.close()
+        cache.store = []
     t_run = time.perf_counter() - t0
 
     R, P, S = repeats, len(positions), len(scales)
@@ -430,7 +447,7 @@ def noise_study(
         "packed_rows": bool(plan.pack) if not plan.letter else False,
         "dtype": str(lm.dtype).replace("torch.", ""), "device": str(lm.device), "max_tokens": budget,
     }
-    prov = provenance(lm, data, timing={"study_s": round(t_run, 3), "forward_runs": len(batches) * P * S * R})
+    prov = provenance(lm, data, timing={"study_s": round(t_run, 3), "noise_runs": len(batches) * P * S * R})
     return NoiseResult(config=config, provenance=prov, layer_ids=layer_ids, scales=scales,
                        dm=dm_runs.mean(axis=0), acc=acc_runs.mean(axis=0), dm_runs=dm_runs, acc_runs=acc_runs,
                        scores=finals.astype(np.float32), sigma=sigma, dense=dense)

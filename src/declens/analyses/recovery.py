@@ -67,7 +67,7 @@ from ..errors import DeclensError
 from ..formats import FORMATS, ClozeRequests, LetterRequests
 from ..models import DecoderParts, LoadedModel, decoder_parts
 from ..results import AnalysisResult, atomic_write_json, atomic_write_text, provenance
-from ..surgery import ORIGINAL_LAYERS_ATTR, REMOVED_ATTR, dense_layer_ids, keep_positions, remove_layers
+from ..surgery import ORIGINAL_LAYERS_ATTR, REMOVED_ATTR, keep_positions, remove_layers
 from ..tasks import LETTERS, TaskData, TaskSpec, get_spec, load_task
 from .decision import analyze, encoder_for, prepare
 
@@ -110,6 +110,7 @@ class FinetuneConfig:
         max_grad_norm: clip the gradient norm to this (None: no clipping).
         seed: seeds the adapter initialisation, the data order and dropout.
         max_length: longer training sequences lose the start of their prompt (never the answer).
+        group_by_length: batch rows of similar length together (less padding; see :func:`batch_groups`).
     """
 
     method: str = "lora"
@@ -128,6 +129,7 @@ class FinetuneConfig:
     max_grad_norm: float | None = 1.0
     seed: int = 0
     max_length: int = 512
+    group_by_length: bool = True
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -334,7 +336,8 @@ class TrainLog:
         steps: optimizer steps taken; epochs: passes over the data (fractional when ``max_steps`` stops early).
         examples: training sequences; answer_tokens: answer tokens in them; truncated: sequences cut to ``max_length``.
         trainable_params / total_params: parameters trained (LoRA: the adapters) / in the model.
-        seconds: wall time of the loop; device, dtype: where and in what precision it ran.
+        seconds: wall time of the loop; device, dtype: where it ran and the model's dtype; precision: how
+            (``float32 master weights, autocast bfloat16`` for full fine-tuning of a 16-bit model).
         merged: LoRA adapters were merged into the weights (always for ``full``).
     """
 
@@ -352,6 +355,7 @@ class TrainLog:
     seconds: float = 0.0
     device: str = ""
     dtype: str = ""
+    precision: str = ""
     merged: bool = False
     peft_model: Any = field(default=None, repr=False, compare=False)
 
@@ -378,6 +382,8 @@ class TrainLog:
 def _collate(seqs: Sequence[TrainSeq], idx: Sequence[int], pad_id: int, device: torch.device):
     rows = [seqs[i] for i in idx]
     T = max(len(r.input_ids) for r in rows)
+    if device.type == "cuda":  # fewer distinct shapes: attention kernels plan once per shape
+        T = -(-T // 8) * 8
     ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), T), dtype=torch.long)
     tgt = torch.full((len(rows), T), IGNORE_INDEX, dtype=torch.long)
@@ -414,9 +420,10 @@ def answer_loss(lm: LoadedModel, seqs: Sequence[TrainSeq], batch_size: int = 16)
     total, count = 0.0, 0
     was_training = lm.model.training
     lm.model.eval()
+    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i].input_ids))  # less padding
     with torch.no_grad():
         for s in range(0, len(seqs), batch_size):
-            nll, n = _answer_nll(parts, *_collate(seqs, range(s, min(s + batch_size, len(seqs))), pad, lm.device))
+            nll, n = _answer_nll(parts, *_collate(seqs, order[s : s + batch_size], pad, lm.device))
             total += float(nll)
             count += n
     lm.model.train(was_training)
@@ -478,12 +485,14 @@ def finetune(
     max_grad_norm: float | None = 1.0,
     seed: int = 0,
     max_length: int = 512,
+    group_by_length: bool = True,
     progress: bool = True,
     merge: bool = True,
 ) -> TrainLog:
     """Fine-tune ``lm`` in place on answer-masked sequences; see :class:`FinetuneConfig` for the arguments.
 
-    The loop: shuffle the rows each epoch (seeded), batches of ``batch_size`` right-padded rows,
+    The loop: shuffle the rows each epoch (seeded; similar lengths batched together unless
+    ``group_by_length=False``), batches of ``batch_size`` right-padded rows,
     loss = mean cross-entropy over the answer tokens of the ``grad_accum`` batches of a step,
     AdamW, gradient clipping, learning-rate schedule. Runs under ``torch.enable_grad()`` (safe to
     call from inside ``torch.inference_mode``: it switches inference mode off for the loop, and
@@ -500,7 +509,8 @@ def finetune(
                          max_steps=max_steps, lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                          target_modules=target_modules if isinstance(target_modules, str) else list(target_modules),
                          weight_decay=weight_decay, warmup_ratio=warmup_ratio, schedule=schedule,
-                         max_grad_norm=max_grad_norm, seed=seed, max_length=max_length)
+                         max_grad_norm=max_grad_norm, seed=seed, max_length=max_length,
+                         group_by_length=group_by_length)
     return run_finetune(lm, train_seqs, cfg, progress=progress, merge=merge)
 
 
@@ -524,16 +534,49 @@ def run_finetune(lm: LoadedModel, train_seqs: Sequence[TrainSeq], cfg: FinetuneC
         return _train(lm, seqs, cfg, progress, merge)
 
 
+def batch_groups(lengths: Sequence[int], effective_batch: int, gen: torch.Generator,
+                 group_by_length: bool = True) -> list[list[int]]:
+    """One epoch's optimizer-step groups of row indices (seeded by ``gen``).
+
+    A random permutation cut into groups of ``effective_batch`` rows. With ``group_by_length``
+    (as Hugging Face's ``LengthGroupedSampler``), the permutation is cut into mega-batches of 50
+    groups, each sorted by length before it is cut, and the groups are shuffled: every row is still
+    seen once per epoch in random company, with far less padding.
+    """
+    n = len(lengths)
+    perm = torch.randperm(n, generator=gen).tolist()
+    if group_by_length:
+        mega = 50 * effective_batch
+        perm = [i for c in range(0, n, mega) for i in sorted(perm[c : c + mega], key=lambda i: -lengths[i])]
+    groups = [perm[i : i + effective_batch] for i in range(0, n, effective_batch)]
+    if group_by_length:
+        groups = [groups[j] for j in torch.randperm(len(groups), generator=gen).tolist()]
+    return groups
+
+
 def _train(lm: LoadedModel, seqs: list[TrainSeq], cfg: FinetuneConfig, progress: bool, merge: bool) -> TrainLog:
+    from contextlib import nullcontext
+
     from tqdm.auto import tqdm
 
     device = lm.device
     model = lm.model
+    dtype = lm.dtype
     was_grad = {n: p.requires_grad for n, p in model.named_parameters()}
     peft_model = None
+    # Full fine-tuning of a 16-bit model keeps float32 master weights (AdamW updates of a 2e-5 learning
+    # rate vanish in bfloat16's 8-bit mantissa) and computes in the model's dtype under autocast; the
+    # weights are cast back afterwards. LoRA keeps the frozen base in its dtype and the adapters in
+    # float32 (peft's default), so it needs neither.
+    mixed = cfg.method == "full" and dtype in (torch.float16, torch.bfloat16)
     if cfg.method == "lora":
         peft_model = _lora_model(model, cfg)  # injects LoRA layers into ``model`` in place, freezes the base
     else:
+        param_dtypes = {n: p.dtype for n, p in model.named_parameters()}
+        if mixed:  # parameters only: buffers (RoPE inv_freq ...) keep the dtype the model was built with
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.data = p.data.float()
         for p in model.parameters():
             p.requires_grad_(True)
     parts = decoder_parts(model)
@@ -541,13 +584,16 @@ def _train(lm: LoadedModel, seqs: list[TrainSeq], cfg: FinetuneConfig, progress:
     log = TrainLog(config=cfg.to_dict(), examples=len(seqs), answer_tokens=sum(s.n_answer for s in seqs),
                    truncated=sum(s.truncated for s in seqs), trainable_params=sum(p.numel() for p in params),
                    total_params=sum(p.numel() for p in model.parameters()), device=str(device),
-                   dtype=str(lm.dtype).replace("torch.", ""))
+                   dtype=str(dtype).replace("torch.", ""))
+    log.precision = ("float32 master weights, autocast " if mixed else "") + log.dtype
     opt = torch.optim.AdamW(params, lr=cfg.peak_lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999), eps=1e-8)
     per_epoch = math.ceil(len(seqs) / cfg.effective_batch)
     total = per_epoch * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, per_epoch * cfg.epochs)
     warmup = int(cfg.warmup_ratio * total)
     pad = encoder_for(lm).pad_id
+    lengths = [len(x.input_ids) for x in seqs]
     gen = torch.Generator().manual_seed(cfg.seed)
+    amp = torch.autocast(device.type, dtype=dtype) if mixed else nullcontext()
     t0 = time.perf_counter()
     bar = tqdm(total=total, desc=f"fine-tune ({cfg.method})", unit="step", disable=not progress, leave=False)
     seen = 0
@@ -556,9 +602,7 @@ def _train(lm: LoadedModel, seqs: list[TrainSeq], cfg: FinetuneConfig, progress:
             model.train()
             step = 0
             for _epoch in range(cfg.epochs):
-                order = torch.randperm(len(seqs), generator=gen).tolist()
-                groups = [order[i : i + cfg.effective_batch] for i in range(0, len(order), cfg.effective_batch)]
-                for group in groups:
+                for group in batch_groups(lengths, cfg.effective_batch, gen, cfg.group_by_length):
                     if step >= total:
                         break
                     micro = [group[i : i + cfg.batch_size] for i in range(0, len(group), cfg.batch_size)]
@@ -567,19 +611,20 @@ def _train(lm: LoadedModel, seqs: list[TrainSeq], cfg: FinetuneConfig, progress:
                         g["lr"] = cfg.peak_lr * _lr_factor(step, total, warmup, cfg.schedule)
                     step_loss = 0.0
                     for idx in micro:
-                        nll, _ = _answer_nll(parts, *_collate(seqs, idx, pad, device))
+                        with amp:
+                            nll, _ = _answer_nll(parts, *_collate(seqs, idx, pad, device))
                         (nll / n_tok).backward()
                         step_loss += float(nll.detach())
                     if cfg.max_grad_norm is not None:
                         norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
                     else:
                         norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
-                    opt.step()
-                    opt.zero_grad(set_to_none=True)
                     loss = step_loss / n_tok
                     if not math.isfinite(loss):
                         raise DeclensError(f"the training loss became {loss} at step {step + 1}; lower the learning "
                                            f"rate (now {cfg.peak_lr:g}) or use float32 (--dtype float32)")
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
                     log.losses.append(loss)
                     log.lrs.append(opt.param_groups[0]["lr"])
                     log.grad_norms.append(float(norm))
@@ -590,6 +635,11 @@ def _train(lm: LoadedModel, seqs: list[TrainSeq], cfg: FinetuneConfig, progress:
     finally:
         bar.close()
         model.eval()
+        if mixed:
+            with torch.no_grad():
+                for n, p in model.named_parameters():
+                    p.data = p.data.to(param_dtypes[n])
+                    p.grad = None
     log.steps = len(log.losses)
     log.epochs = seen / len(seqs)
     log.seconds = round(time.perf_counter() - t0, 3)
@@ -878,8 +928,8 @@ def recover_study(
     Args:
         lm: the dense model.
         eval_data: the evaluated rows (e.g. ``load_task("arc_challenge", limit=200)``).
-        train: the training task (name, spec, or preloaded :class:`TaskData`); rows come from its
-            training split (see :func:`training_split`).
+        train: the training task (name or spec: rows from its training split, see :func:`training_split`),
+            or a preloaded :class:`TaskData`, used as is (``train_split`` / ``train_samples`` ignored).
         removals: explicit configurations, each a list of dense layer ids to remove.
         prune: a ``declens prune`` folder / ``prune.json`` / ``PruneResult``: take its best removed set
             per ratio (``ratios``, default all) of ``prune_method``. Exclusive with ``removals``.
@@ -890,8 +940,10 @@ def recover_study(
         dense: also analyse the dense model (the reference DM curve).
         labels, label_prefix: letter-format option labels.
         max_tokens: padded tokens per batch for the analyses.
-        out_dir: write ``recover.json``, ``recover.csv`` and the figures here.
-        export_dir: save every recovered model (``save_pretrained`` + tokenizer) in a subfolder here.
+        out_dir: write ``recover.json``, ``recover.csv`` and the figures here (``recover.json`` is also
+            written after every finished configuration but the last, marked ``"partial": true``).
+        export_dir: save every recovered model (``save_pretrained`` + tokenizer) in a subfolder here
+            (``00_k12``: configuration index and number of removed layers).
         progress: progress bars.
         plots: with ``out_dir``, draw the figures.
         **hparams: fine-tuning hyper-parameters (:class:`FinetuneConfig` fields: ``epochs``, ``lr``,
@@ -907,8 +959,20 @@ def recover_study(
     if (removals is None) == (prune is None):
         raise DeclensError("give the pruned configurations either as removal lists (--remove) or as a prune run "
                            "(--from-prune), not both and not neither")
+    prune_info = None
     if prune is not None:
-        configs = configs_from_prune(prune, ratios, prune_method, num_layers=n_dense)
+        from ..pruning.run import PruneResult
+
+        pres = prune if isinstance(prune, PruneResult) else PruneResult.load(prune)
+        configs = configs_from_prune(pres, ratios, prune_method, num_layers=n_dense)
+        if pres.config.get("model") != lm.spec:
+            warnings.warn(f"the prune run was made with model {pres.config.get('model')!r}, this study uses "
+                          f"{lm.spec!r}; make sure they are the same model", stacklevel=2)
+        prune_info = {"path": str(prune) if isinstance(prune, (str, Path)) else None, "method": prune_method,
+                      "ratios": None if ratios is None else [float(r) for r in ratios],
+                      "model": pres.config.get("model"), "task": pres.config.get("task"),
+                      "format": pres.config.get("format"),
+                      "model_fingerprint": (pres.provenance.get("model") or {}).get("fingerprint")}
     else:
         if not removals:
             raise DeclensError("no configuration to recover; give at least one removal list, e.g. --remove 20,21,22")
@@ -937,8 +1001,7 @@ def recover_study(
                   "loss": "cross-entropy on the answer tokens only (prompt masked with -100)"},
         "finetune": hp.to_dict(),
         "configurations": [{"removed": list(c.removed), "source": c.source} for c in configs],
-        "prune": None if prune is None else {"path": str(prune) if isinstance(prune, (str, Path)) else None,
-                                             "method": prune_method, "ratios": None if ratios is None else list(ratios)},
+        "prune": prune_info,
         "restored_definition": "no Transition Point before fine-tuning (final mean DM <= 0) and one after (final mean DM > 0)",
         "labels": list(req.labels) if isinstance(req, LetterRequests) else None,
         "dtype": str(lm.dtype).replace("torch.", ""), "device": str(lm.device),
@@ -951,8 +1014,13 @@ def recover_study(
             print("analysing the dense model ...", flush=True)
         d = analyze(lm, eval_data, fmt, **akw)
         dense_block = {"summary": d.metrics.summary(), **_layer_block(d)}
-    runs = []
+    runs: list[RecoveryRun] = []
     export_root = Path(export_dir) if export_dir is not None else None
+    if export_root is not None:  # refuse now, not after hours of training
+        taken = [str(p) for p in (export_root / _export_name(n, c) for n, c in enumerate(configs))
+                 if p.exists() and any(p.iterdir())]
+        if taken:
+            raise DeclensError(f"export folder(s) {taken} exist and are not empty; choose a new --export-dir")
     for n, c in enumerate(configs):
         removed = list(c.removed)
         k = len(removed)
@@ -971,7 +1039,7 @@ def recover_study(
         tp_b, tp_a = before.metrics.transition_layer, after.metrics.transition_layer
         exp = None
         if export_root is not None:
-            exp = export_model(pm, export_root / f"{n:02d}_k{k}")
+            exp = export_model(pm, export_root / _export_name(n, c))
         runs.append(RecoveryRun(
             removed=removed, k=k, ratio=k / n_dense, source=c.source, before=before.metrics.summary(),
             after=after.metrics.summary(), layers_before=_layer_block(before), layers_after=_layer_block(after),
@@ -980,11 +1048,18 @@ def recover_study(
             timing={"before_s": round(t1 - t0, 3), "train_s": round(t2 - t1, 3), "after_s": round(t3 - t2, 3)},
             analyses=(before, after)))
         del pm
+        if out_dir is not None and n + 1 < len(configs):  # finished configurations survive a killed run
+            RecoveryResult(config=config, provenance=provenance(lm, eval_data, partial=True), runs=runs,
+                           dense=dense_block).save(out_dir, plots=False)
     prov = provenance(lm, eval_data, timing={"total_s": round(time.perf_counter() - t_all, 2)})
     res = RecoveryResult(config=config, provenance=prov, runs=runs, dense=dense_block)
     if out_dir is not None:
         res.save(out_dir, plots=plots)
     return res
+
+
+def _export_name(n: int, c: PrunedConfig) -> str:
+    return f"{n:02d}_k{len(c.removed)}"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -997,6 +1072,7 @@ def plot_recovery(res: RecoveryResult, out_dir: str | Path) -> list[Path]:
     from ..plots import TP_COLOR, plt
 
     out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     paths = []
     n = max(1, len(res.runs))
     cols = min(3, n)
@@ -1012,6 +1088,8 @@ def plot_recovery(res: RecoveryResult, out_dir: str | Path) -> list[Path]:
         ax.plot(la["layer_ids"], la["dm"], "-o", ms=2.5, color="#1f77b4", lw=1.3, label="pruned, after fine-tuning")
         for x in r.removed:
             ax.axvline(x, color="0.85", lw=2, zorder=0)
+        if r.tp_before is not None:
+            ax.axvline(r.tp_before, color="#d62728", ls=":", lw=1, label=f"TP before ({r.tp_before})")
         if r.tp_after is not None:
             ax.axvline(r.tp_after, color=TP_COLOR, ls="--", lw=1, label=f"TP after ({r.tp_after})")
         ax.axhline(0, color="k", lw=0.8)
@@ -1047,30 +1125,40 @@ def plot_recovery(res: RecoveryResult, out_dir: str | Path) -> list[Path]:
 
 
 def print_recovery(res: RecoveryResult, console=None) -> None:
-    """A table: per configuration, accuracy / final DM / TP before and after, and ``restored``."""
+    """A table: per configuration, accuracy / final DM / TP before -> after, ``restored`` and the loss."""
+    from rich import box
     from rich.console import Console
     from rich.table import Table
 
     console = console or Console()
     hp = res.config["finetune"]
-    t = Table(title=f"recovery by {hp['method']} fine-tuning ({hp['epochs']} epoch(s), lr {hp['lr']:g}, "
-                    f"batch {hp['effective_batch']}) on {res.config['train']['task']}", header_style="bold")
-    for col in ("#Removed", "Ratio", "acc before", "acc after", "DM before", "DM after", "TP before", "TP after",
-                "restored", "loss first→last", "Removed Layer IDs"):
-        t.add_column(col, justify="left" if col == "Removed Layer IDs" else "right")
+    t = Table(title=f"{hp['method']} fine-tuning on {res.config['train']['task']} ({res.config['train']['sequences']} rows, "
+                    f"{hp['epochs']} epoch(s), lr {hp['lr']:g}, batch {hp['effective_batch']}): before → after",
+              header_style="bold", box=box.SIMPLE_HEAD)
+    wide = console.width >= 100  # else the layer ids are listed below the table
+    for col in ("ratio (k)", "accuracy", "final DM", "TP", "restored", "train loss"):
+        t.add_column(col, justify="right", no_wrap=True)
+    if wide:
+        t.add_column("removed layer ids", overflow="fold")
+    tp = lambda x: "none" if x is None else str(x)  # noqa: E731
     if res.dense:
         s = res.dense["summary"]
-        t.add_row("0", "0.0%", f"{s['final_accuracy']:.3f}", "", f"{s['final_dm']:+.3f}", "",
-                  str(s["transition_layer"]), "", "(dense)", "", "[]")
+        t.add_row("dense", f"{s['final_accuracy']:.3f}", f"{s['final_dm']:+.2f}", tp(s["transition_layer"]), "", "",
+                  *([""] if wide else []))
     for r in res.runs:
-        t.add_row(str(r.k), f"{r.ratio:.1%}", f"{r.before['final_accuracy']:.3f}", f"{r.after['final_accuracy']:.3f}",
-                  f"{r.before['final_dm']:+.3f}", f"{r.after['final_dm']:+.3f}", str(r.tp_before), str(r.tp_after),
-                  "yes" if r.restored else "no", f"{r.train['first_loss']:.3f}→{r.train['last_loss']:.3f}",
-                  str(r.removed))
+        ids = ",".join(map(str, r.removed))
+        t.add_row(f"{r.ratio:.1%} ({r.k})", f"{r.before['final_accuracy']:.3f}→{r.after['final_accuracy']:.3f}",
+                  f"{r.before['final_dm']:+.2f}→{r.after['final_dm']:+.2f}", f"{tp(r.tp_before)}→{tp(r.tp_after)}",
+                  "yes" if r.restored else "no", f"{r.train['first_loss']:.2f}→{r.train['last_loss']:.2f}",
+                  *([ids] if wide else []))
     console.print(t)
+    if not wide:
+        for r in res.runs:
+            console.print(f"  {r.ratio:.1%} ({r.k}) removed layers: {','.join(map(str, r.removed))}")
+    console.print("TP: Transition Point (dense layer id); restored: no TP before fine-tuning, a TP after")
 
 
 __all__ = ["DEFAULT_LR", "FinetuneConfig", "PrunedConfig", "RecoveryResult", "RecoveryRun", "TrainLog", "TrainSeq",
-           "answer_loss", "configs_from_prune", "export_model", "finetune", "load_training_data", "merge_lora",
-           "original_num_layers", "plot_recovery", "print_recovery", "pruned_copy", "recover_study", "run_finetune",
-           "training_sequences", "training_split"]
+           "answer_loss", "batch_groups", "configs_from_prune", "export_model", "finetune", "load_training_data",
+           "merge_lora", "original_num_layers", "plot_recovery", "print_recovery", "pruned_copy", "recover_study",
+           "run_finetune", "training_sequences", "training_split"]

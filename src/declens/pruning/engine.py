@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .. import distributed
 from ..analyses.decision import encoder_for
 from ..formats import ClozeRequests, LetterRequests
 from ..metrics import LayerMetrics, compute_metrics
@@ -67,9 +68,10 @@ class _CacheProbe(Probe):
 @dataclass
 class _RowSet:
     rows: list
-    plan: list[list[int]] = field(default_factory=list)
-    batches: list[Batch] = field(default_factory=list)
-    cache: list[list[Tensor]] = field(default_factory=list)  # [batch][layer position] -> [B, T, d]
+    plan: list[list[int]] = field(default_factory=list)  # every batch (the same on every rank)
+    batches: list[Batch] = field(default_factory=list)  # this rank's batches, collated
+    cache: list[list[Tensor]] = field(default_factory=list)  # [my batch][layer position] -> [B, T, d]
+    mine: list[int] = field(default_factory=list)  # row indices this rank runs
 
 
 class PruningEngine:
@@ -102,6 +104,9 @@ class PruningEngine:
         self.plan = ScoringPlan(self.parts, eval_req) if eval_req is not None else None
         self.eval = _RowSet(list(self.plan.rows)) if self.plan else None
         self.calib = _RowSet([list(s) for s in calib_seqs]) if calib_seqs else None
+        #: eval row indices of the calibration rows, when every calibration row is also an evaluation
+        #: row (then Block Influence comes from the evaluation pass and the calibration pass is skipped)
+        self.calib_in_eval: torch.Tensor | None = self._calib_rows_in_eval()
         self.dense: Evaluation | None = None
         self.dense_out: np.ndarray | None = None
         self.dense_bi: dict[int, float] | None = None
@@ -113,11 +118,27 @@ class PruningEngine:
     def num_layers(self) -> int:
         return len(self.dense_ids)
 
+    def _calib_rows_in_eval(self) -> torch.Tensor | None:
+        if not (self.eval and self.calib) or not self.plan.letter:
+            return None
+        where = {tuple(r): i for i, r in enumerate(self.eval.rows)}
+        hits = [where.get(tuple(r)) for r in self.calib.rows]
+        if any(h is None for h in hits) or len(set(hits)) != len(hits):
+            return None
+        mask = torch.zeros(len(self.eval.rows), dtype=torch.bool)
+        mask[hits] = True
+        return mask
+
+    def _calib_rows(self, batch: Batch) -> Tensor:
+        return self.calib_in_eval[batch.index]  # on the CPU
+
     # ---------------------------------------------------------------------------- dense pass
 
     def _prepare(self, rs: _RowSet) -> None:
         rs.plan = plan_batches([len(r) for r in rs.rows], self.max_tokens)
-        rs.batches = [collate(rs.rows, idx, self.pad, self.device) for idx in rs.plan]
+        js = distributed.my_batches(rs.plan)  # all batches in a single process
+        rs.batches = [collate(rs.rows, rs.plan[j], self.pad, self.device) for j in js]
+        rs.mine = [i for j in js for i in rs.plan[j]]
 
     def run_dense(self) -> Evaluation:
         """Run the dense model once over all rows (cached; later calls return at once)."""
@@ -136,36 +157,45 @@ class PruningEngine:
         from tqdm.auto import tqdm
 
         L = self.num_layers
-        n_batches = (len(self.eval.rows) if self.eval else 0) + (len(self.calib.rows) if self.calib else 0)
-        bar = tqdm(total=n_batches, desc="dense pass", unit="seq", disable=not self.progress, leave=False)
+        shared = self.calib_in_eval is not None
+        n_rows = (len(self.eval.rows) if self.eval else 0) + (len(self.calib.rows) if self.calib and not shared else 0)
+        bar = tqdm(total=n_rows, desc="dense pass", unit="seq", disable=not self.progress, leave=False)
         scores = metrics = None
+        infl = InfluenceProbe(keep_last=True, rows=self._calib_rows if shared else None)
         if self.eval:
             self._prepare(self.eval)
             self.eval.cache = []
             out = self.plan.new_out(L)
+            probe = self.plan.probe(out)
             for b in self.eval.batches:
                 cache = _CacheProbe(self.offload)
-                forward(self.parts, b, [self.plan.probe(out), cache])
+                forward(self.parts, b, [probe, cache] + ([infl] if shared else []), defer=True)
                 self.eval.cache.append(cache.store if self.reuse else [])
                 bar.update(b.size)
-            self.dense_out = out
+            probe.flush()
+            self.dense_out = out = distributed.merge_rows(out, self.plan.out_rows(self.eval.mine), axis=1)
             scores = self.plan.assemble(out, self.dense_ids)
             metrics = self._metrics(scores)
+        if self.calib and not shared:
+            self._dense_calib(infl, bar)
         if self.calib:
-            self._prepare(self.calib)
-            self.calib.cache = []
-            infl = InfluenceProbe(keep_last=True)
-            for b in self.calib.batches:
-                cache = _CacheProbe(self.offload)
-                forward(self.parts, b, [infl, cache])
-                self.calib.cache.append(cache.store if self.reuse else [])
-                bar.update(b.size)
             self.dense_bi = infl.block_influence()
-            self.angular = angular_distances(infl.last_states, self.dense_ids)
+            self.angular = angular_distances(infl.gathered_last_states(), self.dense_ids)
         bar.close()
         self.dense = Evaluation(removed=[], layer_ids=list(self.dense_ids), scores=scores, metrics=metrics,
                                 bi=self.dense_bi)
         return self.dense
+
+    def _dense_calib(self, infl: InfluenceProbe | None, bar=None) -> None:
+        """Dense pass over the calibration rows, caching every layer's input."""
+        self._prepare(self.calib)
+        self.calib.cache = []
+        for b in self.calib.batches:
+            cache = _CacheProbe(self.offload)
+            forward(self.parts, b, [cache] + ([infl] if infl is not None else []))
+            self.calib.cache.append(cache.store if self.reuse else [])
+            if bar is not None:
+                bar.update(b.size)
 
     def _metrics(self, s: LayerScores) -> LayerMetrics:
         base = s.norm_scores if self.decision_score == "norm" and s.norm_scores is not None else s.scores
@@ -201,7 +231,7 @@ class PruningEngine:
                 start = rs.cache[j][m]
                 if start.device != self.device:
                     start = start.to(self.device)
-            finals.append(forward(self.parts, b, probes_for(j), layers=run, start_hidden=start))
+            finals.append(forward(self.parts, b, probes_for(j), layers=run, start_hidden=start, defer=True))
         return finals
 
     def evaluate(self, removed: Sequence[int], scores: bool = True, bi: bool = True, nll: bool = False) -> Evaluation:
@@ -217,44 +247,65 @@ class PruningEngine:
         removed = list(removed)
         keep, run, m = self._suffix(removed)
         layer_ids = [self.dense_ids[p] for p in keep]
-        row_of = {lid: i for i, lid in enumerate(layer_ids)}
         ev = Evaluation(removed=removed, layer_ids=layer_ids)
-        if not removed:  # the dense model: its scores and BI are already known
+        bi = bi and self.calib is not None
+        if not removed:  # the dense model: scores and BI are known; its NLL needs one full pass
             ev.scores, ev.metrics, ev.bi = self.dense.scores, self.dense.metrics, self.dense.bi
-            scores = bi = False
+            if nll and self.calib:
+                ev.nll = self._nll(keep, keep, None)
+            return ev
+        shared_bi = bi and scores and self.eval is not None and self.calib_in_eval is not None
+        infl = InfluenceProbe(rows=self._calib_rows if shared_bi else None) if bi else None
         if scores and self.eval:
+            row_of = {lid: i for i, lid in enumerate(layer_ids)}
             out = self.plan.new_out(len(keep))
             if m is not None:  # kept layers before the first removed one: the dense scores
                 for p in keep:
                     if p < m:
                         out[row_of[self.dense_ids[p]]] = self.dense_out[p]
-            probe = self.plan.probe(out, row_of)
-            self._run_set(self.eval, keep, run, m, lambda j: [probe])
+            probes = [self.plan.probe(out, row_of)] + ([infl] if shared_bi else [])
+            self._run_set(self.eval, keep, run, m, lambda j: probes)
+            probes[0].flush()
+            out = distributed.merge_rows(out, self.plan.out_rows(self.eval.mine), axis=1)
             ev.scores = self.plan.assemble(out, layer_ids)
             ev.metrics = self._metrics(ev.scores)
-        if (bi or nll) and self.calib:
-            infl = InfluenceProbe()
-            if not removed:  # nll of the dense model: one full pass
-                run = keep
-            finals = self._run_set(self.calib, keep, run, m, lambda j: [infl] if bi else [])
-            if bi:
-                got = infl.block_influence()
-                ev.bi = {lid: (got[lid] if lid in got else self.dense_bi[lid]) for lid in layer_ids}
-            if nll:
-                tot, cnt = 0.0, 0
-                for j, (b, fin) in enumerate(zip(self.calib.batches, finals)):
-                    with torch.inference_mode():
-                        if fin is None:  # nothing ran: the last kept layer's output is the dense input of m
-                            fin = self.parts.norm(self.calib.cache[j][m].to(self.device))
-                        s, n = next_token_nll(fin, b, self.parts.head, self.parts.softcap)
-                    tot += s
-                    cnt += n
-                ev.nll = tot / max(cnt, 1)
+        if (bi and not shared_bi) or (nll and self.calib):
+            ev.nll = self._nll(keep, run, m, infl if not shared_bi else None, want=nll)
+        if bi:
+            got = infl.block_influence()
+            ev.bi = {lid: (got[lid] if lid in got else self.dense_bi[lid]) for lid in layer_ids}
         return ev
+
+    def _nll(self, keep, run, m, infl: InfluenceProbe | None = None, want: bool = True) -> float | None:
+        """Run the calibration rows (feeding ``infl``); return their mean next-token NLL if ``want``."""
+        if not self.calib.batches:  # calibration rows were served by the evaluation pass until now
+            self._dense_calib(None)
+        finals = self._run_set(self.calib, keep, run, m, lambda j: [infl] if infl is not None else [])
+        if not want:
+            return None
+        tot, cnt = 0.0, 0
+        for j, (b, fin) in enumerate(zip(self.calib.batches, finals)):
+            with torch.inference_mode():
+                if fin is None:  # nothing ran: the last kept layer's output is the dense input of m
+                    fin = self.parts.norm(self.calib.cache[j][m].to(self.device))
+                s, n = next_token_nll(fin, b, self.parts.head, self.parts.softcap)
+            tot += s
+            cnt += n
+        if distributed.active():
+            tot, cnt = distributed.all_reduce_sum(torch.tensor([tot, float(cnt)])).tolist()
+        return tot / max(cnt, 1)
+
+    def total_work(self) -> dict[str, int]:
+        """Layer-token work run and what full recomputation would have run, summed over ranks."""
+        if not distributed.active():
+            return dict(self.work)
+        run, full = distributed.all_reduce_sum(torch.tensor([float(self.work["run"]), float(self.work["full"])])).tolist()
+        return {"run": int(run), "full": int(full)}
 
     def work_saved(self) -> float:
         """Share of layer-token work avoided by prefix reuse so far (0 without reuse)."""
-        return 0.0 if self.work["full"] == 0 else 1.0 - self.work["run"] / self.work["full"]
+        w = self.total_work()
+        return 0.0 if w["full"] == 0 else 1.0 - w["run"] / w["full"]
 
 
 def calibration_sequences(lm: LoadedModel, req: LetterRequests | ClozeRequests) -> list[list[int]]:

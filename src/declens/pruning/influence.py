@@ -11,11 +11,14 @@ its output. A layer that is the identity has BI 0.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 import torch
 from torch import Tensor
 
-from ..runner import Batch, Probe
+from .. import distributed
+from ..runner import Batch, Probe, to_device
 
 
 def real_token_mask(batch: Batch) -> Tensor:
@@ -34,40 +37,82 @@ class InfluenceProbe(Probe):
             each row's last token (and ``-1`` -> the first layer's input), for angular distances.
     """
 
-    def __init__(self, keep_last: bool = False):
-        self.sums: dict[int, float] = {}
+    def __init__(self, keep_last: bool = False, rows: Callable[[Batch], Tensor | None] | None = None):
+        self.sums: dict[int, Tensor] = {}
         self.counts: dict[int, int] = {}
         self.keep_last = keep_last
+        self.rows = rows
         self.last_states: dict[int, list[Tensor]] = {}
-        self._buf: dict[int, tuple[float, int]] = {}
+        self._buf: dict[int, Tensor] = {}
         self._last_buf: dict[int, Tensor] = {}
 
     def start(self, batch: Batch) -> None:
         self._buf, self._last_buf = {}, {}
-        self.mask = real_token_mask(batch)
-        self.n_tokens = int(self.mask.sum())
-        self.pick = (torch.arange(batch.size, device=batch.input_ids.device), batch.lengths - 1)
+        keep = self.rows(batch) if self.rows else None  # [B] bool on the CPU: rows that are calibration rows
+        dev = batch.input_ids.device
+        host = batch.host_lengths
+        if keep is None or bool(keep.all()):
+            self.sel, lengths, self.n_tokens = None, batch.lengths, int(host.sum())
+        else:
+            sel = torch.nonzero(keep.cpu()).squeeze(1)
+            self.sel = to_device(sel, dev)
+            lengths = batch.lengths.index_select(0, self.sel)
+            self.n_tokens = int(host[sel].sum())
+        T = batch.input_ids.shape[1]
+        self.weights = (torch.arange(T, device=dev)[None, :] < lengths[:, None]).to(torch.float64)  # real tokens
+        self.last = lengths - 1
+
+    def _rows(self, h: Tensor) -> Tensor:
+        return h if self.sel is None else h.index_select(0, self.sel.to(h.device))
 
     def layer(self, pos, layer_id, inputs, output):
-        cos = torch.nn.functional.cosine_similarity(inputs.float(), output.float(), dim=-1)  # [B, T]
-        self._buf[layer_id] = (float(cos[self.mask].double().sum()), self.n_tokens)
+        if self.n_tokens == 0:
+            return None
+        x, y = self._rows(inputs), self._rows(output)  # only the calibration rows
+        cos = torch.nn.functional.cosine_similarity(x.float(), y.float(), dim=-1)  # [b, T]
+        self._buf[layer_id] = (cos.double() * self.weights.to(cos.device)).sum()  # on the device: no sync per layer
         if self.keep_last:
             if pos == 0:
-                self._last_buf[-1] = inputs[self.pick].float().cpu()
-            self._last_buf[layer_id] = output[self.pick].float().cpu()
+                self._last_buf[-1] = self._last(x)
+            self._last_buf[layer_id] = self._last(y)
         return None
 
+    def _last(self, h: Tensor) -> Tensor:
+        rows = torch.arange(h.shape[0], device=h.device)
+        return h[rows, self.last.to(h.device)].float().cpu()
+
     def finish(self, batch: Batch) -> None:
-        for lid, (s, n) in self._buf.items():
-            self.sums[lid] = self.sums.get(lid, 0.0) + s
-            self.counts[lid] = self.counts.get(lid, 0) + n
+        for lid, s in self._buf.items():
+            self.sums[lid] = self.sums[lid] + s if lid in self.sums else s
+            self.counts[lid] = self.counts.get(lid, 0) + self.n_tokens
         for lid, h in self._last_buf.items():
             self.last_states.setdefault(lid, []).append(h)
         self._buf, self._last_buf = {}, {}
 
     def block_influence(self) -> dict[int, float]:
-        """Dense layer id -> BI (1 - mean cosine similarity between the layer's input and output)."""
-        return {lid: 1.0 - self.sums[lid] / self.counts[lid] for lid in sorted(self.sums)}
+        """Dense layer id -> BI (1 - mean cosine similarity between the layer's input and output).
+
+        Under ``torchrun`` the sums and counts of every rank are added first (every rank must call this).
+        """
+        ids = sorted(self.sums)
+        if distributed.active():
+            ids = sorted({i for part in distributed.gather_objects(ids) for i in part})
+            sums = torch.stack([self.sums[i].double().cpu() if i in self.sums else torch.zeros((), dtype=torch.float64)
+                                for i in ids])
+            counts = torch.tensor([float(self.counts.get(i, 0)) for i in ids], dtype=torch.float64)
+            both = distributed.all_reduce_sum(torch.cat([sums, counts]))
+            return {lid: 1.0 - float(both[k]) / float(both[len(ids) + k]) for k, lid in enumerate(ids)}
+        return {lid: 1.0 - float(self.sums[lid]) / self.counts[lid] for lid in ids}
+
+    def gathered_last_states(self) -> dict[int, list[Tensor]]:
+        """``last_states`` of every rank (the rows of all ranks, for angular distances)."""
+        if not distributed.active():
+            return self.last_states
+        merged: dict[int, list[Tensor]] = {}
+        for part in distributed.gather_objects(self.last_states):
+            for lid, hs in part.items():
+                merged.setdefault(lid, []).extend(hs)
+        return merged
 
 
 def angular_distances(last_states: dict[int, list[Tensor]], layer_ids: list[int]) -> np.ndarray:

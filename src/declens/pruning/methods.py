@@ -10,6 +10,8 @@ removed layers, evaluated the same way (accuracy and the full per-layer decision
 - ``last``: the deepest layers before the final one (``L-2, L-3, ...``).
 - ``random``: a seeded random order.
 - ``phase``: phase-aware pruning: like ``ip`` but only inside the current model's Decisive Phase.
+- ``replay``: remove layers in a given order (e.g. a published trajectory), measuring everything
+  Iterative Pruning measures at every step, Block Influence included.
 
 SKIP-Prun (documented criterion, all thresholds configurable): a step *collapses* when the pruned
 model's accuracy falls more than ``drop`` (absolute) below its parent's. On a collapse the step is
@@ -32,7 +34,7 @@ import numpy as np
 from ..errors import DeclensError
 from .engine import Evaluation, PruningEngine
 
-METHODS = ("ip", "shortgpt", "sleb", "angular", "last", "random", "phase")
+METHODS = ("ip", "shortgpt", "sleb", "angular", "last", "random", "phase", "replay")
 
 
 @dataclass
@@ -256,13 +258,14 @@ def run_ip(memo: Memo, max_removed: int, skip: SkipPrun | None = None, phase_onl
     return run
 
 
-def run_order(memo: Memo, method: str, order: list[int], max_removed: int) -> MethodRun:
-    """A nested method: the first ``k`` layers of a fixed order, for every ``k``."""
+def run_order(memo: Memo, method: str, order: list[int], max_removed: int, bi: bool = False) -> MethodRun:
+    """A nested method: the first ``k`` layers of a fixed order, for every ``k`` (``bi``: also measure
+    Block Influence of every state, as Iterative Pruning does)."""
     L = memo.engine.num_layers
     run = MethodRun(method, L)
-    run.records.append(memo.record(method, 0, [], None))
+    run.records.append(memo.record(method, 0, [], None, bi=bi))
     for k in range(1, max_removed + 1):
-        run.records.append(memo.record(method, k, order[:k], order[k - 1]))
+        run.records.append(memo.record(method, k, order[:k], order[k - 1], bi=bi))
     return run
 
 
@@ -301,9 +304,19 @@ def run_sleb(memo: Memo, max_removed: int) -> MethodRun:
     return run
 
 
-def run_method(memo: Memo, method: str, max_removed: int, skip: SkipPrun | None = None, seed: int = 0) -> MethodRun:
-    """Run one method up to ``max_removed`` removed layers."""
+def run_method(memo: Memo, method: str, max_removed: int, skip: SkipPrun | None = None, seed: int = 0,
+               order: list[int] | None = None) -> MethodRun:
+    """Run one method up to ``max_removed`` removed layers (``order``: the removal order of ``replay``)."""
     ids = memo.engine.dense_ids
+    if method == "replay":
+        if not order:
+            raise DeclensError("method 'replay' needs a removal order (--order 24,23,25,...)")
+        from ..surgery import validate_removal
+
+        validate_removal(order, len(ids))
+        if len(order) < max_removed:
+            raise DeclensError(f"the replay order has {len(order)} layers but {max_removed} removals were asked for")
+        return run_order(memo, "replay", list(order), max_removed, bi=True)
     if method == "ip":
         return run_ip(memo, max_removed, skip)
     if method == "phase":

@@ -9,16 +9,17 @@ import io
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
+from .. import distributed
 from ..analyses.decision import prepare
 from ..errors import DeclensError
 from ..formats import FORMATS
 from ..models import LoadedModel
 from ..results import atomic_write_json, atomic_write_text, config_key, provenance
-from ..tasks import TaskData, load_task
+from ..tasks import TaskData, load_task, subsample
 from .engine import PruningEngine, calibration_sequences
 from .methods import METHODS, Memo, MethodRun, PruneRecord, SkipPrun, critical_ratio, run_method
 
@@ -126,6 +127,8 @@ def prune(
     out_dir: str | Path | None = None,
     progress: bool = True,
     plots: bool = True,
+    order: Sequence[int] | None = None,
+    calib_from_eval: bool = False,
 ) -> PruneResult:
     """Run pruning methods and evaluate every pruned state.
 
@@ -146,6 +149,9 @@ def prune(
         out_dir: write results here; a killed run with the same config resumes from its state file.
         progress: progress bars.
         plots: draw the figures into ``out_dir``.
+        order: removal order for the ``replay`` method (dense ids).
+        calib_from_eval: draw the calibration rows from the evaluated rows themselves (then Block
+            Influence comes from the evaluation pass at no extra cost), as the paper's 256 ARC-Challenge samples.
     """
     if fmt not in FORMATS:
         raise DeclensError(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
@@ -155,18 +161,27 @@ def prune(
     skip = skip or SkipPrun()
     L = lm.num_layers
     K = max_removed_for(max_ratio, L)
-    calib = calibration_data(data, calib_task, calib_split, calib_samples, seed)
     req = prepare(lm, data, fmt)
+    if calib_from_eval:
+        if calib_task or calib_split:
+            raise DeclensError("--calib-from-eval takes the calibration rows from the evaluated rows; drop --calib-task/--calib-split")
+        idx = subsample(len(data.items), calib_samples, seed)
+        calib = replace(data, items=[data.items[i] for i in idx],
+                        selection={**data.selection, "calibration": "from evaluated rows", "rows_selected": len(idx)})
+    else:
+        calib = calibration_data(data, calib_task, calib_split, calib_samples, seed)
     calib_seqs = calibration_sequences(lm, prepare(lm, calib, fmt))
     config = {
         "model": lm.spec, "task": data.name, "format": fmt, **data.selection, "methods": list(methods),
         "max_ratio": max_ratio, "max_removed": K, "num_layers": L,
         "calibration": {"task": calib.name, **calib.selection, "fingerprint": calib.fingerprint()},
-        "skip_prun": asdict(skip), "seed": seed, "collapse_keep": collapse_keep, "decision_score": decision_score,
+        "skip_prun": asdict(skip), "seed": seed, "order": list(order) if order else None, "collapse_keep": collapse_keep, "decision_score": decision_score,
         "dtype": str(lm.dtype).replace("torch.", ""), "device": str(lm.device),
     }
     key = config_key({k: v for k, v in config.items() if k != "methods"}, lm.fingerprint(), data.fingerprint())
     stored: dict = {}
+    if not distributed.is_main():
+        out_dir = None  # every rank computes the same numbers; rank 0 writes them
     state_path = Path(out_dir) / STATE_FILE if out_dir is not None else None
     if state_path is not None and state_path.is_file():
         try:
@@ -185,11 +200,12 @@ def prune(
     for m in methods:
         if progress:
             print(f"pruning with {m} up to {K} of {L} layers ...", flush=True)
-        runs[m] = run_method(memo, m, K, skip=skip, seed=seed)
+        runs[m] = run_method(memo, m, K, skip=skip, seed=seed, order=list(order) if order else None)
     elapsed = time.perf_counter() - t0
-    work = {"reuse": reuse, "layer_tokens_run": engine.work["run"], "layer_tokens_full": engine.work["full"],
+    total = engine.total_work()
+    work = {"reuse": reuse, "layer_tokens_run": total["run"], "layer_tokens_full": total["full"],
             "share_saved": round(engine.work_saved(), 4), "evaluations": len(memo.data),
-            "resumed_evaluations": len(stored)}
+            "resumed_evaluations": len(stored), "ranks": distributed.world()}
     prov = provenance(lm, data, timing={"prune_s": round(elapsed, 2)})
     res = PruneResult(config=config, provenance=prov, runs=runs,
                       critical={m: critical_ratio(r, collapse_keep) for m, r in runs.items()}, work=work)
