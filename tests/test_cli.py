@@ -33,6 +33,19 @@ def test_analyze_writes_results(model_dir, tmp_path):
     assert (out / "overview.png").exists()
 
 
+def test_device_map_auto_gives_the_same_numbers(model_dir, tmp_path):
+    """``--device-map auto`` (accelerate placement; on this CPU-only machine everything lands on the CPU)
+    loads through transformers' device_map path and scores exactly as the plain load does."""
+    outs = []
+    for extra in ([], ["--device-map", "auto"]):
+        out = tmp_path / f"run{len(outs)}"
+        r = runner.invoke(app, ["analyze", "--model", str(model_dir), "--task", "arc_easy", "--limit", "5",
+                                "--dtype", "float32", "--lens-layers", "last", "--out", str(out), *extra])
+        assert r.exit_code == 0, r.output
+        outs.append(json.loads((out / "result.json").read_text()))
+    assert outs[0]["samples"] == outs[1]["samples"] and outs[0]["layers"] == outs[1]["layers"]
+
+
 def test_analyze_pruned_view_reports_original_ids(model_dir, tmp_path):
     r = runner.invoke(app, ["analyze", "--model", str(model_dir), "--task", "piqa", "--limit", "4",
                             "--remove", "1,2", "--out", str(tmp_path)])
@@ -50,6 +63,7 @@ def test_analyze_pruned_view_reports_original_ids(model_dir, tmp_path):
         (["--task", "arc_easy", "--remove", "9"], "out of range"),
         (["--task", "arc_easy", "--labels", "Qzx,Wvj,Kpf,Yqu"], "not one"),
         (["--task", "./missing.jsonl", "--fields", "question=q,choices=c,gold=g"], "does not exist"),
+        (["--task", "arc_easy", "--max-memory", "2GiB"], "only applies with device_map"),
     ],
 )
 def test_bad_input_gives_clear_error(model_dir, tmp_path, args, message):

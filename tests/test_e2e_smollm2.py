@@ -74,3 +74,21 @@ def test_iterative_pruning_and_export_on_real_model(tmp_path):
     removed = recs[-1].removed
     info = export_pruned(lm, removed, tmp_path / "pruned")
     assert info["kept"] == 27 and info["max_abs_logit_diff"] < 1e-3
+
+
+def test_ablation_around_the_transition_point_on_real_model(smollm2, tmp_path):
+    """Table 1 on the real model: the dense column equals a plain analysis of the same rows, and
+    removing a layer near the Transition Point changes the decision scores."""
+    from declens.analyses.ablation import ablate
+
+    res = ablate(smollm2, "arc_easy", ["arc_easy", "piqa"], "cloze", window=1, tp=20, limit=6, seed=0,
+                 out_dir=tmp_path, progress=False)
+    assert res.eval.labels == ["dense", "19", "20", "21", "19,20", "20,21"]
+    ref = analyze(smollm2, load_task("arc_easy", limit=6, seed=0), "cloze", progress=False)
+    dense = res.eval.cells[("arc_easy", "cloze", "dense")]
+    assert dense["accuracy"] == pytest.approx(ref.metrics.final_acc)
+    assert dense["final_dm"] == pytest.approx(ref.metrics.final_dm, abs=1e-4)
+    assert res.dense_dm == pytest.approx(list(ref.metrics.dm), abs=1e-4)
+    assert res.eval.cells[("arc_easy", "cloze", "20")]["final_dm"] != pytest.approx(dense["final_dm"], abs=1e-4)
+    assert res.eval.cells[("piqa", "cloze", "19,20")]["layer_ids"] == [i for i in range(30) if i not in (19, 20)]
+    assert "| piqa |" in (tmp_path / "ablate.md").read_text() and (tmp_path / "ablate.png").is_file()

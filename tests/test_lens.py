@@ -75,6 +75,22 @@ def test_cloze_final_layer_matches_forward_scoring(tiny, task):
     assert (np.nanargmax(packed.final(), -1) == np.nanargmax(ref, -1)).all()
 
 
+def test_acc_norm_divides_by_the_option_text_length():
+    """acc_norm is log-likelihood per character of the option text (lm-eval's ``len(choice)``), so
+    the joining space does not count, and it is the argmax of those per-character scores."""
+    from conftest import make_tiny
+
+    lm = make_tiny("llama")
+    data = load_task("arc_easy", limit=5, seed=1)
+    req = prepare(lm, data, "cloze")
+    for it, row in zip(data.items, req.cont_chars):
+        assert list(row[: len(it.choices)]) == [len(c) for c in it.choices]
+    pad = encoder_for(lm).pad_id
+    sc = score_cloze(lm.parts, req, pad, progress=None)
+    per_char = sc.final() / np.where(req.cont_chars > 0, req.cont_chars, np.nan)
+    np.testing.assert_allclose(sc.norm_scores[-1], per_char, rtol=1e-6)
+
+
 def test_dm_from_option_logits_equals_full_vocabulary(tiny):
     data = load_task("piqa", limit=8, seed=3)
     req = prepare(tiny, data, "letter")

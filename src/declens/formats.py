@@ -200,8 +200,9 @@ class ClozeRequests:
     Attributes:
         contexts: ``[N][K_i]`` context token ids.
         continuations: ``[N][K_i]`` continuation token ids.
-        cont_chars: ``[N, K]`` character length of each continuation string (``acc_norm`` divides the
-            log-likelihood by it, as lm-evaluation-harness does; 0 for absent options).
+        cont_chars: ``[N, K]`` character length of each option's text, without the ``" "`` that
+            joins it to the context (``acc_norm`` divides the log-likelihood by it, as
+            lm-evaluation-harness does with ``len(choice)``; 0 for absent options).
         n_options: ``[N]`` number of options.
         gold: ``[N]`` gold option index.
     """
@@ -256,8 +257,8 @@ def build_cloze(data: TaskData, enc: Encoder, num_fewshot: int = 0, seed: int = 
         contexts.append([p[0] for p in enc_pairs])
         conts.append([p[1] for p in enc_pairs])
         texts.append(pairs)
-        for k, (_, x) in enumerate(pairs):
-            cont_chars[i, k] = len(x)
+        for k, (_, x) in enumerate(pairs):  # the option text without the " " delimiter, as lm-eval counts it
+            cont_chars[i, k] = max(len(x.removeprefix(" ")), 1)
     return ClozeRequests(
         contexts=contexts, continuations=conts, cont_chars=cont_chars,
         n_options=np.array([len(it.choices) for it in data.items]),

@@ -234,6 +234,7 @@ def load_model(
     dtype: str | torch.dtype | None = "auto",
     device: str | torch.device | None = "auto",
     device_map: str | dict | None = None,
+    max_memory: str | dict | None = None,
     attn_implementation: str | None = None,
     progress: bool = True,
 ) -> LoadedModel:
@@ -245,6 +246,7 @@ def load_model(
         dtype: ``auto`` (bf16 on GPU or bf16-capable CPU, else fp32), ``float32``, ``bfloat16``, ``float16``.
         device: ``auto``, ``cpu``, ``cuda``, ``cuda:1`` ... (ignored when ``device_map`` is given).
         device_map: passed to transformers (``"auto"`` shards the layers over all GPUs with accelerate).
+        max_memory: with ``device_map``: a cap per GPU (``"20GiB"``) or accelerate's ``{device: cap}`` dict.
         attn_implementation: attention kernel (default: transformers' choice, SDPA where the
             architecture supports it, else eager).
         progress: show download / conversion progress bars.
@@ -261,6 +263,14 @@ def load_model(
         kwargs["attn_implementation"] = attn_implementation
     if device_map is not None:
         kwargs["device_map"] = device_map
+        if isinstance(max_memory, str):
+            if not torch.cuda.is_available():
+                raise ModelError("--max-memory caps the memory of each GPU, and no GPU is visible here")
+            max_memory = {i: max_memory for i in range(torch.cuda.device_count())}
+        if max_memory is not None:
+            kwargs["max_memory"] = max_memory
+    elif max_memory is not None:
+        raise ModelError("max_memory (--max-memory) only applies with device_map (--device-map auto)")
     gguf_file = None
     path = Path(spec).expanduser()
     if spec in presets.PRESETS:

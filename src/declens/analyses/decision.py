@@ -101,7 +101,7 @@ def analyze(
         out_dir: write results, plots and a resumable checkpoint here.
         progress: show progress bars.
         requests: prebuilt requests (from :func:`prepare`) to skip tokenization.
-        plots: with ``out_dir``, also draw the PNG figures.
+        plots: with ``out_dir``, also draw the PNG figures (when more than one layer is read).
         lens_layers: ``all`` (default), ``last`` (only the model's own output: accuracy at the cost
             of a plain forward pass) or dense layer ids to read through the lens.
 
@@ -139,7 +139,7 @@ def analyze(
     res = AnalysisResult.from_scores(scores, config, prov, [it.id for it in data.items], labels_out, decision_score)
     if out_dir is not None:
         res.save(out_dir)
-        if plots:
+        if plots and (read is None or len(read) > 1):  # a one-layer read (``lens_layers="last"``) has no curve to draw
             from ..plots import plot_analysis
 
             plot_analysis(res, out_dir)

@@ -417,7 +417,9 @@ def noise_study(
                                 probe.finish(b)
                                 probe.flush()
                             else:
-                                forward(parts, b, [probe], layers=list(range(p + 1, L)), start_hidden=noised)
+                                # a plain Probe() keeps every position of the final layer (no
+                                # last-position trim), so scale 0 rounds exactly like pass 1
+                                forward(parts, b, [probe, Probe()], layers=list(range(p + 1, L)), start_hidden=noised)
                             bar.update(1)
                     del h
     finally:

@@ -97,6 +97,8 @@ class InfluenceProbe(Probe):
         ids = sorted(self.sums)
         if distributed.active():
             ids = sorted({i for part in distributed.gather_objects(ids) for i in part})
+            if not ids:  # no rank measured any layer (e.g. no calibration row ran)
+                return {}
             sums = torch.stack([self.sums[i].double().cpu() if i in self.sums else torch.zeros((), dtype=torch.float64)
                                 for i in ids])
             counts = torch.tensor([float(self.counts.get(i, 0)) for i in ids], dtype=torch.float64)
