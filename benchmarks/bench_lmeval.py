@@ -17,11 +17,8 @@ For each task (ARC-Easy, PIQA, HellaSwag) this script
    declens' ``result.json`` samples), classifying every disagreement;
 5. prints a table and writes it as JSON (``--out``).
 
-``acc_norm`` conventions: lm-eval divides an option's log-likelihood by ``len(choice)`` (the choice
-text, without the target delimiter " "), declens by ``len(" " + choice)`` (the scored continuation
-string). The script reports lm-eval's own ``acc_norm`` and, from lm-eval's logged
-log-likelihoods, the ``acc_norm`` under declens' convention, so the two effects (scores vs.
-convention) are separated.
+``acc_norm``: both tools divide an option's log-likelihood by ``len(choice)`` (the choice text,
+without the target delimiter " "), so ``acc_norm`` choices are compared directly too.
 
 Usage (from the repository root, project venv active; lm-eval in its own venv):
 
@@ -282,15 +279,13 @@ def compare(task: str, data, lm_samples: list[dict], dl: dict, tok) -> dict:
         lm_ll = np.array([float(r[0]) for r in ls["filtered_resps"]], dtype=np.float64)
         dl_ll = np.array(ds["scores"], dtype=np.float64)
         max_abs = max(max_abs, float(np.max(np.abs(lm_ll - dl_ll))))
-        len_lm = np.array([len(c) for c in it.choices], dtype=np.float64)  # len(choice): lm-eval
-        len_dl = np.array([len(x) for _, x in pairs], dtype=np.float64)  # len(" " + choice): declens
+        n_chars = np.array([len(c) for c in it.choices], dtype=np.float64)  # len(choice): both tools
         rows.append({
             "id": it.id, "gold": it.gold, "lm_ll": lm_ll, "dl_ll": dl_ll,
             "lm_pred": int(np.argmax(lm_ll)), "dl_pred": int(ds["pred"]),
-            "lm_pred_norm": int(np.argmax(lm_ll / len_lm)), "dl_pred_norm": int(ds["pred_norm"]),
-            "lm_pred_norm_dlconv": int(np.argmax(lm_ll / len_dl)),
+            "lm_pred_norm": int(np.argmax(lm_ll / n_chars)), "dl_pred_norm": int(ds["pred_norm"]),
             "lm_acc": float(ls["acc"]), "lm_acc_norm": float(ls["acc_norm"]),
-            "len_lm": len_lm, "len_dl": len_dl,
+            "n_chars": n_chars,
         })
 
     def gap(v):
@@ -303,16 +298,12 @@ def compare(task: str, data, lm_samples: list[dict], dl: dict, tok) -> dict:
         for kind, a, b in (("acc", r["lm_pred"], r["dl_pred"]), ("acc_norm", r["lm_pred_norm"], r["dl_pred_norm"])):
             if a == b:
                 continue
-            if kind == "acc_norm" and r["lm_pred_norm_dlconv"] == r["dl_pred_norm"]:
-                why = ("normalisation convention: lm-eval divides by len(choice), declens by len(' ' + choice); "
-                       "with declens' convention lm-eval's log-likelihoods pick the same option")
+            lm_v = r["lm_ll"] / (r["n_chars"] if kind == "acc_norm" else 1)
+            dl_v = r["dl_ll"] / (r["n_chars"] if kind == "acc_norm" else 1)
+            if min(gap(lm_v), gap(dl_v)) <= tol:
+                why = f"near tie: top-two gap {min(gap(lm_v), gap(dl_v)):.2e} <= numeric difference {tol:.1e}"
             else:
-                lm_v = r["lm_ll"] / (r["len_lm"] if kind == "acc_norm" else 1)
-                dl_v = r["dl_ll"] / (r["len_dl"] if kind == "acc_norm" else 1)
-                if min(gap(lm_v), gap(dl_v)) <= tol:
-                    why = f"near tie: top-two gap {min(gap(lm_v), gap(dl_v)):.2e} <= numeric difference {tol:.1e}"
-                else:
-                    why = "UNEXPLAINED"
+                why = "UNEXPLAINED"
             diffs.append({"id": r["id"], "metric": kind, "gold": r["gold"], "lm_eval": a, "declens": b,
                           "lm_ll": [round(x, 5) for x in r["lm_ll"]], "declens_ll": [round(x, 5) for x in r["dl_ll"]],
                           "reason": why})
@@ -330,10 +321,8 @@ def compare(task: str, data, lm_samples: list[dict], dl: dict, tok) -> dict:
         "acc_declens": float(np.mean([r["dl_pred"] == g for r, g in zip(rows, gold)])),
         "acc_norm_lmeval": mean("lm_acc_norm"),
         "acc_norm_declens": float(np.mean([r["dl_pred_norm"] == g for r, g in zip(rows, gold)])),
-        "acc_norm_lmeval_declens_convention": float(np.mean([r["lm_pred_norm_dlconv"] == g for r, g in zip(rows, gold)])),
         "agree_pred": float(np.mean([r["lm_pred"] == r["dl_pred"] for r in rows])),
         "agree_pred_norm": float(np.mean([r["lm_pred_norm"] == r["dl_pred_norm"] for r in rows])),
-        "agree_pred_norm_same_convention": float(np.mean([r["lm_pred_norm_dlconv"] == r["dl_pred_norm"] for r in rows])),
         "disagreements": diffs,
     }
 
@@ -426,19 +415,18 @@ def main(argv=None) -> int:
         }
 
     hdr = (f"{'task':<10} {'rows':>4} {'lm-eval s':>9} {'declens s':>9} {'ratio':>6} {'score s lm/dl':>13} {'acc lm/dl':>13} "
-           f"{'acc_norm lm/dl':>14} {'agree':>6} {'agree_n':>7} {'agree_n*':>8} {'prompts':>7}")
+           f"{'acc_norm lm/dl':>14} {'agree':>6} {'agree_n':>7} {'prompts':>7}")
     print("\n" + hdr + "\n" + "-" * len(hdr))
     for task, r in report["tasks"].items():
         print(f"{task:<10} {r['rows']:>4} {r['lmeval']['wall_s']:>9.1f} {r['declens']['wall_s']:>9.1f} "
               f"{r['speedup_wall']:>5.2f}x {_s(r['lmeval']['score_s']):>6}/{_s(r['declens']['score_s']):<6} "
               f"{r['acc_lmeval']:.3f}/{r['acc_declens']:.3f}  "
               f"{r['acc_norm_lmeval']:.3f}/{r['acc_norm_declens']:.3f}  {r['agree_pred']:>6.3f} "
-              f"{r['agree_pred_norm']:>7.3f} {r['agree_pred_norm_same_convention']:>8.3f} "
+              f"{r['agree_pred_norm']:>7.3f} "
               f"{'same' if r['prompt_strings_identical'] and r['token_ids_identical'] else 'DIFF':>7}")
     print("ratio: lm-eval wall / declens wall (whole commands); score s: scoring only (lm-eval from its log, 1 s "
           "resolution; declens from result.json); the rest of each wall time is start-up, model load and writing")
-    print("agree: per-row acc choice; agree_n: acc_norm choice (each tool's convention); agree_n*: acc_norm "
-          "with lm-eval's log-likelihoods under declens' len(' '+choice) convention")
+    print("agree: share of rows with the same acc choice; agree_n: the same acc_norm choice")
     for task, r in report["tasks"].items():
         print(f"{task}: max |loglik diff| {r['max_abs_loglik_diff']:.2e}; rows identical {r['row_ids_identical']}; "
               f"{len(r['disagreements'])} disagreement(s)")

@@ -87,6 +87,20 @@ def make_tiny(arch: str, layers: int = 4, seed: int = 0, attn: str | None = None
     return LoadedModel(model=model, tokenizer=tok, spec=f"tiny-{arch}", source={"kind": "random", "arch": arch, "seed": seed})
 
 
+def save_tiny(folder, arch: str, layers: int = 4):
+    """Write a tiny random model and its tokenizer to ``folder``, as ``save_pretrained`` does; return it."""
+    lm = make_tiny(arch, layers=layers)
+    lm.model.save_pretrained(folder)
+    lm.tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory):
+    """A tiny Qwen3 model directory on disk: what the command line is pointed at in tests."""
+    return save_tiny(tmp_path_factory.mktemp("tiny-qwen3"), "qwen3")
+
+
 @pytest.fixture(params=ARCHS)
 def tiny(request):
     return make_tiny(request.param)

@@ -7,19 +7,9 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from conftest import make_tiny
 from declens.cli import app
 
 runner = CliRunner()
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny-qwen3")
-    lm = make_tiny("qwen3")
-    lm.model.save_pretrained(d)
-    lm.tokenizer.save_pretrained(d)
-    return d
 
 
 def test_analyze_writes_results(model_dir, tmp_path):
@@ -98,6 +88,7 @@ def test_prune_eval_ablate_export_commands(model_dir, tmp_path):
                             "--method", "ip,last", "--skip-prun", "--max-ratio", "0.5", "--out", str(tmp_path / "p")])
     assert r.exit_code == 0, r.output
     assert "Remain" in r.output and "#Removed" in r.output and "critical" in r.output
+    assert "ip #1: removed 1 [" in r.output and "#-1" not in r.output  # one progress line per step
     d = json.loads((tmp_path / "p" / "prune.json").read_text())
     assert set(d["methods"]) == {"ip", "last"} and d["config"]["skip_prun"]["enabled"]
     assert (tmp_path / "p" / "accuracy_vs_ratio.png").exists() and (tmp_path / "p" / "pruning_ip.png").exists()

@@ -2,19 +2,9 @@ import json
 
 import pytest
 from typer.testing import CliRunner
-from conftest import make_tiny
 from declens.cli import app
 
 runner = CliRunner()
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny-qwen3")
-    lm = make_tiny("qwen3")
-    lm.model.save_pretrained(d)
-    lm.tokenizer.save_pretrained(d)
-    return d
 
 
 def test_recover_command(model_dir, tmp_path):

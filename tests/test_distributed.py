@@ -11,7 +11,7 @@ import sys
 import pytest
 from typer.testing import CliRunner
 
-from conftest import make_tiny
+from conftest import save_tiny
 from declens.cli import app
 
 pytestmark = pytest.mark.slow
@@ -19,12 +19,8 @@ TORCHRUN = shutil.which("torchrun") or os.path.join(os.path.dirname(sys.executab
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny-llama")
-    lm = make_tiny("llama", layers=6)
-    lm.model.save_pretrained(d)
-    lm.tokenizer.save_pretrained(d)
-    return d
+def llama_dir(tmp_path_factory):
+    return save_tiny(tmp_path_factory.mktemp("tiny-llama"), "llama", layers=6)
 
 
 def _torchrun(args, tmp_path):
@@ -35,8 +31,8 @@ def _torchrun(args, tmp_path):
     return r
 
 
-def test_torchrun_analyze_and_prune_equal_one_process(model_dir, tmp_path):
-    common = ["--model", str(model_dir), "--task", "arc_easy", "--limit", "24", "--dtype", "float32",
+def test_torchrun_analyze_and_prune_equal_one_process(llama_dir, tmp_path):
+    common = ["--model", str(llama_dir), "--task", "arc_easy", "--limit", "24", "--dtype", "float32",
               "--max-tokens", "256"]  # small batches, so both ranks get several
     one = CliRunner().invoke(app, ["analyze", *common, "--out", str(tmp_path / "one")])
     assert one.exit_code == 0, one.output

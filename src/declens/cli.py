@@ -195,10 +195,10 @@ def print_prune(res) -> None:
             t.add_column(col, justify="right" if col != "Removed Layer IDs (0-based)" else "left")
         dense = run.best_by_k()[0]
         t.add_row(str(run.num_layers), "0", "0.000%", f"{dense.accuracy:.3f}", f"{dense.final_dm:+.3f}",
-                  str(dense.transition_layer), "[]")
+                  str(dense.transition_layer), "-")
         for row in run.table():
             t.add_row(str(row["remain"]), str(row["removed_count"]), f"{row['ratio']:.3%}", f"{row['accuracy']:.3f}",
-                      f"{row['final_dm']:+.3f}", str(row["transition_layer"]), str(row["removed"]))
+                      f"{row['final_dm']:+.3f}", str(row["transition_layer"]), ",".join(map(str, row["removed"])))
         console.print(t)
 
 

@@ -151,15 +151,18 @@ class MethodRun:
 class Memo:
     """Evaluations keyed by the removed *set* (their numbers do not depend on the removal order).
 
-    ``on_new`` is called after every fresh evaluation (the run's checkpoint hook). Stored entries
-    are reused on resume, so a killed run replays deterministically to where it stopped.
+    ``on_new`` is called after every fresh evaluation (the run's checkpoint hook), ``on_record``
+    with every step a method records (progress lines). Stored entries are reused on resume, so a
+    killed run replays deterministically to where it stopped.
     """
 
     def __init__(self, engine: PruningEngine, stored: dict[str, dict] | None = None,
-                 on_new: Callable[[], None] | None = None):
+                 on_new: Callable[[], None] | None = None,
+                 on_record: Callable[[PruneRecord], None] | None = None):
         self.engine = engine
         self.data: dict[str, dict] = dict(stored or {})
         self.on_new = on_new
+        self.on_record = on_record
 
     @staticmethod
     def key(removed) -> str:
@@ -196,6 +199,8 @@ class Memo:
         rec = PruneRecord.from_dict(d)
         for key, v in kw.items():
             setattr(rec, key, v)
+        if self.on_record:
+            self.on_record(rec)
         return rec
 
     def bi(self, removed: list[int]) -> dict[int, float]:

@@ -196,9 +196,19 @@ def prune(
     if state_path is not None:
         memo.on_new = lambda: atomic_write_json(state_path, {"key": key, "evaluations": memo.data})
     t0 = time.perf_counter()
+    talk = progress and distributed.is_main()
+    if talk:
+        def report(rec: PruneRecord) -> None:
+            if rec.index < 0:  # a look-up of a state already reported, not a step
+                return
+            tp = "none" if rec.transition_layer is None else rec.transition_layer
+            print(f"  {rec.method} #{rec.index}: removed {len(rec.removed)} {rec.removed} -> accuracy {rec.accuracy:.3f}, "
+                  f"final DM {rec.final_dm:+.3f}, Transition Point {tp} [{time.perf_counter() - t0:.0f} s]", flush=True)
+
+        memo.on_record = report
     runs = {}
     for m in methods:
-        if progress:
+        if talk:
             print(f"pruning with {m} up to {K} of {L} layers ...", flush=True)
         runs[m] = run_method(memo, m, K, skip=skip, seed=seed, order=list(order) if order else None)
     elapsed = time.perf_counter() - t0
