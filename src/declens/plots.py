@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Sequence
 
@@ -23,6 +24,21 @@ from .metrics import LayerMetrics  # noqa: E402
 SILENT = "#d9d9d9"
 DECISIVE = "#c7e9c0"
 TP_COLOR = "#d62728"
+
+
+def save_figure(fig, path: Path) -> Path:
+    """Write ``fig`` as a PNG (120 dpi, tight box), close it, return ``path``."""
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def png_bytes(fig, dpi: int = 110) -> bytes:
+    """``fig`` as PNG bytes (for embedding), closed afterwards."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
 
 
 def shade_phases(ax, m: LayerMetrics, x: Sequence[float] | None = None) -> None:
@@ -102,10 +118,7 @@ def plot_analysis(res, out_dir: str | Path) -> list[Path]:
     paths = []
 
     def save(fig, fname):
-        p = out / fname
-        fig.savefig(p, dpi=120, bbox_inches="tight")
-        plt.close(fig)
-        paths.append(p)
+        paths.append(save_figure(fig, out / fname))
 
     fig, ax = plt.subplots(figsize=(8, 4))
     plot_dm(ax, m, f"Decision Margin — {name}")
@@ -208,19 +221,13 @@ def plot_prune(res, out_dir: str | Path) -> list[Path]:
     paths = []
     fig, ax = plt.subplots(figsize=(8, 4.5))
     plot_accuracy_vs_ratio(ax, res)
-    p = out / "accuracy_vs_ratio.png"
-    fig.savefig(p, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    paths.append(p)
+    paths.append(save_figure(fig, out / "accuracy_vs_ratio.png"))
     for m, run in res.runs.items():
         fig, (a1, a2) = plt.subplots(1, 2, figsize=(15, max(4.5, 0.22 * len(run.best_by_k()) + 1.5)))
         plot_dm_across_ratios(a1, run)
         plot_removal_strip(a2, run)
         fig.tight_layout()
-        p = out / f"pruning_{m}.png"
-        fig.savefig(p, dpi=120, bbox_inches="tight")
-        plt.close(fig)
-        paths.append(p)
+        paths.append(save_figure(fig, out / f"pruning_{m}.png"))
     return paths
 
 
@@ -252,7 +259,4 @@ def plot_ablation(res, out_dir: str | Path, task: str) -> list[Path]:
     a2.set_ylabel(f"mean accuracy over {len(ev.tasks)} task(s)")
     a2.set_title("Accuracy by removed layer(s)")
     fig.tight_layout()
-    p = out / "ablate.png"
-    fig.savefig(p, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    return [p]
+    return [save_figure(fig, out / "ablate.png")]

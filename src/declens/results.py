@@ -155,6 +155,21 @@ class Checkpoint:
             pass
 
 
+def read_result_file(path: str | Path, filename: str, command: str) -> tuple[Path, dict]:
+    """A result folder (or the file itself) written by ``declens <command>``: the file's path and its JSON.
+
+    Raises:
+        DeclensError: the path holds no ``filename``.
+    """
+    from .errors import DeclensError
+
+    p = Path(path)
+    p = p / filename if p.is_dir() else p
+    if not p.is_file():
+        raise DeclensError(f"{str(path)!r} holds no {filename}; pass a folder written by 'declens {command}'")
+    return p, json.loads(p.read_text())
+
+
 @dataclass
 class AnalysisResult:
     """A layer-wise decision analysis of one model on one task in one format.
@@ -258,13 +273,7 @@ class AnalysisResult:
     @classmethod
     def load(cls, out_dir: Path | str) -> "AnalysisResult":
         """Read a result folder written by :meth:`save`."""
-        from .errors import DeclensError
-
-        out = Path(out_dir)
-        path = out / RESULT_FILE if out.is_dir() else out
-        if not path.is_file():
-            raise DeclensError(f"{str(out)!r} holds no {RESULT_FILE}; pass a folder written by 'declens analyze'")
-        d = json.loads(path.read_text())
+        path, d = read_result_file(out_dir, RESULT_FILE, "analyze")
         with np.load(path.parent / SCORES_FILE) as z:
             scores = LayerScores(
                 layer_ids=[int(i) for i in z["layer_ids"]], scores=z["scores"], gold=z["gold"], n_options=z["n_options"],

@@ -15,7 +15,7 @@ import math
 import os
 from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch

@@ -464,18 +464,10 @@ def _ticks(ids: Sequence[int], max_ticks: int = 16) -> tuple[np.ndarray, list[st
     return pos, [str(ids[p]) for p in pos]
 
 
-def _pyplot():
-    """matplotlib.pyplot with the Agg backend (importing :mod:`declens.plots` selects it)."""
-    from .. import plots  # noqa: F401  (sets the Agg backend, as every declens figure does)
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_cka_heatmap(ax, res: CKAResult, signal: str, title: str = "") -> None:
     """Heatmap of one CKA matrix: pruned layers (rows, dense ids) x dense layers (columns), with each
     pruned layer's own dense layer and its best match marked."""
-    plt = _pyplot()
+    from ..plots import plt  # matplotlib with the Agg backend, imported only when drawing
     m = res.matrix(signal)
     im = ax.imshow(m, aspect="auto", cmap="magma", vmin=0, vmax=1, origin="lower", interpolation="nearest")
     own = [res.dense_ids.index(i) for i in res.pruned_ids]
@@ -514,7 +506,7 @@ def plot_best_match(ax, res: CKAResult, title: str = "") -> None:
 
 def plot_cka(res: CKAResult, out_dir: Path | str) -> list[Path]:
     """Draw ``cka_hidden.png``, ``cka_decision.png`` and ``cka_best_match.png`` into ``out_dir``."""
-    plt = _pyplot()
+    from ..plots import plt, save_figure
     out = Path(out_dir)
     cfg = res.config
     removed = cfg.get("remove") or []
@@ -525,14 +517,8 @@ def plot_cka(res: CKAResult, out_dir: Path | str) -> list[Path]:
     for signal, label in (("hidden", "token-averaged hidden states"), ("decision", "decision-token states")):
         fig, ax = plt.subplots(figsize=size)
         plot_cka_heatmap(ax, res, signal, f"CKA of {label}\n{name}")
-        p = out / f"cka_{signal}.png"
-        fig.savefig(p, dpi=120, bbox_inches="tight")
-        plt.close(fig)
-        paths.append(p)
+        paths.append(save_figure(fig, out / f"cka_{signal}.png"))
     fig, ax = plt.subplots(figsize=(max(6.0, 0.25 * len(res.pruned_ids) + 3), 4.5))
     plot_best_match(ax, res, f"Best-matching dense layer\n{name}")
-    p = out / "cka_best_match.png"
-    fig.savefig(p, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    paths.append(p)
+    paths.append(save_figure(fig, out / "cka_best_match.png"))
     return paths

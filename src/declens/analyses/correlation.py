@@ -651,7 +651,7 @@ def plot_safe_margin(ax, res: "CorrelationResult") -> None:
 
 def correlation_figures(res: "CorrelationResult") -> dict[str, bytes]:
     """Render ``correlate.png`` and ``safe_margin.png`` to PNG bytes."""
-    from ..plots import plt  # the Agg backend is selected there
+    from ..plots import png_bytes, plt  # the Agg backend is selected there
 
     out = {}
     fig, axes = plt.subplots(1, 2, figsize=(13, 5))
@@ -659,15 +659,9 @@ def correlation_figures(res: "CorrelationResult") -> dict[str, bytes]:
     fig.suptitle(f"Transition Point vs critical pruning ratio ({res.method}), {len(res.pairs)} model-task pairs",
                  fontsize=11)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    out["correlate.png"] = buf.getvalue()
+    out["correlate.png"] = png_bytes(fig)
     fig, ax = plt.subplots(figsize=(6.5, 6.5))
     plot_safe_margin(ax, res)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    out["safe_margin.png"] = buf.getvalue()
+    out["safe_margin.png"] = png_bytes(fig)
     return out

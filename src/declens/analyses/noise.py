@@ -459,13 +459,6 @@ def noise_study(
 # Figures
 
 
-def _pyplot():
-    from .. import plots  # noqa: F401  (sets the Agg backend, as every declens figure does)
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _tp_x(res: NoiseResult) -> float | None:
     """x position of the dense Transition Point on an axis over the perturbed layers: the boundary
     before the first perturbed layer at or after it."""
@@ -481,9 +474,8 @@ def plot_noise_heatmap(ax, res: NoiseResult, title: str = "") -> None:
     phases under the map and the Transition Point marked."""
     from matplotlib.colors import TwoSlopeNorm
 
-    from ..plots import DECISIVE, SILENT, TP_COLOR
+    from ..plots import DECISIVE, SILENT, TP_COLOR, plt
 
-    plt = _pyplot()
     P, S = res.dm.shape
     lim = float(np.nanmax(np.abs(res.dm))) or 1.0
     im = ax.imshow(res.dm.T, aspect="auto", origin="lower", cmap="RdBu", norm=TwoSlopeNorm(0.0, -lim, lim),
@@ -537,7 +529,7 @@ def plot_noise_phases(ax, res: NoiseResult, title: str = "") -> None:
 
 def plot_noise(res: NoiseResult, out_dir: Path | str) -> list[Path]:
     """Draw ``noise_heatmap.png`` and ``noise_phases.png`` into ``out_dir``."""
-    plt = _pyplot()
+    from ..plots import plt, save_figure
     out = Path(out_dir)
     cfg = res.config
     tp = res.dense["transition_layer"]
@@ -547,14 +539,8 @@ def plot_noise(res: NoiseResult, out_dir: Path | str) -> list[Path]:
     P = len(res.layer_ids)
     fig, ax = plt.subplots(figsize=(max(7.0, 0.32 * P + 3), max(3.5, 0.45 * len(res.scales) + 1.8)))
     plot_noise_heatmap(ax, res, f"Final Decision Margin, noise at one layer\n{name}")
-    p = out / "noise_heatmap.png"
-    fig.savefig(p, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    paths.append(p)
+    paths.append(save_figure(fig, out / "noise_heatmap.png"))
     fig, ax = plt.subplots(figsize=(7, 4.5))
     plot_noise_phases(ax, res, f"Noise sensitivity by phase\n{name}")
-    p = out / "noise_phases.png"
-    fig.savefig(p, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    paths.append(p)
+    paths.append(save_figure(fig, out / "noise_phases.png"))
     return paths

@@ -66,7 +66,7 @@ from torch import nn
 from ..errors import DeclensError
 from ..formats import FORMATS, ClozeRequests, LetterRequests
 from ..models import DecoderParts, LoadedModel, decoder_parts
-from ..results import AnalysisResult, atomic_write_json, atomic_write_text, provenance
+from ..results import AnalysisResult, atomic_write_json, atomic_write_text, provenance, read_result_file
 from ..surgery import ORIGINAL_LAYERS_ATTR, REMOVED_ATTR, keep_positions, remove_layers
 from ..tasks import LETTERS, TaskData, TaskSpec, get_spec, load_task
 from .decision import analyze, encoder_for, prepare
@@ -883,11 +883,7 @@ class RecoveryResult:
     @classmethod
     def load(cls, path: str | Path) -> "RecoveryResult":
         """Read a folder (or ``recover.json``) written by :meth:`save`."""
-        p = Path(path)
-        p = p / RECOVER_FILE if p.is_dir() else p
-        if not p.is_file():
-            raise DeclensError(f"{str(path)!r} holds no {RECOVER_FILE}; pass a folder written by 'declens recover'")
-        d = json.loads(p.read_text())
+        p, d = read_result_file(path, RECOVER_FILE, "recover")
         if d.get("kind") != "recover":
             raise DeclensError(f"{str(p)!r} is not a recovery result (kind={d.get('kind')!r})")
         return cls(config=d["config"], provenance=d["provenance"], runs=[RecoveryRun.from_dict(r) for r in d["runs"]],
@@ -1069,7 +1065,7 @@ def _export_name(n: int, c: PrunedConfig) -> str:
 def plot_recovery(res: RecoveryResult, out_dir: str | Path) -> list[Path]:
     """``recover_dm.png`` (per configuration: DM per layer before vs after, dense for reference) and
     ``recover_loss.png`` (training loss per step of every configuration)."""
-    from ..plots import TP_COLOR, plt
+    from ..plots import TP_COLOR, plt, save_figure
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -1103,10 +1099,7 @@ def plot_recovery(res: RecoveryResult, out_dir: str | Path) -> list[Path]:
                  f"{cfg['finetune']['method']} fine-tuning on {cfg['train']['task']} ({cfg['train']['sequences']} rows)",
                  fontsize=10)
     fig.tight_layout()
-    p = out / "recover_dm.png"
-    fig.savefig(p, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    paths.append(p)
+    paths.append(save_figure(fig, out / "recover_dm.png"))
     fig, ax = plt.subplots(figsize=(7, 4))
     cmap = plt.get_cmap("viridis")
     for i, r in enumerate(res.runs):
@@ -1117,10 +1110,7 @@ def plot_recovery(res: RecoveryResult, out_dir: str | Path) -> list[Path]:
     ax.set_ylabel("answer-token loss")
     ax.set_title("Fine-tuning loss")
     ax.legend(fontsize=7)
-    p = out / "recover_loss.png"
-    fig.savefig(p, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    paths.append(p)
+    paths.append(save_figure(fig, out / "recover_loss.png"))
     return paths
 
 

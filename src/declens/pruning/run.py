@@ -18,7 +18,7 @@ from ..analyses.decision import prepare
 from ..errors import DeclensError
 from ..formats import FORMATS
 from ..models import LoadedModel
-from ..results import atomic_write_json, atomic_write_text, config_key, provenance
+from ..results import atomic_write_json, atomic_write_text, config_key, provenance, read_result_file
 from ..tasks import TaskData, load_task, subsample
 from .engine import PruningEngine, calibration_sequences
 from .methods import METHODS, Memo, MethodRun, PruneRecord, SkipPrun, critical_ratio, run_method
@@ -59,11 +59,7 @@ class PruneResult:
 
     @classmethod
     def load(cls, path: str | Path) -> "PruneResult":
-        p = Path(path)
-        p = p / PRUNE_FILE if p.is_dir() else p
-        if not p.is_file():
-            raise DeclensError(f"{str(path)!r} holds no {PRUNE_FILE}; pass a folder written by 'declens prune'")
-        d = json.loads(p.read_text())
+        _, d = read_result_file(path, PRUNE_FILE, "prune")
         runs = {}
         for m, body in d["methods"].items():
             recs = [PruneRecord.from_dict(x) for x in body["records"]]
