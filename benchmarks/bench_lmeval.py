@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import inspect
 import json
 import os
 import platform
@@ -43,7 +44,8 @@ import numpy as np
 
 import declens
 from declens.formats import Encoder, cloze_pairs
-from declens.tasks import _bundled, _read_records, _records_to_items, get_spec, load_task, subsample
+from declens.tasks import _SENTENCE_END, _bundled, _read_records, _records_to_items, get_spec, hellaswag_split_context
+from declens.tasks import load_task, subsample
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = Path(os.environ.get("DECLENS_CACHE", "~/.cache/declens")).expanduser() / "presets" / "smollm2-135m"
@@ -118,22 +120,26 @@ metadata:
 """,
 }
 
-# HellaSwag: lm-eval's own cleaning function. declens' bundled rows carry ``query`` =
-# activity_label + ": " + ctx (ctx_b not capitalized; the bundled data has no ctx_a/ctx_b), so
-# the query is cleaned as it is rather than rebuilt from ctx_a/ctx_b as lm-eval's stock task does.
-UTILS = '''\
-from lm_eval.tasks.hellaswag.utils import preprocess
+# HellaSwag: lm-eval's own stock ``process_docs`` (``preprocess(activity_label + ": " + ctx_a + " " +
+# ctx_b.capitalize())``). declens' bundled rows carry ``ctx`` only; ``ctx_a``/``ctx_b`` are recovered
+# with declens' ``hellaswag_split_context`` (its source is copied into the generated file, since the
+# lm-eval interpreter need not have declens installed), as declens does (docs/METHOD.md).
+UTILS = f'''\
+import re
 
+from lm_eval.tasks.hellaswag.utils import process_docs
+
+_SENTENCE_END = re.compile({_SENTENCE_END.pattern!r})
+
+
+{inspect.getsource(hellaswag_split_context)}
 
 def process_hellaswag(dataset):
-    def _process_doc(doc):
-        return {
-            "query": preprocess(doc["query"]),
-            "choices": [preprocess(e) for e in doc["endings"]],
-            "gold": int(doc["label"]),
-        }
+    def _split(doc):
+        ctx_a, ctx_b = hellaswag_split_context(doc["ctx"])
+        return {{"ctx_a": ctx_a, "ctx_b": ctx_b}}
 
-    return dataset.map(_process_doc)
+    return process_docs(dataset.map(_split))
 '''
 
 
@@ -153,7 +159,7 @@ def selected_records(task: str, limit: int, seed: int):
     records = _read_records(_bundled(location), location)
     idx = subsample(len(records), limit, seed)
     chosen = [records[i] for i in idx]
-    all_items = _records_to_items(records, spec.fields, data.split, location, spec.preprocess)
+    all_items = _records_to_items(records, spec.fields, data.split, location, spec.preprocess, spec.process_docs)
     items = [all_items[i] for i in idx]
     for i, (a, b) in enumerate(zip(items, data.items)):
         same = (a.id, a.question, a.choices, a.gold) == (b.id, b.question, b.choices, b.gold)

@@ -101,6 +101,21 @@ def model_dir(tmp_path_factory):
     return save_tiny(tmp_path_factory.mktemp("tiny-qwen3"), "qwen3")
 
 
+#: dense ids removed from the tiny 6-layer Qwen3 model of ``pruned_model_dir`` (it keeps 0, 2, 4, 5)
+PRUNED_REMOVED = [3, 1]
+
+
+@pytest.fixture(scope="session")
+def pruned_model_dir(tmp_path_factory):
+    """A tiny 6-layer Qwen3 model exported by ``export_pruned`` without dense layers 3 and 1: the
+    already-pruned model every command that accepts a model is tested on."""
+    from declens.pruning import export_pruned
+
+    out = tmp_path_factory.mktemp("tiny-pruned") / "model"
+    export_pruned(make_tiny("qwen3", layers=6), PRUNED_REMOVED, out)
+    return out
+
+
 @pytest.fixture(params=ARCHS)
 def tiny(request):
     return make_tiny(request.param)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from declens.cli import app
@@ -23,11 +24,13 @@ def test_analyze_writes_results(model_dir, tmp_path):
     assert (out / "overview.png").exists()
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="--device-map shards over GPUs; without one it is refused "
+                    "(tests/test_bad_input.py::test_device_map_without_gpus_is_refused)")
 def test_device_map_auto_gives_the_same_numbers(model_dir, tmp_path):
-    """``--device-map auto`` (accelerate placement; on this CPU-only machine everything lands on the CPU)
-    loads through transformers' device_map path and scores exactly as the plain load does."""
+    """``--device-map auto`` (accelerate placement over the GPUs) loads through transformers' device_map path
+    and scores as the plain load on one GPU does."""
     outs = []
-    for extra in ([], ["--device-map", "auto"]):
+    for extra in (["--device", "cuda:0"], ["--device-map", "auto"]):
         out = tmp_path / f"run{len(outs)}"
         r = runner.invoke(app, ["analyze", "--model", str(model_dir), "--task", "arc_easy", "--limit", "5",
                                 "--dtype", "float32", "--lens-layers", "last", "--out", str(out), *extra])

@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 from typer.testing import CliRunner
@@ -55,3 +57,45 @@ def test_torchrun_analyze_and_prune_equal_one_process(llama_dir, tmp_path):
     p2 = json.loads((tmp_path / "p2" / "prune.json").read_text())["methods"]["ip"]["table"]
     assert [r["removed"] for r in p1] == [r["removed"] for r in p2] and len(p1) == 3
     assert [r["accuracy"] for r in p1] == [r["accuracy"] for r in p2]
+
+
+def test_torchrun_prune_resumes_after_a_kill(llama_dir, tmp_path):
+    """A torchrun prune killed midway resumes (every rank replays the stored evaluations: same collectives
+    on all ranks, no hang) to the trajectory and accuracies of one uninterrupted process."""
+    args = ["prune", "--model", str(llama_dir), "--task", "arc_easy", "--limit", "24", "--dtype", "float32",
+            "--max-tokens", "256", "--method", "ip,sleb", "--max-ratio", "0.84", "--calib-samples", "12",
+            "--skip-prun", "--collapse-drop", "0.02"]
+    one = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "one")])
+    assert one.exit_code == 0, one.output
+
+    out = tmp_path / "two"
+    state = out / ".prune-state.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
+    cmd = [TORCHRUN, "--standalone", "--nproc-per-node", "2", "-m", "declens", *args, "--out", str(out)]
+    proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)  # its own process group: torchrun and both ranks
+    deadline = time.monotonic() + 300
+    stored = 0
+    try:
+        while proc.poll() is None and time.monotonic() < deadline and stored < 4:
+            time.sleep(0.05)
+            try:
+                stored = len(json.loads(state.read_text())["evaluations"])
+            except (OSError, ValueError, KeyError):
+                pass
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    assert stored >= 4 and not (out / "prune.json").exists(), "the run ended before it could be killed"
+
+    r = _torchrun([*args, "--out", str(out)], tmp_path)  # times out (fails) instead of hanging
+    a = json.loads((tmp_path / "one" / "prune.json").read_text())
+    b = json.loads((out / "prune.json").read_text())
+    assert b["work"]["resumed_evaluations"] >= 4 and b["work"]["ranks"] == 2, r.stdout[-2000:]
+    for m in ("ip", "sleb"):
+        ra, rb = a["methods"][m]["records"], b["methods"][m]["records"]
+        assert [(x["removed"], x["collapsed"], x["path"]) for x in ra] == [(x["removed"], x["collapsed"], x["path"]) for x in rb]
+        assert [x["accuracy"] for x in ra] == [x["accuracy"] for x in rb]
+        assert [x["final_dm"] for x in ra] == pytest.approx([x["final_dm"] for x in rb], abs=1e-5)
+        assert [x["removed"] for x in a["methods"][m]["table"]] == [x["removed"] for x in b["methods"][m]["table"]]

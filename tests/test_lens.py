@@ -164,3 +164,44 @@ def test_fast_path_declines_other_architectures():
 
     for arch in ("gemma2", "gemma3", "phi3"):
         assert not fastpath.supported(make_tiny(arch).parts, 16)
+
+
+def test_letter_option_rows_are_read_in_float32_on_a_bf16_model():
+    """A bf16 model whose two option logits differ by less than bf16's step: the bf16 product ties
+    them (argmax would pick the first option), the lens' float32 option rows keep them apart, equal to
+    a float64 reference on the same normed bf16 state, through the whole letter scoring."""
+    import torch.nn.functional as F
+    from conftest import make_tiny
+
+    lm = make_tiny("llama", dtype=torch.bfloat16)
+    data = load_task("arc_easy", limit=3, seed=1)
+    req = prepare(lm, data, "letter")
+    enc = encoder_for(lm)
+    cap = Capture()
+    forward(lm.parts, collate(req.prompts, [0], enc.pad_id, lm.device), [cap])
+    h = cap.outs[-1][0, len(req.prompts[0]) - 1]  # [d] bf16, the decision token of item 0
+    lens = Lens(lm.parts)
+    with torch.inference_mode():
+        x = lens.norm(h)  # [d] bf16, as the model normalises
+        a, b = req.option_ids[0], req.option_ids[1]
+        W = lm.parts.head.weight
+        c = torch.tensor(64.0 / float(x.float().abs().sum()), dtype=torch.bfloat16)
+        base = (torch.sign(x.float()) * c.float()).to(torch.bfloat16)  # logit of option A ~ +64
+        tied = False
+        for j in torch.argsort(x.float().abs(), descending=True).tolist()[:16]:
+            bumped = base.clone()
+            bumped.view(torch.int16)[j] += 1  # the next bf16 value away from 0: |x_j w_j| grows
+            W[a], W[b] = base, bumped  # option B's row: one unit larger in one coordinate
+            z16 = F.linear(x, W[[a, b]])  # the product in bf16
+            if z16[0] == z16[1]:
+                tied = True
+                break
+        assert tied, "precondition: the two option logits must tie in bf16"
+        ref = (x.double() @ W[[a, b]].double().T)  # float64 reference on the same normed state
+        assert ref[1] > ref[0]
+        z = Lens(lm.parts).logits(h, torch.tensor([a, b]))
+    assert z.dtype == torch.float32
+    assert z[1] > z[0]
+    np.testing.assert_allclose(z.double().numpy(), ref.numpy(), rtol=1e-6)
+    scores = score_letter(lm.parts, req, enc.pad_id, progress=None)
+    assert scores.final()[0, 1] > scores.final()[0, 0]

@@ -187,3 +187,84 @@ def test_smollm2_noise(smollm2, tmp_path):
     assert all(s > 0 for s in res.sigma.values()) and len(res.sigma) == smollm2.num_layers
     res.save(tmp_path)
     assert (tmp_path / "noise_heatmap.png").exists() and json.loads((tmp_path / "noise.json").read_text())["kind"] == "noise"
+
+
+def test_sigma_rules_on_tensors_with_a_massive_first_token():
+    """The three scale rules on a known tensor: the first token inflates ``all`` only; ``no-first`` is the
+    std without position 0 (padding never counted); ``per-token`` averages each token's own std."""
+    from declens.analyses.noise import SigmaProbe, token_sigma
+    from declens.runner import Batch
+
+    torch.manual_seed(0)
+    h = torch.randn(2, 12, 64)
+    h[:, 0] *= 300.0  # the massive first token
+    h[1, 8:] = 1e6  # padding of row 2: must be ignored by every rule
+    batch = Batch(input_ids=torch.zeros(2, 12, dtype=torch.long), attention_mask=None,
+                  lengths=torch.tensor([12, 8]), index=torch.tensor([0, 1]))
+    probe = SigmaProbe()
+    probe.start(batch)
+    probe.layer(0, 5, h, h)
+    real = torch.cat([h[0], h[1, :8]])
+    rest = torch.cat([h[0, 1:], h[1, 1:8]])
+    assert probe.sigma("all")[5] == pytest.approx(float(real.double().std(correction=0)), rel=1e-6)
+    assert probe.sigma("no-first")[5] == pytest.approx(float(rest.double().std(correction=0)), rel=1e-6)
+    assert probe.sigma("no-first")[5] == pytest.approx(1.0, rel=0.1)
+    assert probe.sigma("all")[5] > 50 * probe.sigma("no-first")[5]
+    assert probe.sigma("per-token")[5] == pytest.approx(float(token_sigma(real).mean()), rel=1e-6)
+    # per-token noise follows each token's own size
+    out = add_noise(h, batch, 1.0, token_sigma(h), seed=0, layer_id=5)
+    d = out - h
+    assert float(d[0, 0].std()) > 100 * float(d[0, 1:].std())
+
+
+def test_sigma_choice_changes_the_study_on_a_model_with_a_massive_first_token():
+    """A real tiny model whose first prompt token has a huge embedding (so the residual stream at
+    position 0 carries a massive activation through every layer): ``all`` inflates sigma, the rules
+    give different noised DMs, the choice and all three scales are recorded, and the per-token rule
+    through prefix reuse equals a full forward pass with a per-token noise probe."""
+    from conftest import make_tiny
+
+    lm = make_tiny("llama")
+    data = load_task("arc_easy", limit=3, seed=0)
+    req = prepare(lm, data, "letter")
+    first = {p[0] for p in req.prompts}
+    assert len(first) == 1  # every prompt starts with the same token
+    with torch.no_grad():
+        emb = lm.model.get_input_embeddings().weight
+        emb[first.pop()] *= 5000.0  # ~1000 per unit against layer outputs of std ~5
+    kw = dict(scales=(0.0, 0.5), layers=[1], seed=2, progress=False, requests=req)
+    res = {m: noise_study(lm, data, sigma=m, **kw) for m in ("all", "no-first", "per-token")}
+    for m, r in res.items():
+        assert r.config["sigma"] == m and set(r.extra["sigma_by_mode"]) == {"all", "no-first", "per-token"}
+    by = res["all"].extra["sigma_by_mode"]
+    assert by["all"]["1"] > 10 * by["no-first"]["1"]
+    assert res["all"].sigma[1] == pytest.approx(by["all"]["1"]) and res["no-first"].sigma[1] == pytest.approx(by["no-first"]["1"])
+    assert res["all"].dm[0, 0] == res["no-first"].dm[0, 0] == res["per-token"].dm[0, 0]  # clean: the same
+    noised = [r.scores[0, 0, 1] for r in res.values()]
+    assert not np.allclose(noised[0], noised[1]) and not np.allclose(noised[1], noised[2])
+    ref = np.full((1, len(req.prompts), len(req.option_ids)), np.nan, dtype=np.float32)
+    plan = ScoringPlan(lm.parts, req)
+    for idx in plan_batches([len(r) for r in plan.rows], 64):
+        b = collate(plan.rows, idx, encoder_for(lm).pad_id, lm.device)
+        forward(lm.parts, b, [NoiseProbe(1, 0.5, "per-token", seed=2), plan.probe(ref, {3: 0})])
+    np.testing.assert_allclose(res["per-token"].scores[0, 0, 1], plan.assemble(ref, [3]).scores[0], atol=2e-4, rtol=1e-4)
+    with pytest.raises(NoiseSpecError, match="--sigma"):
+        noise_study(lm, data, sigma="first", **kw)
+
+
+def test_cli_sigma_option(model_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from declens.cli import app
+
+    runner = CliRunner()
+    out = tmp_path / "n"
+    r = runner.invoke(app, ["noise", "--model", str(model_dir), "--task", "arc_easy", "--limit", "3", "--layers", "1",
+                            "--scales", "0,0.5", "--sigma", "per-token", "--dtype", "float32", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    d = json.loads((out / "noise.json").read_text())
+    assert d["config"]["sigma"] == "per-token" and "own std" in d["config"]["noise"]
+    assert set(d["sigma_by_mode"]) == {"all", "no-first", "per-token"}
+    r = runner.invoke(app, ["noise", "--model", str(model_dir), "--task", "arc_easy", "--sigma", "first-only",
+                            "--out", str(tmp_path / "bad")])
+    assert r.exit_code == 2 and "--sigma" in r.output and not (tmp_path / "bad").exists()

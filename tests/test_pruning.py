@@ -143,7 +143,7 @@ def test_skip_prun_restarts_from_best_state_and_skips_the_collapsing_choice():
     assert plain.best_by_k()[1].accuracy == 0.25
 
     eng = ScriptedEngine()
-    run = run_ip(Memo(eng), 4, SkipPrun(enabled=True, drop=0.1))
+    run = run_ip(Memo(eng), 4, SkipPrun(enabled=True, drop=0.1, restart="parent_ratio"))
     first = run.records[1]
     assert first.removed == [7] and first.collapsed and not first.accepted
     accepted = [r.removed for r in run.records if r.accepted]

@@ -12,9 +12,9 @@ import torch
 from conftest import make_tiny
 
 from declens.analyses.decision import analyze, prepare
-from declens.analyses.recovery import (FinetuneConfig, RecoveryResult, answer_loss, configs_from_prune, export_model,
-                                       finetune, load_training_data, merge_lora, pruned_copy, recover_study,
-                                       training_sequences, training_split)
+from declens.analyses.recovery import RecoveryResult, configs_from_prune, recover_study
+from declens.finetune import (FinetuneConfig, answer_loss, export_model, finetune, load_training_data, merge_lora,
+                              pruned_copy, training_sequences, training_split)
 from declens.errors import DeclensError
 from declens.models import LoadedModel
 from declens.surgery import REMOVED_ATTR

@@ -79,7 +79,8 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     from declens.analyses.decision import analyze
     from declens.analyses.evaluate import evaluate_configs
     from declens.pruning.run import prune
-    from declens.results import atomic_write_json
+    from declens.plots import png_bytes
+    from declens.results import RunWriter
     from declens.tasks import load_task
 
     root = tmp_path_factory.mktemp("runs")
@@ -90,15 +91,15 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     prune(lm, data, "cloze", ["ip", "last"], max_ratio=0.5, calib_samples=4, out_dir=out["prune"], progress=False)
     evaluate_configs(lm, ["arc_easy", "piqa"], [[], [2]], ["cloze"], limit=4, out_dir=out["eval"], progress=False)
     # a kind the report has no section for: config, scalar summary, a row table and a figure
-    atomic_write_json(out["cka"] / "cka.json", {
-        "kind": "cka", "config": {"model": lm.spec, "task": "arc_easy", "remove": [2]},
-        "provenance": {"versions": {"declens": "test"}, "model": {"fingerprint": lm.fingerprint()}},
-        "summary": {"final_best_hidden": 3, "final_best_decision": 1}, "score": 0.5,
-        "table": [{"layer": 0, "best": 0}, {"layer": 1, "best": 1}], "matrix": [[1.0, 0.2], [0.2, 1.0]]})
     fig, ax = plt.subplots(figsize=(3, 2))
     ax.plot([0, 1], [1, 0])
-    fig.savefig(out["cka"] / "cka_hidden.png")
-    plt.close(fig)
+    with RunWriter(out["cka"], "cka") as w:
+        w.json("cka.json", {
+            "kind": "cka", "config": {"model": lm.spec, "task": "arc_easy", "remove": [2]},
+            "provenance": {"versions": {"declens": "test"}, "model": {"fingerprint": lm.fingerprint()}},
+            "summary": {"final_best_hidden": 3, "final_best_decision": 1}, "score": 0.5,
+            "table": [{"layer": 0, "best": 0}, {"layer": 1, "best": 1}], "matrix": [[1.0, 0.2], [0.2, 1.0]]})
+        w.bytes("cka_hidden.png", png_bytes(fig))
     for m, L, tp, kc in (("syn-a", 10, 3, 5), ("syn-b", 12, 8, 2), ("syn-c", 16, 6, 7)):
         out[f"a-{m}"] = make_analysis(root / f"a-{m}", m, "arc_easy", L, tp)
         out[f"p-{m}"] = make_prune(root / f"p-{m}", m, "arc_easy", L, tp, kc, max_k=kc + 1)
@@ -228,3 +229,21 @@ def test_smollm2_analyze_prune_correlate_report(smollm2, tmp_path):
     assert on_disk >= 3 * (4 + 2) and text.count("<img ") == on_disk + (2 if len(complete) >= 3 else 0)
     verdict = render_images(page, tmp_path)
     assert verdict["total"] == text.count("<img ") and verdict["ok"] == verdict["total"], verdict["bad"]
+
+
+def test_report_embeds_only_the_files_a_run_wrote(runs, tmp_path):
+    """A figure the manifest does not list (a leftover of another run, a file dropped in by hand) is not
+    shown; a listed figure replaced by another run's refuses the whole folder with the fix."""
+    folder = tmp_path / "analysis"
+    shutil.copytree(runs["analysis"], folder)
+    shutil.copyfile(runs["prune"] / "accuracy_vs_ratio.png", folder / "old_run.png")
+    text = build_report([folder], tmp_path / "r.html").read_text(encoding="utf-8")
+    assert text.count("<img ") == _figure_count(runs["analysis"]) >= 4 and 'alt="old_run.png"' not in text
+    shutil.copyfile(runs["prune"] / "accuracy_vs_ratio.png", folder / "overview.png")
+    with pytest.raises(DeclensError, match="incomplete or was modified after it was written .overview.png has [0-9]+ "
+                                           "bytes, the run wrote [0-9]+.; rerun the command that wrote it"):
+        build_report([folder], tmp_path / "r2.html")
+    (folder / "manifest.json").unlink()
+    with pytest.raises(DeclensError, match="has no manifest.json"):
+        build_report([runs["prune"], folder], tmp_path / "r2.html")
+    assert not (tmp_path / "r2.html").exists()

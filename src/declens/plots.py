@@ -5,6 +5,11 @@
 - ``accuracy.png``: lens accuracy per layer (and ``acc_norm`` for cloze) against chance;
 - ``option_frequency.png``: Option Frequency per layer as a heatmap, with KL(OF || gold) beside;
 - ``overview.png``: the three in one figure.
+
+Of a prune run (:func:`plot_prune`): ``accuracy_vs_ratio.png``, ``final_dm_vs_ratio.png`` (the paper's
+Figure 12) and per method ``pruning_<m>.png``, ``option_dynamics_<m>.png`` (Figures 13-14: KL per layer
+at every step, Option Frequency bars of selected steps) and ``option_radar_<m>.png`` (Figures 15-17).
+With a CKA result, :func:`plot_accuracy_cka` draws the paper's Figure 2.
 """
 
 from __future__ import annotations
@@ -27,9 +32,10 @@ TP_COLOR = "#d62728"
 
 
 def save_figure(fig, path: Path) -> Path:
-    """Write ``fig`` as a PNG (120 dpi, tight box), close it, return ``path``."""
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
+    """Write ``fig`` as a PNG (120 dpi, tight box) atomically (temp file + rename), close it, return ``path``."""
+    from .results import atomic_write_bytes
+
+    atomic_write_bytes(path, png_bytes(fig, dpi=120))
     return path
 
 
@@ -63,21 +69,40 @@ def _layer_axis(ax, m: LayerMetrics) -> np.ndarray:
     return x
 
 
-def plot_dm(ax, m: LayerMetrics, title: str = "") -> None:
+EMB_X = -1.5  # where the embedding read-out sits on a layer axis (left of layer position 0, apart)
+
+
+def _add_embedding(ax, emb: dict | None, key: str, color: str, marker: str = "D") -> None:
+    """Draw the embedding read-out (``emb[key]``) left of the layers, as a separate hollow point labelled ``emb``."""
+    if not emb or emb.get(key) is None:
+        return
+    ax.plot([EMB_X], [emb[key]], ls="none", marker=marker, ms=6, mfc="none", mec=color, mew=1.5,
+            label=f"embedding output ({key})")
+    ticks, labels = list(ax.get_xticks()), [t.get_text() for t in ax.get_xticklabels()]
+    ax.set_xticks([EMB_X] + ticks)
+    ax.set_xticklabels(["emb"] + labels)
+    ax.set_xlim(EMB_X - 0.7, ax.get_xlim()[1])
+
+
+def plot_dm(ax, m: LayerMetrics, title: str = "", emb: dict | None = None) -> None:
+    """Mean DM per layer with its interquartile band and the phases; ``emb``: the embedding read-out
+    (``AnalysisResult.extra["embedding"]``), drawn apart."""
     x = _layer_axis(ax, m)
     shade_phases(ax, m, x)
     ax.fill_between(x, m.dm_q25, m.dm_q75, color="#1f77b4", alpha=0.2, lw=0, label="interquartile range")
     ax.plot(x, m.dm, "-o", color="#1f77b4", ms=3, lw=1.5, label="mean DM")
+    _add_embedding(ax, emb, "dm", "#1f77b4")
     ax.axhline(0, color="k", lw=0.8)
     ax.set_ylabel("Decision Margin")
     ax.set_title(title or "Decision Margin per layer")
     ax.legend(fontsize=7, loc="best")
 
 
-def plot_accuracy(ax, m: LayerMetrics, title: str = "") -> None:
+def plot_accuracy(ax, m: LayerMetrics, title: str = "", emb: dict | None = None) -> None:
     x = _layer_axis(ax, m)
     shade_phases(ax, m, x)
     ax.plot(x, m.acc, "-o", ms=3, color="#2ca02c", label="accuracy")
+    _add_embedding(ax, emb, "accuracy", "#2ca02c")
     if m.acc_norm is not None:
         ax.plot(x, m.acc_norm, "-s", ms=3, color="#9467bd", label="accuracy (length-normalised)")
     ax.axhline(m.chance, color="k", ls=":", lw=1, label=f"chance ({m.chance:.2f})")
@@ -101,10 +126,11 @@ def plot_option_frequency(ax, m: LayerMetrics, labels: Sequence[str], title: str
     plt.colorbar(im, ax=ax, label="share of items", fraction=0.04)
 
 
-def plot_kl(ax, m: LayerMetrics) -> None:
+def plot_kl(ax, m: LayerMetrics, emb: dict | None = None) -> None:
     x = _layer_axis(ax, m)
     shade_phases(ax, m, x)
     ax.plot(x, m.kl, "-o", ms=3, color="#ff7f0e")
+    _add_embedding(ax, emb, "kl", "#ff7f0e")
     ax.set_ylabel("KL(OF || gold) [nats]")
     ax.set_title("Option Frequency vs gold labels")
 
@@ -120,22 +146,23 @@ def plot_analysis(res, out_dir: str | Path) -> list[Path]:
     def save(fig, fname):
         paths.append(save_figure(fig, out / fname))
 
+    emb = res.extra.get("embedding")
     fig, ax = plt.subplots(figsize=(8, 4))
-    plot_dm(ax, m, f"Decision Margin — {name}")
+    plot_dm(ax, m, f"Decision Margin — {name}", emb)
     save(fig, "dm.png")
     fig, ax = plt.subplots(figsize=(8, 4))
-    plot_accuracy(ax, m, f"Accuracy — {name}")
+    plot_accuracy(ax, m, f"Accuracy — {name}", emb)
     save(fig, "accuracy.png")
     fig, (a1, a2) = plt.subplots(2, 1, figsize=(8, 6), sharex=False)
     plot_option_frequency(a1, m, res.option_labels)
-    plot_kl(a2, m)
+    plot_kl(a2, m, emb)
     fig.tight_layout()
     save(fig, "option_frequency.png")
     fig, axes = plt.subplots(2, 2, figsize=(14, 8))
-    plot_dm(axes[0, 0], m)
-    plot_accuracy(axes[0, 1], m)
+    plot_dm(axes[0, 0], m, emb=emb)
+    plot_accuracy(axes[0, 1], m, emb=emb)
     plot_option_frequency(axes[1, 0], m, res.option_labels)
-    plot_kl(axes[1, 1], m)
+    plot_kl(axes[1, 1], m, emb)
     s = m.summary()
     tp = s["transition_layer"]
     fig.suptitle(f"{name}   |   final acc {s['final_accuracy']:.3f}, transition point "
@@ -193,14 +220,22 @@ def plot_dm_across_ratios(ax, run, title: str = "") -> None:
     ax.legend(title="ratio", fontsize=7, ncol=2)
 
 
+def dense_axis_width(run) -> int:
+    """Columns of a dense-layer-id axis for a prune run: its layer count, or more when pruning started
+    from an already-pruned (exported) model whose dense ids go beyond its layer count."""
+    return max(run.num_layers, max(run.best_by_k()[0].layer_ids) + 1)
+
+
 def plot_removal_strip(ax, run) -> None:
     """Which original layers are gone at each ratio (best state), with the dense phases beneath."""
     best = run.best_by_k()
     tp = best[0].transition_layer
-    L = run.num_layers
+    start_ids = list(best[0].layer_ids)  # dense ids of the model pruning started from (an exported model lacks some)
+    L = dense_axis_width(run)
     grid = np.zeros((len(best), L))
+    grid[:, [i for i in range(L) if i not in set(start_ids)]] = 0.5  # already missing before this run
     for row, (k, r) in enumerate(best.items()):
-        grid[row, r.removed] = 1
+        grid[row, list(r.removed)] = 1
     ax.imshow(grid, aspect="auto", cmap="Greys", vmin=0, vmax=1.4, origin="upper",
               extent=(-0.5, L - 0.5, len(best) - 0.5, -0.5))
     if tp is not None:
@@ -211,24 +246,242 @@ def plot_removal_strip(ax, run) -> None:
     ax.set_yticklabels([f"{r.ratio:.0%} · acc {r.accuracy:.2f}" for r in best.values()], fontsize=7)
     step = max(1, -(-L // 32))
     ax.set_xticks(range(0, L, step))
-    ax.set_xlabel("original layer id (dark: removed)")
+    ax.set_xlabel("dense layer id (dark: removed; grey: already absent from the pruned model pruning started from)"
+                  if len(start_ids) < L else "original layer id (dark: removed)")
     ax.set_title(f"Removed layers per pruning ratio ({run.method})")
 
 
+def plot_final_dm_vs_ratio(ax, res) -> None:
+    """Final-layer mean Decision Margin of the best state per ratio, one line per method (the paper's
+    Figure 12), with the zero line (below it the model no longer decides for the gold option on
+    average) and each method's critical ratio dotted."""
+    colors = _method_colors(res.runs)
+    for m, run in res.runs.items():
+        best = run.best_by_k()
+        ax.plot([r.ratio for r in best.values()], [r.final_dm for r in best.values()], "-o", ms=3,
+                color=colors[m], label=m)
+        crit = res.critical.get(m)
+        if crit is not None:
+            ax.axvline(crit, color=colors[m], ls=":", lw=1)
+    ax.axhline(0, color="k", lw=0.8)
+    ax.set_xlabel("pruning ratio (share of layers removed)")
+    ax.set_ylabel("final-layer mean Decision Margin")
+    ax.set_title("Final Decision Margin against pruning ratio (dotted: critical ratio)")
+    ax.legend(fontsize=8)
+
+
+def option_labels(k: int) -> list[str]:
+    """Labels of ``k`` option slots: A, B, C, ..."""
+    return [chr(ord("A") + i) if i < 26 else str(i) for i in range(k)]
+
+
+def select_steps(run, n: int = 4) -> list[int]:
+    """Up to ``n`` numbers of removed layers ``k`` of ``run``'s per-ratio states, evenly spaced from the
+    dense model to the deepest pruning (both included)."""
+    ks = list(run.best_by_k())
+    if len(ks) <= n:
+        return ks
+    idx = np.unique(np.round(np.linspace(0, len(ks) - 1, n)).astype(int))
+    return [ks[i] for i in idx]
+
+
+def kl_grid(run) -> tuple[list[int], np.ndarray]:
+    """KL(OF || gold) of every layer of every per-ratio state on the dense layer axis.
+
+    Returns:
+        ``ks`` (removed layers of each row) and ``[len(ks), L]`` KL, NaN at removed layers.
+    """
+    best = run.best_by_k()
+    grid = np.full((len(best), dense_axis_width(run)), np.nan)
+    for row, r in enumerate(best.values()):
+        grid[row, list(r.layer_ids)] = r.kl
+    return list(best), grid
+
+
+def plot_kl_grid(ax, run, title: str = "") -> None:
+    """Heatmap of KL(OF || gold): pruning steps (rows, best state per ratio) x dense layers (columns);
+    removed layers blank, each state's Transition Point marked."""
+    ks, grid = kl_grid(run)
+    best = run.best_by_k()
+    cmap = plt.get_cmap("magma_r").with_extremes(bad="#f0f0f0")
+    finite = grid[np.isfinite(grid)]
+    im = ax.imshow(np.ma.masked_invalid(grid), aspect="auto", cmap=cmap, vmin=0,
+                   vmax=float(finite.max()) if finite.size and finite.max() > 0 else 1.0, interpolation="nearest",
+                   extent=(-0.5, grid.shape[1] - 0.5, len(ks) - 0.5, -0.5))
+    tps = [(best[k].transition_layer, row) for row, k in enumerate(ks) if best[k].transition_layer is not None]
+    if tps:
+        ax.plot([t for t, _ in tps], [r for _, r in tps], ls="none", marker="|", ms=9, mew=2, color=TP_COLOR,
+                label="Transition Point")
+        ax.legend(fontsize=7, loc="lower left")
+    ax.set_yticks(range(len(ks)))
+    ax.set_yticklabels([f"{best[k].ratio:.0%}" for k in ks], fontsize=7)
+    step = max(1, -(-grid.shape[1] // 32))
+    ax.set_xticks(range(0, grid.shape[1], step))
+    ax.set_xlabel("layer (original id; blank: removed)")
+    ax.set_ylabel("pruning ratio")
+    ax.set_title(title or f"KL(Option Frequency || gold) per layer at every pruning step ({run.method})")
+    plt.colorbar(im, ax=ax, label="KL [nats]", fraction=0.03)
+
+
+def plot_of_bars(ax, rec, title: str = "") -> None:
+    """Option Frequency of every layer of one pruned state as stacked bars (one colour per option),
+    with the gold-label distribution as the last bar when the record has it."""
+    of = np.asarray(rec.option_frequency)  # [L, K]
+    L, K = of.shape
+    gold = getattr(rec, "gold_frequency", None)
+    cols = of if gold is None else np.vstack([of, np.asarray(gold)[None]])
+    x = np.arange(len(cols)) + (np.arange(len(cols)) == L) * 0.6  # a gap before the gold bar
+    cmap = plt.get_cmap("tab10")
+    bottom = np.zeros(len(cols))
+    for k, lab in enumerate(option_labels(K)):
+        ax.bar(x, cols[:, k], bottom=bottom, width=0.85, color=cmap(k % 10), label=lab)
+        bottom += cols[:, k]
+    if rec.transition_layer is not None:
+        ax.axvline(rec.layer_ids.index(rec.transition_layer) - 0.5, color=TP_COLOR, ls="--", lw=1.2)
+    step = max(1, -(-L // 12))
+    ticks = list(range(0, L, step)) + ([L] if gold is not None else [])
+    ax.set_xticks([x[t] for t in ticks])
+    ax.set_xticklabels([str(rec.layer_ids[t]) if t < L else "gold" for t in ticks], fontsize=7)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("share of items")
+    ax.set_title(title or f"{rec.ratio:.0%} removed · acc {rec.accuracy:.2f}", fontsize=9)
+
+
+def plot_option_dynamics(run, path: str | Path, n_steps: int = 6) -> Path:
+    """The paper's Figures 13-14 for one method: KL(OF || gold) per layer at every pruning step (top)
+    and the Option Frequency per layer of ``n_steps`` selected steps (stacked bars, gold bar last)."""
+    ks = select_steps(run, n_steps)
+    best = run.best_by_k()
+    ncol = 2 if len(ks) > 1 else 1
+    nrow = -(-len(ks) // ncol)
+    top = max(2.5, 0.22 * len(best) + 1.2)
+    fig = plt.figure(figsize=(14, top + 2.6 * nrow))
+    gs = fig.add_gridspec(1 + nrow, ncol, height_ratios=[top] + [2.6] * nrow)
+    plot_kl_grid(fig.add_subplot(gs[0, :]), run)
+    for i, k in enumerate(ks):
+        ax = fig.add_subplot(gs[1 + i // ncol, i % ncol])
+        r = best[k]
+        tp = "none" if r.transition_layer is None else r.transition_layer
+        plot_of_bars(ax, r, f"Option Frequency per layer · {r.ratio:.0%} removed · acc {r.accuracy:.2f} · TP {tp}")
+        if i == 0:
+            ax.legend(fontsize=7, ncol=min(8, len(r.option_frequency[0])), loc="upper left", title="option",
+                      title_fontsize=7)
+    fig.tight_layout()
+    return save_figure(fig, Path(path))
+
+
+def radar_values(rec, layer_id: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """Option Frequency ``[K]`` of one layer of a pruned state (sums to 1) and the gold distribution
+    ``[K]`` (None when the record does not carry it)."""
+    of = np.asarray(rec.option_frequency[rec.layer_ids.index(layer_id)], dtype=float)
+    gold = getattr(rec, "gold_frequency", None)
+    return of, None if gold is None else np.asarray(gold, dtype=float)
+
+
+def radar_layers(rec, n: int = 4) -> list[int]:
+    """``n`` dense ids evenly spread over a state's own layers (its first and last included)."""
+    ids = rec.layer_ids
+    idx = np.unique(np.round(np.linspace(0, len(ids) - 1, min(n, len(ids)))).astype(int))
+    return [ids[i] for i in idx]
+
+
+def plot_radar(ax, of: np.ndarray, gold: np.ndarray | None, labels: Sequence[str], title: str = "",
+               rmax: float | None = None) -> None:
+    """One radar (a polar axis): the share of items predicting each option, against the gold frequency
+    (``rmax``: the radius, shared by a grid of radars; default from the values)."""
+    K = len(of)
+    ang = np.linspace(0, 2 * np.pi, K, endpoint=False)
+    close = lambda v: np.append(v, v[0])  # noqa: E731
+    ax.plot(close(ang), close(of), "-", color="#1f77b4", lw=1.5, label="Option Frequency")
+    ax.fill(close(ang), close(of), color="#1f77b4", alpha=0.25)
+    top = float(of.max())
+    if gold is not None:
+        ax.plot(close(ang), close(gold), "--", color="k", lw=1, label="gold")
+        top = max(top, float(gold.max()))
+    ax.set_xticks(ang)
+    ax.set_xticklabels(list(labels), fontsize=7)
+    r = rmax if rmax is not None else min(1.0, max(0.3, 1.1 * top))
+    ax.set_ylim(0, r)
+    ax.set_yticks([r / 3, 2 * r / 3, r])
+    ax.set_yticklabels([f"{v:.2f}" for v in (r / 3, 2 * r / 3, r)])
+    ax.tick_params(axis="y", labelsize=5)
+    ax.set_title(title, fontsize=8, pad=8)
+
+
+def plot_option_radars(run, path: str | Path, n_steps: int = 4, n_layers: int = 4) -> Path:
+    """The paper's Figures 15-17 for one method: a grid of radars, one row per selected pruning step,
+    one column per selected layer (spread over that state's own layers), Option Frequency against gold."""
+    ks = select_steps(run, n_steps)
+    best = run.best_by_k()
+    ncol = max(len(radar_layers(best[k], n_layers)) for k in ks)
+    top = max(max(float(np.max(v)) for v in radar_values(best[k], lid) if v is not None)
+              for k in ks for lid in radar_layers(best[k], n_layers))
+    rmax = min(1.0, max(0.3, 1.1 * top))  # one radius for the whole grid, so shapes compare
+    fig, axes = plt.subplots(len(ks), ncol, figsize=(2.6 * ncol, 2.6 * len(ks) + 0.6), subplot_kw={"projection": "polar"},
+                             squeeze=False)
+    for row, k in enumerate(ks):
+        r = best[k]
+        lids = radar_layers(r, n_layers)
+        for col in range(ncol):
+            ax = axes[row, col]
+            if col >= len(lids):
+                ax.set_visible(False)
+                continue
+            of, gold = radar_values(r, lids[col])
+            plot_radar(ax, of, gold, option_labels(len(of)),
+                       f"{r.ratio:.0%} removed · layer {lids[col]}" + (" (TP)" if lids[col] == r.transition_layer else ""),
+                       rmax=rmax)
+    axes[0, 0].legend(fontsize=7, loc="upper right", bbox_to_anchor=(0.0, 1.25))
+    fig.suptitle(f"Option Frequency radars ({run.method}): rows = pruning ratio, columns = layers spread over "
+                 "each pruned model", fontsize=10)
+    fig.tight_layout()
+    return save_figure(fig, Path(path))
+
+
 def plot_prune(res, out_dir: str | Path) -> list[Path]:
-    """Figures of a prune run: accuracy vs ratio, DM curves across ratios and removal strips per method."""
+    """Figures of a prune run: accuracy and final DM vs ratio (all methods), and per method the DM
+    curves across ratios with the removal strips, the per-step Option Frequency / KL figure and the
+    Option Frequency radars."""
     out = Path(out_dir)
     paths = []
     fig, ax = plt.subplots(figsize=(8, 4.5))
     plot_accuracy_vs_ratio(ax, res)
     paths.append(save_figure(fig, out / "accuracy_vs_ratio.png"))
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    plot_final_dm_vs_ratio(ax, res)
+    paths.append(save_figure(fig, out / "final_dm_vs_ratio.png"))
     for m, run in res.runs.items():
         fig, (a1, a2) = plt.subplots(1, 2, figsize=(15, max(4.5, 0.22 * len(run.best_by_k()) + 1.5)))
         plot_dm_across_ratios(a1, run)
         plot_removal_strip(a2, run)
         fig.tight_layout()
         paths.append(save_figure(fig, out / f"pruning_{m}.png"))
+        paths.append(plot_option_dynamics(run, out / f"option_dynamics_{m}.png"))
+        paths.append(plot_option_radars(run, out / f"option_radar_{m}.png"))
     return paths
+
+
+def plot_accuracy_cka(prune_res, cka_res, path: str | Path, method: str | None = None) -> Path:
+    """The paper's Figure 2: accuracy against pruning ratio (top, every method of ``prune_res``, the
+    CKA model's ratio marked) and the CKA of that pruned model with the dense model (bottom: token-
+    averaged hidden states and decision-token states)."""
+    from .analyses.cka import plot_cka_heatmap
+
+    removed = sorted(cka_res.config.get("remove") or [])
+    ratio = len(removed) / int(cka_res.config.get("num_layers") or len(cka_res.dense_ids))
+    fig = plt.figure(figsize=(13, 9.5))
+    gs = fig.add_gridspec(2, 2, height_ratios=[1, 1.25])
+    top = fig.add_subplot(gs[0, :])
+    plot_accuracy_vs_ratio(top, prune_res)
+    top.axvline(ratio, color="k", lw=1.5, alpha=0.6, label=f"CKA model ({ratio:.0%} removed)")
+    top.legend(fontsize=8)
+    top.set_title("Accuracy against pruning ratio" + (f" ({method} state compared below)" if method else ""))
+    plot_cka_heatmap(fig.add_subplot(gs[1, 0]), cka_res, "hidden", f"CKA, token-averaged hidden states ({ratio:.0%} removed)")
+    plot_cka_heatmap(fig.add_subplot(gs[1, 1]), cka_res, "decision", f"CKA, decision-token states ({ratio:.0%} removed)")
+    cfg = prune_res.config
+    fig.suptitle(f"{Path(str(cfg.get('model'))).name} · {cfg.get('task')} · {cfg.get('format')}", fontsize=12)
+    fig.tight_layout()
+    return save_figure(fig, Path(path))
 
 
 def plot_ablation(res, out_dir: str | Path, task: str) -> list[Path]:

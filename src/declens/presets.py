@@ -206,6 +206,83 @@ def fetch_preset(name: str, progress: bool = True, force: bool = False) -> Path:
     return final
 
 
+#: byte size of each fixed-size GGUF metadata value type (8 STRING and 9 ARRAY are variable)
+_GGUF_SCALARS = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+
+
+def check_gguf_header(path: Path) -> dict:
+    """Walk a GGUF file's header (magic, version, metadata, tensor table) without loading it.
+
+    A file cut inside its header (an interrupted download or copy) gets a clear message here
+    instead of a ``struct.error`` deep inside the GGUF reader.
+
+    Returns:
+        ``{"version", "tensors", "metadata", "header_bytes", "size"}``.
+
+    Raises:
+        ModelError: not a GGUF file, an unsupported version, or a header cut short ("truncated").
+    """
+    import struct
+
+    path = Path(path)
+    size = path.stat().st_size
+
+    def cut(at: int) -> ModelError:
+        return ModelError(f"GGUF file {str(path)!r} is truncated: its header ends early (the file has {size} bytes, "
+                          f"the header needs more than {at}); download or copy it again")
+
+    with open(path, "rb") as f:
+        def read(n: int) -> bytes:
+            b = f.read(n)
+            if len(b) < n:
+                raise cut(f.tell())
+            return b
+
+        def skip(n: int) -> None:
+            if f.tell() + n > size:
+                raise cut(f.tell() + n)
+            f.seek(n, 1)
+
+        def u32() -> int:
+            return struct.unpack("<I", read(4))[0]
+
+        def u64() -> int:
+            return struct.unpack("<Q", read(8))[0]
+
+        def value(kind: int, depth: int = 0) -> None:
+            if kind in _GGUF_SCALARS:
+                skip(_GGUF_SCALARS[kind])
+            elif kind == 8:
+                skip(u64())
+            elif kind == 9 and depth == 0:
+                sub, count = u32(), u64()
+                if sub in _GGUF_SCALARS:
+                    skip(_GGUF_SCALARS[sub] * count)
+                else:
+                    for _ in range(count):
+                        value(sub, depth + 1)
+            else:
+                raise ModelError(f"GGUF file {str(path)!r} is corrupt (unknown metadata type {kind} at byte "
+                                 f"{f.tell()}); download or copy it again")
+
+        magic = f.read(4)
+        if magic != b"GGUF":
+            if size < 4 and b"GGUF".startswith(magic):
+                raise cut(4)
+            raise ModelError(f"{str(path)!r} is not a GGUF file (it does not start with 'GGUF'); pass a .gguf model file")
+        version = u32()
+        if version not in (2, 3):
+            raise ModelError(f"GGUF file {str(path)!r} has version {version}; declens reads GGUF versions 2 and 3")
+        n_tensors, n_kv = u64(), u64()
+        for _ in range(n_kv):
+            skip(u64())  # the key
+            value(u32())
+        for _ in range(n_tensors):
+            skip(u64())  # the name
+            skip(8 * u32() + 4 + 8)  # dims, type, offset
+        return {"version": version, "tensors": n_tensors, "metadata": n_kv, "header_bytes": f.tell(), "size": size}
+
+
 def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     """Load a GGUF file with transformers (dequantized to float32) and save it as safetensors."""
     import torch

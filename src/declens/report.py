@@ -14,8 +14,13 @@ script, font or other external resource. The page has
    summary and the per-layer DM / accuracy / KL table in a collapsed ``<details>``; ``prune``: the
    per-ratio *Remain / #Removed / Pruning Ratio / Removed Layer IDs* table per method; ``eval``: the
    accuracy table; any other kind (``cka``, ``noise``, ``recover``, ``ablate``, ...): its config and
-   its top-level scalar fields), every image in the folder, and the provenance (model and data
+   its top-level scalar fields), every image of the run, and the provenance (model and data
    fingerprints, library versions) in small print.
+
+Every folder is verified against its ``manifest.json`` before anything is read
+(:func:`declens.results.verify_run_folder`): a folder left half-written by a killed run, or holding a
+file of another run, is refused with a clear error instead of being shown; only files the manifest
+lists are read or embedded.
 
 All text from the result files is escaped (:func:`html.escape`). The output is deterministic: the
 same folders give the same bytes (no generation time is written; each file's own ``created`` time
@@ -28,6 +33,7 @@ Example:
 from __future__ import annotations
 
 import base64
+import hashlib
 import html
 import json
 import math
@@ -37,7 +43,7 @@ from typing import Any, Iterable, Sequence
 from .analyses.correlation import (CorrelationResult, Gathered, RunFile, correlate_gathered, find_run_files, gather,
                                    model_label)
 from .errors import DeclensError
-from .results import atomic_write_text
+from .results import RunManifest, atomic_write_text, incomplete_error, verify_run_folder
 
 #: image types embedded, by suffix
 IMAGE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".svg": "image/svg+xml",
@@ -473,13 +479,22 @@ def _correlations(g: Gathered, run_dirs: Sequence[str]) -> str:
 # Folders and the page
 
 
-def _figures(folder: Path) -> list[Path]:
-    imgs = [p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_TYPES and not p.name.startswith(".")]
+def _figures(manifest: RunManifest) -> list[Path]:
+    """The images of a run: only files its manifest lists (never leftovers of another run)."""
+    imgs = manifest.paths(tuple(IMAGE_TYPES))
     order = {n: i for i, n in enumerate(FIGURE_ORDER)}
     return sorted(imgs, key=lambda p: (order.get(p.name, len(order)), p.name))
 
 
-def _folder_section(idx: int, folder: Path, files: list[RunFile]) -> str:
+def _read_listed(manifest: RunManifest, p: Path) -> bytes:
+    """The bytes of a listed file, checked against the manifest's sha256 as they are read."""
+    data = p.read_bytes()
+    if hashlib.sha256(data).hexdigest() != manifest.files[p.name]["sha256"]:
+        raise incomplete_error(manifest.folder, f"{p.name} changed while the report was built")
+    return data
+
+
+def _folder_section(idx: int, folder: Path, files: list[RunFile], manifest: RunManifest) -> str:
     kinds = ", ".join(sorted({f.kind for f in files}))
     out = [f'<section id="run-{idx}"><h2>{idx}. {e(folder.name or folder)} <span class="small">({e(kinds)})</span></h2>',
            f'<p class="small">folder <code>{e(folder)}</code></p>']
@@ -487,12 +502,12 @@ def _folder_section(idx: int, folder: Path, files: list[RunFile]) -> str:
         out.append(f"<h3>{e(f.path.name)} — {e(f.kind)}</h3>")
         out.append(SECTIONS.get(f.kind, _generic_section)(f))
         out.append(_provenance(f))
-    figs = _figures(folder)
+    figs = _figures(manifest)
     if figs:
         out.append(f"<h3>figures ({len(figs)})</h3>")
         for p in figs:
             try:
-                data = p.read_bytes()
+                data = _read_listed(manifest, p)
             except OSError as err:
                 out.append(f'<p class="err">cannot read {e(p.name)}: {e(err)}</p>')
                 continue
@@ -503,24 +518,27 @@ def _folder_section(idx: int, folder: Path, files: list[RunFile]) -> str:
     return "".join(out)
 
 
-def build_report(run_dirs: Sequence[str | Path], out_html: str | Path, title: str | None = None) -> Path:
+def build_report(run_dirs: Sequence[str | Path], out_html: str | Path, title: str | None = None,
+                 preface: str = "") -> Path:
     """Write one self-contained HTML report over run folders.
 
     Args:
         run_dirs: folders written by ``declens analyze``, ``prune``, ``eval``, ``correlate`` or any
             command that writes a ``*.json`` with a top-level ``kind`` (a result file itself may be
-            given too; its folder's figures are shown).
+            given too; its folder's figures are shown). Each must be complete (see the module docstring).
         out_html: the page to write (its folder is created; written atomically).
         title: page title (default: "declens report" and the models found).
+        preface: HTML placed before the headline numbers (a study's verdict table, say).
 
     Returns:
         The path of the written page.
 
     Raises:
-        DeclensError: no folders, a folder that does not exist or holds no declens result.
+        DeclensError: no folders, a folder that does not exist, holds no declens result, or is
+            incomplete or was modified after it was written.
     """
     g = gather(run_dirs)  # validates every folder
-    folders: list[tuple[Path, list[RunFile]]] = []
+    folders: list[tuple[Path, list[RunFile], RunManifest]] = []
     seen: set[Path] = set()
     for d in run_dirs:
         p = Path(d)
@@ -528,8 +546,8 @@ def build_report(run_dirs: Sequence[str | Path], out_html: str | Path, title: st
         if folder.resolve() in seen:
             continue
         seen.add(folder.resolve())
-        folders.append((folder, find_run_files(p)))
-    models = sorted({model_label(f.config.get("model")) for _, fs in folders for f in fs if f.config.get("model")})
+        folders.append((folder, find_run_files(p), verify_run_folder(folder)))
+    models = sorted({model_label(f.config.get("model")) for _, fs, _ in folders for f in fs if f.config.get("model")})
     if title is None:
         title = "declens report" + (f": {', '.join(models)}" if models else "")
     from . import __version__
@@ -541,12 +559,13 @@ def build_report(run_dirs: Sequence[str | Path], out_html: str | Path, title: st
             + '<li><a href="#correlation">Transition Point vs critical pruning ratio</a></li>'
             + "".join(f'<li><a href="#run-{i}">{e(folder.name or folder)}</a> '
                       f'<span class="small">({e(", ".join(sorted({f.kind for f in fs})))})</span></li>'
-                      for i, (folder, fs) in enumerate(folders, 1)) + "</ol></nav>",
+                      for i, (folder, fs, _) in enumerate(folders, 1)) + "</ol></nav>",
+            preface,
             '<section id="headlines"><h2>Headline numbers</h2>', _headlines(g), "</section>",
             '<section id="correlation"><h2>Transition Point vs critical pruning ratio</h2>',
             '<p class="small">Pearson correlation across model/task/format pairs (paper Section 4.2.2, the safe '
             "pruning margin).</p>", _correlations(g, [str(d) for d in run_dirs]), "</section>"]
-    body += [_folder_section(i, folder, fs) for i, (folder, fs) in enumerate(folders, 1)]
+    body += [_folder_section(i, folder, fs, m) for i, (folder, fs, m) in enumerate(folders, 1)]
     page = ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
             "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n"
             f"<meta name=\"generator\" content=\"declens {e(__version__)}\">\n"

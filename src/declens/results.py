@@ -3,6 +3,11 @@
 Every result file records the config that produced it, the library versions, and the model and
 data fingerprints. Files are written to a temporary name and renamed into place, so a killed run
 never leaves a half-written file.
+
+A run folder is written as a whole by :class:`RunWriter`: the old ``manifest.json`` is removed
+before the first write and the new one (every file's path, size and sha256) is written last, so a
+folder is either complete and consistent or has no manifest. Every reader calls
+:func:`verify_run_folder` first and reads only the files the manifest lists.
 """
 
 from __future__ import annotations
@@ -13,11 +18,12 @@ import io
 import json
 import os
 import platform
+import re
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -46,6 +52,11 @@ def _atomic(path: Path, data: bytes) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def atomic_write_bytes(path: Path | str, data: bytes) -> None:
+    """Write bytes to ``path`` atomically (temp file + rename)."""
+    _atomic(Path(path), data)
 
 
 def atomic_write_text(path: Path | str, text: str) -> None:
@@ -112,6 +123,9 @@ def provenance(lm=None, data=None, **extra: Any) -> dict:
         out["model"] = {"spec": lm.spec, "source": lm.source, "family": lm.family, "num_layers": lm.num_layers,
                         "dtype": str(lm.dtype).replace("torch.", ""), "device": str(lm.device),
                         "fingerprint": lm.fingerprint()}
+        # prompts longer than the context window: refused unless allowed, and then counted here
+        out["truncation"] = {"allowed": bool(getattr(lm, "truncate", False)),
+                             "prompts_truncated": int(getattr(lm, "truncated", 0))}
     if data is not None:
         out["data"] = {"task": data.name, "split": data.split, "selection": data.selection,
                        "fingerprint": data.fingerprint()}
@@ -155,11 +169,20 @@ class Checkpoint:
             pass
 
 
-def read_result_file(path: str | Path, filename: str, command: str) -> tuple[Path, dict]:
+def read_result_file(path: str | Path, filename: str, command: str, also: Sequence[str] = ()) -> tuple[Path, dict]:
     """A result folder (or the file itself) written by ``declens <command>``: the file's path and its JSON.
 
+    The folder is checked against its manifest first (:func:`verify_run_folder`), so a folder left
+    half-written by a killed run, or with a file of another run, is refused instead of read.
+
+    Args:
+        path: the folder, or the result file in it.
+        filename: the result file (``result.json``, ``prune.json``, ...).
+        command: the command that writes it (for the message).
+        also: other files of the folder the caller reads (they must be listed in the manifest).
+
     Raises:
-        DeclensError: the path holds no ``filename``.
+        DeclensError: the path holds no ``filename``, or the folder is incomplete or was modified.
     """
     from .errors import DeclensError
 
@@ -167,7 +190,310 @@ def read_result_file(path: str | Path, filename: str, command: str) -> tuple[Pat
     p = p / filename if p.is_dir() else p
     if not p.is_file():
         raise DeclensError(f"{str(path)!r} holds no {filename}; pass a folder written by 'declens {command}'")
-    return p, json.loads(p.read_text())
+    manifest = verify_run_folder(p.parent)
+    for name in (p.name, *also):
+        if name not in manifest.files:
+            raise incomplete_error(p.parent, f"its manifest lists no {name}")
+    return p, json.loads(p.read_text(encoding="utf-8"))
+
+
+# ------------------------------------------------------------------------------------------------
+# Run folders: written as a whole, with a manifest written last and verified on every read
+
+#: written last into every run folder: every file of the result with its size and sha256
+MANIFEST_FILE = "manifest.json"
+#: while a run folder is being rewritten: the files of the previous run(s), deleted once the new run is written
+PREVIOUS_MANIFEST = ".manifest-previous.json"
+#: resume state a run keeps in its folder while it works; removed after a successful final write
+RESUME_STATE = (".checkpoint", ".prune-state.json")
+MANIFEST_VERSION = 1
+
+
+def incomplete_error(folder: Path | str, why: str):
+    """The one error for a run folder that is not a complete, unmodified result."""
+    from .errors import DeclensError
+
+    return DeclensError(f"run folder {str(folder)!r} is incomplete or was modified after it was written ({why}); "
+                        f"rerun the command that wrote it")
+
+
+def file_digest(path: Path | str) -> tuple[int, str]:
+    """Size in bytes and sha256 (hex) of a file."""
+    h = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+            size += len(chunk)
+    return size, h.hexdigest()
+
+
+@dataclass
+class RunManifest:
+    """The manifest of a run folder (``manifest.json``).
+
+    Attributes:
+        folder: the run folder.
+        kind: the result's kind (``analysis``, ``prune``, ``eval``, ``ablate``, ``cka``, ``noise``,
+            ``recover``, ``correlate``).
+        run_id: random id of the run that wrote the folder.
+        files: relative path -> ``{"size": bytes, "sha256": hex}`` of every file of the result.
+        declens: the declens version that wrote it.
+        created: when the manifest was written.
+        complete: False for an intermediate save of a run that was still working (``recover``).
+    """
+
+    folder: Path
+    kind: str
+    run_id: str
+    files: dict[str, dict]
+    declens: str = ""
+    created: str = ""
+    complete: bool = True
+
+    def paths(self, suffixes: Sequence[str] | None = None) -> list[Path]:
+        """Paths of the listed files (only those ending in one of ``suffixes``), sorted by name."""
+        names = sorted(n for n in self.files if suffixes is None or Path(n).suffix.lower() in suffixes)
+        return [self.folder / n for n in names]
+
+    def to_dict(self) -> dict:
+        return {"manifest_version": MANIFEST_VERSION, "kind": self.kind, "run_id": self.run_id,
+                "declens": self.declens, "created": self.created, "complete": self.complete,
+                "files": [{"path": n, **self.files[n]} for n in sorted(self.files)]}
+
+
+def _read_manifest_file(path: Path) -> dict | None:
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return d if isinstance(d, dict) and isinstance(d.get("files"), list) else None
+
+
+def _safe_name(name: Any) -> bool:
+    """A plain relative path inside the run folder, not the manifest itself (what a manifest may list)."""
+    if not isinstance(name, str) or not name or Path(name).is_absolute() or ".." in Path(name).parts:
+        return False
+    return name not in (MANIFEST_FILE, PREVIOUS_MANIFEST)
+
+
+def verify_run_folder(path: str | Path, allow_partial: bool = False) -> RunManifest:
+    """Check a run folder against its manifest: every listed file is there with its size and sha256.
+
+    Every reader of run folders (``report``, ``correlate``, ``recover --from-prune``, the ``load``
+    methods) goes through this, and then reads only files the manifest lists.
+
+    Args:
+        path: the run folder (or a file in it).
+        allow_partial: accept an intermediate save of a run that was still working.
+
+    Returns:
+        The verified :class:`RunManifest`.
+
+    Raises:
+        DeclensError: the folder does not exist, has no (readable) manifest (a run stopped while
+            writing it, or an older declens wrote it), a listed file is missing or differs from
+            the one the run wrote, or the result is partial.
+    """
+    from .errors import DeclensError
+
+    p = Path(path)
+    folder = p.parent if p.is_file() else p
+    if not folder.is_dir():
+        raise DeclensError(f"run folder {str(folder)!r} does not exist")
+    mp = folder / MANIFEST_FILE
+    if not mp.is_file():
+        raise incomplete_error(folder, f"it has no {MANIFEST_FILE}, which declens writes last: the run that wrote it "
+                                       "stopped before it finished, or an older declens wrote it")
+    d = _read_manifest_file(mp)
+    if d is None or not isinstance(d.get("kind"), str):
+        raise incomplete_error(folder, f"{MANIFEST_FILE} is not a declens manifest")
+    files: dict[str, dict] = {}
+    for entry in d["files"]:
+        name = entry.get("path") if isinstance(entry, dict) else None
+        if not _safe_name(name) or not isinstance(entry.get("size"), int) or not isinstance(entry.get("sha256"), str):
+            raise incomplete_error(folder, f"{MANIFEST_FILE} lists a bad entry {str(entry)[:80]!r}")
+        q = folder / name
+        if not q.is_file():
+            raise incomplete_error(folder, f"{name} is missing")
+        size, sha = file_digest(q)
+        if size != entry["size"]:
+            raise incomplete_error(folder, f"{name} has {size} bytes, the run wrote {entry['size']}")
+        if sha != entry["sha256"]:
+            raise incomplete_error(folder, f"{name} is not the file the run wrote: its sha256 differs")
+        files[name] = {"size": size, "sha256": sha}
+    m = RunManifest(folder=folder, kind=d["kind"], run_id=str(d.get("run_id", "")), files=files,
+                    declens=str(d.get("declens", "")), created=str(d.get("created", "")),
+                    complete=d.get("complete", True) is not False)
+    if not m.complete and not allow_partial:
+        raise DeclensError(f"run folder {str(folder)!r} holds a partial {m.kind} result (its run was stopped after "
+                           f"{len(files)} file(s) of intermediate results); rerun the command that wrote it")
+    if p.is_file() and p.name not in files and p.name != MANIFEST_FILE:
+        raise incomplete_error(folder, f"its manifest lists no {p.name}")
+    return m
+
+
+def clean_run_folder(folder: Path | str) -> list[Path]:
+    """Remove resume state (``.checkpoint/``, ``.prune-state.json``) and stray ``.*.tmp`` files of killed
+    atomic writes from a run folder; return what was removed. Called after a successful final write."""
+    import shutil
+
+    folder = Path(folder)
+    gone = []
+    for name in RESUME_STATE:
+        q = folder / name
+        if q.is_dir():
+            shutil.rmtree(q, ignore_errors=True)
+            gone.append(q)
+        elif q.exists():
+            q.unlink()
+            gone.append(q)
+    for q in folder.glob(".*.tmp"):
+        if q.is_file() and re.fullmatch(r"\..+\.[A-Za-z0-9_]+\.tmp", q.name):  # the names _atomic's temp files have
+            q.unlink()
+            gone.append(q)
+    return gone
+
+
+class RunWriter:
+    """Writes one result into a run folder as a whole (use as a context manager).
+
+    On entry the folder's manifest is removed first (the list of the previous run's files is kept in
+    a hidden ``.manifest-previous.json``), so from then on every reader sees the folder as incomplete.
+    Files are written atomically (temp file + rename) and registered; on a clean exit, files of the
+    previous run that this run did not write (stale figures, say) are deleted, ``manifest.json`` is
+    written last (relative path, size and sha256 of every file, kind, run id, declens version), and
+    resume state and stray temp files are removed. An exception leaves the folder without a manifest:
+    recognisably incomplete. Under ``torchrun`` only rank 0 writes; on other ranks every call is a no-op.
+
+    Example:
+        >>> with RunWriter(out, "analysis") as w:
+        ...     w.npz("scores.npz", scores=arr)
+        ...     w.json("result.json", d)
+        ...     w.figures(plot_analysis, res, out)
+
+    Args:
+        out_dir: the run folder (created).
+        kind: the result's kind.
+        partial: an intermediate save of a run still working: readers refuse it (as partial), and
+            resume state is kept.
+
+    Raises:
+        DeclensError: (on entry) the folder holds a result of another kind.
+    """
+
+    def __init__(self, out_dir: Path | str, kind: str, partial: bool = False):
+        from . import distributed
+
+        self.folder = Path(out_dir)
+        self.kind = kind
+        self.partial = partial
+        self.active = distributed.is_main()
+        self.written: list[str] = []
+        self.previous: set[str] = set()
+
+    def __enter__(self) -> "RunWriter":
+        if self.active:
+            self.previous = begin_run_folder(self.folder, self.kind)
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is None and self.active:
+            finish_run_folder(self, self.folder)
+        return False
+
+    def _name(self, name: str) -> Path:
+        if name not in self.written:
+            self.written.append(name)
+        return self.folder / name
+
+    def bytes(self, name: str, data: bytes) -> None:
+        """Write a file of the result atomically."""
+        if self.active:
+            _atomic(self._name(name), data)
+
+    def text(self, name: str, text: str) -> None:
+        self.bytes(name, text.encode("utf-8"))
+
+    def json(self, name: str, obj: Any) -> None:
+        self.text(name, json.dumps(to_jsonable(obj), indent=2, ensure_ascii=False) + "\n")
+
+    def npz(self, name: str, **arrays: np.ndarray) -> None:
+        if self.active:
+            buf = io.BytesIO()
+            np.savez_compressed(buf, **arrays)
+            self.bytes(name, buf.getvalue())
+
+    def add(self, paths: Sequence[Path | str]) -> None:
+        """Register files written into the folder by other code (figures)."""
+        for q in paths:
+            q = Path(q)
+            if q.resolve().parent != self.folder.resolve():
+                raise ValueError(f"{q} is not in the run folder {self.folder}")
+            self._name(q.name)
+
+    def figures(self, draw, *args: Any, **kwargs: Any) -> None:
+        """Call ``draw(*args, **kwargs)`` (a plot function returning the paths it wrote) and register them;
+        nothing is drawn on ranks other than 0."""
+        if self.active:
+            self.add(draw(*args, **kwargs))
+
+
+def check_run_folder_kind(folder: Path | str, kind: str) -> list[dict]:
+    """Refuse to write a ``kind`` result into a folder holding (or last rewritten for) another kind of result;
+    call it before long work. Returns the manifests found (current and previous).
+
+    Raises:
+        DeclensError: the folder's manifest names another kind.
+    """
+    from .errors import DeclensError
+
+    folder = Path(folder)
+    found = [d for d in (_read_manifest_file(folder / MANIFEST_FILE), _read_manifest_file(folder / PREVIOUS_MANIFEST))
+             if d is not None]
+    other = {d.get("kind") for d in found} - {kind}
+    if other:
+        raise DeclensError(f"{str(folder)!r} holds the result of another command (kind {sorted(map(str, other))[0]}); "
+                           f"write this {kind} result to another folder (--out), or delete that one first")
+    return found
+
+
+def begin_run_folder(folder: Path, kind: str) -> set[str]:
+    """Start rewriting a run folder: refuse another kind, keep the previous files' names, remove the manifest.
+
+    Returns:
+        Names of the files of the previous run(s) (deleted at the end unless written again).
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    found = check_run_folder_kind(folder, kind)
+    names = {e.get("path") for d in found for e in d["files"] if isinstance(e, dict) and _safe_name(e.get("path"))}
+    if found:
+        atomic_write_json(folder / PREVIOUS_MANIFEST, {"kind": kind, "files": [{"path": n} for n in sorted(names)]})
+    (folder / MANIFEST_FILE).unlink(missing_ok=True)
+    return names
+
+
+def finish_run_folder(w: RunWriter, folder: Path) -> RunManifest:
+    """End a rewrite: delete stale files of the previous run, write the manifest last, clean up."""
+    import uuid
+
+    from . import __version__
+
+    for name in sorted(w.previous - set(w.written)):
+        q = folder / name
+        if q.is_file():
+            q.unlink()
+    files = {}
+    for name in w.written:
+        size, sha = file_digest(folder / name)
+        files[name] = {"size": size, "sha256": sha}
+    m = RunManifest(folder=folder, kind=w.kind, run_id=uuid.uuid4().hex, files=files, declens=__version__,
+                    created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), complete=not w.partial)
+    atomic_write_json(folder / MANIFEST_FILE, m.to_dict())
+    (folder / PREVIOUS_MANIFEST).unlink(missing_ok=True)
+    if not w.partial:
+        clean_run_folder(folder)
+    return m
 
 
 @dataclass
@@ -251,29 +577,34 @@ class AnalysisResult:
             **self.extra,
         }
 
-    def save(self, out_dir: Path | str) -> Path:
-        """Write ``result.json``, ``layers.csv`` and ``scores.npz`` into ``out_dir`` (atomically)."""
+    def save(self, out_dir: Path | str, plots: bool = False) -> Path:
+        """Write ``scores.npz``, ``layers.csv``, ``result.json`` and (with ``plots``) the figures into
+        ``out_dir`` as one run folder (see :class:`RunWriter`: the manifest is written last)."""
         out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
         s = self.scores
         arrays = {"scores": s.scores, "gold": s.gold, "n_options": s.n_options, "layer_ids": np.array(s.layer_ids)}
         if s.norm_scores is not None:
             arrays["norm_scores"] = s.norm_scores
-        atomic_save_npz(out / SCORES_FILE, **arrays)
         rows = self.layer_rows()
         buf = io.StringIO()
         w = csv.DictWriter(buf, fieldnames=list(rows[0]))
         w.writeheader()
         for r in rows:
             w.writerow({k: (f"{v:.6g}" if isinstance(v, (float, np.floating)) else v) for k, v in r.items()})
-        atomic_write_text(out / LAYERS_CSV, buf.getvalue())
-        atomic_write_json(out / RESULT_FILE, self.to_dict())
+        with RunWriter(out, "analysis") as run:
+            run.npz(SCORES_FILE, **arrays)
+            run.text(LAYERS_CSV, buf.getvalue())
+            run.json(RESULT_FILE, self.to_dict())
+            if plots:
+                from .plots import plot_analysis
+
+                run.figures(plot_analysis, self, out)
         return out
 
     @classmethod
     def load(cls, out_dir: Path | str) -> "AnalysisResult":
         """Read a result folder written by :meth:`save`."""
-        path, d = read_result_file(out_dir, RESULT_FILE, "analyze")
+        path, d = read_result_file(out_dir, RESULT_FILE, "analyze", also=(SCORES_FILE,))
         with np.load(path.parent / SCORES_FILE) as z:
             scores = LayerScores(
                 layer_ids=[int(i) for i in z["layer_ids"]], scores=z["scores"], gold=z["gold"], n_options=z["n_options"],
@@ -286,3 +617,49 @@ class AnalysisResult:
                               decision_score=d["config"].get("decision_score", "raw"))
         res.extra = extra
         return res
+
+
+def check_output_dir(path: str | Path, option: str = "--out", *, file: bool = False, empty: bool = False) -> Path:
+    """Check, before any work, that results can be written at ``path``; create nothing.
+
+    Args:
+        path: the results folder (or, with ``file``, the file) a command will write.
+        option: the command-line option that named it (for the message).
+        file: ``path`` is a file to write (``report --out page.html``), not a folder.
+        empty: the folder must be new or empty (``export``).
+
+    Returns:
+        ``path`` as a :class:`Path`.
+
+    Raises:
+        DeclensError: ``path`` is an existing file (a folder is wanted) or folder (a file is wanted),
+            a non-empty folder where ``empty`` asks for a new one, lies below a file, or its
+            nearest existing folder cannot be written.
+    """
+    from .errors import DeclensError
+
+    p = Path(path).expanduser()
+    want = "file" if file else "folder"
+    if file and p.is_dir():
+        raise DeclensError(f"{option} {str(p)!r} is an existing folder; give the path of the {want} to write, "
+                           f"e.g. {str(p / 'report.html')!r}")
+    if not file and p.exists() and not p.is_dir():
+        raise DeclensError(f"{option} {str(p)!r} is an existing file, not a folder; choose a new folder name")
+    if empty and p.is_dir() and any(p.iterdir()):
+        raise DeclensError(f"{option} {str(p)!r} exists and is not empty; choose a new folder or empty it")
+    base = p.parent if file else p
+    while not base.exists() and not base.is_symlink():
+        if base == base.parent:
+            break
+        base = base.parent
+    base = base if str(base) else Path(".")
+    if not base.is_dir():
+        raise DeclensError(f"{option} {str(p)!r} lies below {str(base)!r}, which is a file; choose another path")
+    try:  # a real write: permissions, read-only file systems and pseudo file systems alike
+        fd, probe = tempfile.mkstemp(dir=base, prefix=".declens-write-check.")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise DeclensError(f"{option} {str(p)!r} cannot be written ({str(base)!r}: {e.strerror or e}); "
+                           "choose a writable location") from None
+    return p

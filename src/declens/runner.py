@@ -23,7 +23,7 @@ from torch import Tensor
 
 from . import distributed, fastpath
 from .models import DecoderParts
-from .surgery import dense_layer_ids, layer_view
+from .surgery import Positions, dense_layer_ids, layer_view
 
 
 @dataclass
@@ -253,7 +253,7 @@ def forward(
     parts: DecoderParts,
     batch: Batch,
     probes: Sequence[Probe] = (),
-    layers: Sequence[int] | None = None,
+    layers: Positions | Sequence[int] | None = None,
     start_hidden: Tensor | None = None,
     grad: bool = False,
     defer: bool = False,
@@ -264,7 +264,8 @@ def forward(
         parts: the model's decoder parts.
         batch: the batch to run.
         probes: probes called on every layer, in order.
-        layers: positions (in the current layer list) of the layers to run (a layer view); None runs all.
+        layers: positions (in the current layer list, not dense ids: a :class:`~declens.surgery.DenseIds`
+            is refused) of the layers to run (a layer view); None runs all.
         start_hidden: ``[B, T, d]`` hidden states fed to the first layer in ``layers`` instead of
             the embeddings (reuse of a cached prefix).
         grad: run with autograd (training) instead of inference mode.
@@ -275,7 +276,7 @@ def forward(
         ``[B, T, d]`` the final normalised hidden states (the LM head's input).
     """
     n = parts.num_layers
-    ids = list(range(n)) if layers is None else list(layers)
+    ids = Positions(range(n) if layers is None else layers)
     dense = dense_layer_ids(parts)
     if not grad and fastpath.supported(parts, int(batch.input_ids.shape[1])):
         with torch.inference_mode():
@@ -283,7 +284,7 @@ def forward(
         if not defer:
             flush(probes)
         return out
-    view = nullcontext() if layers is None or ids == list(range(n)) else layer_view(parts, ids)
+    view = nullcontext() if ids == list(range(n)) else layer_view(parts, ids)
     mode = torch.enable_grad() if grad else torch.inference_mode()
     with mode, view, ExitStack() as stack:
         running = parts.layers

@@ -18,15 +18,18 @@ import torch
 from torch import Tensor
 
 from .formats import ClozeRequests, LetterRequests
-from .lens import Lens
+from .kernels import log_normalizer, softcap
+from .lens import EMBEDDING_ID, Lens
 from .models import DecoderParts
 from . import distributed
 from .runner import Batch, Probe, pack_sequences, run_batches, to_device
 from .errors import LayerSpecError
-from .surgery import dense_layer_ids
+from .surgery import dense_ids_of, dense_layer_ids
 
-#: Largest number of float32 logits the cloze lens materialises at once (256 MB).
-LOGIT_BUDGET = 64 * 1024 * 1024
+#: Largest number of vocabulary logits the cloze lens materialises at once: 64 M on the CPU (a
+#: float32 copy is made there: 256 MB), 256 M on a GPU (kept in the head's dtype and reduced by one
+#: fused kernel: 512 MB in bf16; large chunks keep the vocabulary product at the matmul peak).
+LOGIT_BUDGET = {"cpu": 64 * 1024 * 1024, "cuda": 256 * 1024 * 1024}
 
 #: Seconds between checkpoint writes of partial scores (``DECLENS_CHECKPOINT_EVERY`` overrides).
 CHECKPOINT_EVERY_S = float(os.environ.get("DECLENS_CHECKPOINT_EVERY", "30"))
@@ -44,6 +47,8 @@ class LayerScores:
         n_options: ``[N]`` options per item.
         kind: ``logit`` or ``loglik``.
         norm_scores: cloze only: ``[L, N, K]`` log-likelihood per character (``acc_norm``).
+        embedding: the embedding output read through the lens (``layer_ids == [EMBEDDING_ID]``, one row),
+            when asked for; never a row of ``scores``.
     """
 
     layer_ids: list[int]
@@ -52,6 +57,7 @@ class LayerScores:
     n_options: np.ndarray
     kind: str
     norm_scores: np.ndarray | None = None
+    embedding: "LayerScores | None" = None
 
     @property
     def num_layers(self) -> int:
@@ -92,8 +98,7 @@ def _to_host(t: Tensor) -> _HostCopy:
 
 def run_layer_ids(parts: DecoderParts, layers: Sequence[int] | None) -> list[int]:
     """Dense ids of the layers at ``layers`` (positions; None: all)."""
-    dense = dense_layer_ids(parts)
-    return list(dense) if layers is None else [dense[p] for p in layers]
+    return list(dense_layer_ids(parts) if layers is None else dense_ids_of(parts, layers))
 
 
 def option_mask(n_options: np.ndarray, k: int) -> np.ndarray:
@@ -194,7 +199,8 @@ class ClozeProbe(Probe):
         put = lambda xs: to_device(torch.as_tensor(xs, dtype=torch.long), dev)  # noqa: E731
         self.urow, self.upos = put(urow), put(upos)
         self.ridx, self.rtgt, self.rslot = put(ridx_sorted), put([rtgt[r] for r in order]), put([rslot[r] for r in order])
-        chunk = max(1, LOGIT_BUDGET // self.lens.head.weight.shape[0])
+        w = self.lens.head.weight
+        chunk = max(1, LOGIT_BUDGET["cuda" if w.is_cuda else "cpu"] // w.shape[0])
         self.chunks = [(a, int(np.searchsorted(ridx_sorted, a)), int(np.searchsorted(ridx_sorted, a + chunk)))
                        for a in range(0, len(urow), chunk)]  # (first position, first read, end read): host-side
         self.chunk = chunk
@@ -206,11 +212,12 @@ class ClozeProbe(Probe):
             return None
         h = output[self.urow.to(output.device), self.upos.to(output.device)]  # [U, d]
         parts = []
+        cap = self.lens.softcap
         for a, r0, r1 in self.chunks:
-            z = self.lens.logits(h[a : a + self.chunk])  # [u, V] float32
-            lse = torch.logsumexp(z, dim=-1)
+            z = self.lens.vocab_logits(h[a : a + self.chunk])  # [u, V] in the head's dtype
+            lse = log_normalizer(z, cap)  # [u] float32
             loc = self.ridx[r0:r1].to(z.device) - a
-            parts.append(z[loc, self.rtgt[r0:r1].to(z.device)] - lse[loc])
+            parts.append(softcap(z[loc, self.rtgt[r0:r1].to(z.device)].float(), cap) - lse[loc])
         lp = torch.cat(parts)
         self.buf[row] = torch.zeros(len(self.slots), dtype=torch.float32, device=lp.device).index_add_(
             0, self.rslot.to(lp.device), lp)
@@ -227,6 +234,31 @@ class ClozeProbe(Probe):
         for rows, slots, vals in self.pending:
             self.out[np.ix_(rows, slots)] = vals.numpy()
         self.pending = []
+
+
+class InputRead(Probe):
+    """Reads the *input* of the first layer run (the embedding output) through another lens probe, as
+    layer :data:`~declens.lens.EMBEDDING_ID` (give the inner probe ``row_of={EMBEDDING_ID: 0}``). Not for
+    runs that start from injected hidden states (``start_hidden``)."""
+
+    last_position_only = True  # reads layer 0's input only: never the final layer's other positions
+
+    def __init__(self, inner: Probe):
+        self.inner = inner
+
+    def start(self, batch: Batch) -> None:
+        self.inner.start(batch)
+
+    def layer(self, pos, layer_id, inputs, output):
+        if pos == 0:
+            self.inner.layer(0, EMBEDDING_ID, inputs, inputs)
+        return None
+
+    def finish(self, batch: Batch) -> None:
+        self.inner.finish(batch)
+
+    def flush(self) -> None:
+        self.inner.flush()
 
 
 class Checkpointer:
@@ -319,6 +351,16 @@ class ScoringPlan:
             return list(rows)
         return sorted({slot for r in rows for slot, _, _ in self.reads[r]})
 
+    def items_done(self, done: np.ndarray) -> np.ndarray:
+        """``[N]`` True for items all of whose rows are marked in ``done`` (``[rows]``)."""
+        if self.letter:
+            return done.astype(bool).copy()
+        out = np.ones(len(self.req.contexts), dtype=bool)
+        for r, reads in enumerate(self.reads):
+            if not done[r]:
+                out[[self.owner[slot][0] for slot, _, _ in reads]] = False
+        return out
+
     def new_out(self, n_layers: int) -> np.ndarray:
         return np.full(self.out_shape(n_layers), np.nan, dtype=np.float32)
 
@@ -358,6 +400,8 @@ def score_requests(
     save: Callable[[ScoreState], None] | None = None,
     pack: bool | None = None,
     read_layers: Sequence[int] | None = None,
+    stats: dict | None = None,
+    embeddings: bool = False,
 ) -> LayerScores:
     """Per-layer option scores through the lens: option-token logits at the decision position
     (letter) or continuation log-likelihoods (cloze).
@@ -374,6 +418,10 @@ def score_requests(
         pack: cloze: pack each item's options into one prefix-shared row (default: when possible).
         read_layers: dense ids of the layers to read through the lens (default: every layer run);
             ``[last id]`` reads only the model's own output, the cheapest way to get accuracy.
+        stats: if given, filled with ``items`` (all) and ``items_restored`` (items whose every row came
+            from ``state``, so were not scored by this call).
+        embeddings: also read the embedding output (the first layer's input) through the lens, into
+            ``LayerScores.embedding``.
     """
     ids = run_layer_ids(parts, layers)
     row_of = None
@@ -385,20 +433,31 @@ def score_requests(
         row_of = {lid: r for r, lid in enumerate(ids)}
     plan = ScoringPlan(parts, req, pack)
     shapes = {"scores": plan.out_shape(len(ids))}
+    if embeddings:
+        shapes["embedding"] = plan.out_shape(1)
     if state is None or not state.compatible(shapes, len(plan.rows)):
         state = ScoreState.empty(shapes, len(plan.rows))
+    if stats is not None:
+        restored = plan.items_done(state.done)
+        stats.update(items=len(restored), items_restored=int(restored.sum()))
     if distributed.active():
         save = None  # ranks score disjoint batches; a checkpoint would hold one rank's share only
     ck = Checkpointer(state, save)
-    used = run_batches(parts, plan.rows, [plan.probe(state.arrays["scores"], row_of)], pad_id, max_tokens=max_tokens,
+    probes = [plan.probe(state.arrays["scores"], row_of)]
+    if embeddings:
+        probes.append(InputRead(plan.probe(state.arrays["embedding"], {EMBEDDING_ID: 0})))
+    used = run_batches(parts, plan.rows, probes, pad_id, max_tokens=max_tokens,
                        layers=layers, progress=progress, skip=lambda idx: bool(state.done[idx].all()), after_batch=ck)
     if save:
         save(state)
-    out = state.arrays["scores"]
+    outs = {k: state.arrays[k] for k in shapes}
     if distributed.active():
         mine = [i for j in distributed.my_batches(used) for i in used[j]]
-        out = distributed.merge_rows(out, plan.out_rows(mine), axis=1)
-    return plan.assemble(out, ids)
+        outs = {k: distributed.merge_rows(v, plan.out_rows(mine), axis=1) for k, v in outs.items()}
+    res = plan.assemble(outs["scores"], ids)
+    if embeddings:
+        res.embedding = plan.assemble(outs["embedding"], [EMBEDDING_ID])
+    return res
 
 
 def score_letter(parts: DecoderParts, req: LetterRequests, pad_id: int, **kwargs) -> LayerScores:

@@ -183,7 +183,46 @@ def hellaswag_preprocess(text: str) -> str:
     return text.replace("  ", " ")
 
 
+_SENTENCE_END = re.compile(r'[.!?]"?(?= )')
+
+
+def hellaswag_split_context(ctx: str) -> tuple[str, str]:
+    """``(ctx_a, ctx_b)`` of a HellaSwag context bundled as ``ctx`` only.
+
+    In the HellaSwag release, a context that ends in an incomplete noun phrase (the ActivityNet
+    rows) keeps that phrase in ``ctx_b`` and the complete sentences before it in ``ctx_a``, with
+    ``ctx = ctx_a + " " + ctx_b``; otherwise ``ctx_b`` is empty. So ``ctx_b`` is the text after the
+    last sentence end when ``ctx`` itself does not end a sentence (``"A man is sitting on a roof.
+    he"`` -> ``("A man is sitting on a roof.", "he")``).
+    """
+    if not ctx or ctx[-1] in '.!?"':
+        return ctx, ""
+    ends = list(_SENTENCE_END.finditer(ctx))
+    if not ends:
+        return "", ctx
+    cut = ends[-1].end()
+    return ctx[:cut], ctx[cut + 1 :]
+
+
 PREPROCESSORS = {"none": lambda s: s, "hellaswag": hellaswag_preprocess}
+
+
+def hellaswag_process_doc(record: dict) -> dict:
+    """lm-evaluation-harness' HellaSwag ``process_docs``: ``query = preprocess(activity_label + ": " +
+    ctx_a + " " + ctx_b.capitalize())``, every ending cleaned with :func:`hellaswag_preprocess`."""
+    ctx_a, ctx_b = hellaswag_split_context(record["ctx"])
+    query = hellaswag_preprocess(f"{record['activity_label']}: {ctx_a} {ctx_b.capitalize()}")
+    return {**record, "query": query, "endings": [hellaswag_preprocess(e) for e in record["endings"]]}
+
+
+def boolq_process_doc(record: dict) -> dict:
+    """The passage as SuperGLUE's BoolQ (which lm-evaluation-harness reads) writes it: ``"<title> -- <passage>"``."""
+    return {**record, "passage": f"{record['title']} -- {record['passage']}"}
+
+
+# Record-level processing named by task definitions (lm-eval's ``process_docs``), applied to each raw
+# row before its field mapping.
+DOC_PROCESSORS = {"none": lambda r: r, "hellaswag": hellaswag_process_doc, "boolq": boolq_process_doc}
 
 
 # --------------------------------------------------------------------------------------------
@@ -213,6 +252,10 @@ class TaskSpec:
             (WinoGrande: the option fills the blank ``_`` in the context; the rest of the sentence
             is the continuation scored).
         preprocess: name of a text cleaner applied to question and choices (see ``PREPROCESSORS``).
+        process_docs: name of a record-level function applied to each raw row before its field
+            mapping (see ``DOC_PROCESSORS``; lm-eval's ``process_docs``).
+        cloze_header: text printed once before the (few-shot) contexts in the cloze format
+            (lm-eval's ``description``).
         source: ``bundled``, ``file`` or ``hf``.
         hf: for ``source="hf"``, ``(path, config_name)``.
         license: data license.
@@ -233,6 +276,8 @@ class TaskSpec:
     hf: tuple[str, str | None] | None = None
     license: str = ""
     has_subjects: bool = False
+    cloze_header: str = ""
+    process_docs: str = "none"
 
 
 _ARC_FIELDS = FieldMap(question="question", choices="choices.text", gold="answerKey", gold_kind="label",
@@ -256,7 +301,7 @@ REGISTRY: dict[str, TaskSpec] = {
             fields=FieldMap(question="query", choices="endings", gold="label", id="idx"),
             splits={"validation": "hellaswag/validation.jsonl.gz"}, default_split="validation",
             letter_template="{question}...\nQuestion: Which ending is the most plausible?\n{options}Answer:",
-            cloze_context="{question}", preprocess="hellaswag", license="MIT",
+            cloze_context="{question}", process_docs="hellaswag", license="MIT",
         ),
         TaskSpec(
             name="piqa", title="PIQA",
@@ -271,7 +316,7 @@ REGISTRY: dict[str, TaskSpec] = {
                             gold_kind="bool", passage="passage"),
             splits={"validation": "boolq/validation.jsonl.gz"}, default_split="validation",
             letter_template="{passage}\nQuestion: {question}?\n{options}Answer:",
-            cloze_context="{passage}\nQuestion: {question}?\nAnswer:", license="CC BY-SA 3.0",
+            cloze_context="{passage}\nQuestion: {question}?\nAnswer:", process_docs="boolq", license="CC BY-SA 3.0",
         ),
         TaskSpec(
             name="winogrande", title="WinoGrande",
@@ -285,8 +330,10 @@ REGISTRY: dict[str, TaskSpec] = {
             fields=FieldMap(question="question", choices="choices", gold="answer", subject="subject"),
             splits={"test": "mmlu/test.jsonl.gz", "dev": "mmlu/dev.jsonl.gz"},
             default_split="test", fewshot_split="dev",
-            letter_template="{question}\n{options}Answer:",
-            letter_header="The following are multiple choice questions (with answers) about {subject_title}.\n\n",
+            letter_template="{question_stripped}\n{options}Answer:",
+            letter_header="The following are multiple choice questions (with answers) about {subject}.\n\n",
+            cloze_context="Question: {question_stripped}\nAnswer:",
+            cloze_header="The following are questions (with answers) about {subject}.\n\n",
             license="MIT", has_subjects=True,
         ),
     ]
@@ -324,9 +371,19 @@ def _read_records(path_or_resource: Any, label: str) -> list[dict]:
     except IsADirectoryError:
         raise TaskError(f"{name!r} is a directory; pass a .jsonl, .json or .csv file") from None
     if name.endswith(".gz"):
-        raw = gzip.decompress(raw)
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError) as e:
+            raise TaskError(f"{name!r} is not a readable gzip file ({e}); compress it again or pass it uncompressed") from None
         name = name[:-3]
-    text = raw.decode("utf-8")
+    try:
+        text = raw.decode("utf-8-sig")  # a leading UTF-8 byte-order mark (Excel's CSV export) is dropped
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise TaskError(
+            f"{name}, line {line}: bytes that are not UTF-8 ({raw[e.start:e.end]!r} at byte {e.start}); "
+            "save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)"
+        ) from None
     if name.endswith(".csv"):
         return [dict(r) for r in csv.DictReader(io.StringIO(text))]
     if name.endswith(".json") and text.lstrip().startswith("["):
@@ -351,12 +408,14 @@ def _read_records(path_or_resource: Any, label: str) -> list[dict]:
     return records
 
 
-def _records_to_items(records: Iterable[dict], fm: FieldMap, prefix: str, where: str, preprocess: str) -> list[Item]:
+def _records_to_items(records: Iterable[dict], fm: FieldMap, prefix: str, where: str, preprocess: str,
+                      process_docs: str = "none") -> list[Item]:
     clean = PREPROCESSORS[preprocess]
+    process = DOC_PROCESSORS[process_docs]
     items = []
     for n, rec in enumerate(records):
         try:
-            it = to_item(rec, fm, f"{prefix}-{n}")
+            it = to_item(process(rec), fm, f"{prefix}-{n}")
         except KeyError as e:
             raise TaskError(
                 f"{where}, row {n + 1}: field {e.args[0]!r} is missing (row keys: {', '.join(map(str, rec))}); "
@@ -385,7 +444,7 @@ def read_split(spec: TaskSpec, split: str) -> list[Item]:
         records = _read_records(_bundled(location), location)
     else:
         records = _read_records(Path(location).expanduser(), location)
-    return _records_to_items(records, spec.fields, split, location, spec.preprocess)
+    return _records_to_items(records, spec.fields, split, location, spec.preprocess, spec.process_docs)
 
 
 def _hf_items(spec: TaskSpec, split: str) -> list[Item]:
@@ -401,7 +460,7 @@ def _hf_items(spec: TaskSpec, split: str) -> list[Item]:
             f"could not load hf:{path}{':' + cfg if cfg else ''} split {split!r} from the Hugging Face hub "
             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); is the hub reachable and the name right?"
         ) from None
-    return _records_to_items(ds, spec.fields, split, f"hf:{path}", spec.preprocess)
+    return _records_to_items(ds, spec.fields, split, f"hf:{path}", spec.preprocess, spec.process_docs)
 
 
 def custom_spec(source: str, fields: FieldMap | str | None, name: str | None = None,
@@ -462,11 +521,21 @@ class TaskData:
 
 def subsample(n: int, limit: int | None, seed: int) -> list[int]:
     """Deterministic subset of ``range(n)``: ``limit`` indices drawn with ``seed``, in ascending order."""
+    check_seed(seed)
+    if limit is not None and limit <= 0:
+        raise TaskError(f"the number of rows to draw must be positive (a whole number), got {limit}")
     if limit is None or limit >= n:
         return list(range(n))
-    if limit <= 0:
-        raise TaskError(f"--limit must be positive, got {limit}")
     return sorted(random.Random(seed).sample(range(n), limit))
+
+
+def check_seed(seed: int, option: str = "--seed") -> int:
+    """A seed must be a non-negative integer: ``random.Random(-s)`` draws exactly what ``random.Random(s)`` draws,
+    so a negative seed would silently repeat another seed's selection."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise TaskError(f"{option} must be a whole number >= 0, got {seed!r} (a negative seed would draw the same "
+                        f"rows as {abs(seed) if isinstance(seed, int) else 'its absolute value'}); use e.g. {option} 0")
+    return seed
 
 
 def load_task(
@@ -522,6 +591,48 @@ def load_task(
     selection = {"split": split, "limit": limit, "seed": seed, "subjects": list(subjects) if subjects else None,
                  "rows_in_split": total, "rows_selected": len(items)}
     return TaskData(spec=spec, split=split, items=items, fewshot_pool=pool, selection=selection)
+
+
+def fewshot_capacity(data: TaskData) -> tuple[int, str]:
+    """The most solved examples every selected item can get, and where that limit comes from.
+
+    Tasks with subjects (MMLU) take the examples from the same subject's rows of the few-shot split
+    (5 per subject in MMLU's dev split); other tasks draw them from the whole few-shot split. With no
+    few-shot split distinct from the evaluated one, the capacity is 0.
+    """
+    spec, pool = data.spec, data.fewshot_pool
+    if not pool:
+        why = (f"task {data.name!r} has no few-shot split" if not spec.fewshot_split
+               else f"the few-shot split of {data.name!r} is the evaluated split {data.split!r}")
+        return 0, why
+    if spec.has_subjects:
+        counts: dict[str, int] = {}
+        for it in pool:
+            counts[it.subject] = counts.get(it.subject, 0) + 1
+        subjects = sorted({it.subject for it in data.items}, key=lambda sb: (counts.get(sb, len(pool)), sb))
+        if subjects and subjects[0] in counts:
+            sb = subjects[0]
+            return counts[sb], f"{data.name}'s {spec.fewshot_split} split has {counts[sb]} solved examples for subject {sb!r}"
+    return len(pool), f"{data.name}'s {spec.fewshot_split} split has {len(pool)} rows"
+
+
+def check_fewshot(data: TaskData, k: int, option: str = "--num-fewshot") -> int:
+    """Refuse a few-shot count the task cannot supply for every selected item (never use fewer silently).
+
+    Raises:
+        TaskError: ``k`` is negative or larger than :func:`fewshot_capacity`.
+    """
+    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+        raise TaskError(f"{option} must be a whole number >= 0, got {k!r}")
+    if k == 0:
+        return k
+    cap, why = fewshot_capacity(data)
+    if k > cap:
+        fix = f"use {option} {cap} or less" if cap else f"use {option} 0"
+        if not cap and data.spec.fewshot_split and data.spec.fewshot_split == data.split:
+            fix += f" or evaluate another split than {data.split!r}"
+        raise TaskError(f"{option} {k} asks for more solved examples than there are: {why}; {fix}")
+    return k
 
 
 def task_info() -> list[dict]:

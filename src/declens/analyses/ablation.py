@@ -11,19 +11,27 @@ from typing import Sequence
 
 from ..errors import DeclensError
 from ..models import LoadedModel
-from ..results import atomic_write_json, atomic_write_text, provenance
+from ..results import RunWriter, provenance
+from ..surgery import dense_layer_ids
 from ..tasks import load_task
 from .decision import analyze
 from .evaluate import EvalResult, config_label, evaluate_configs
 
 
-def window_configs(tp: int, window: int, num_layers: int, pairs: bool = True) -> list[list[int]]:
-    """Single layers ``tp-window .. tp+window`` and adjacent pairs inside that window (dense ids)."""
+def window_configs(tp: int, window: int, layer_ids: int | Sequence[int], pairs: bool = True) -> list[list[int]]:
+    """Single layers within ``window`` layers of ``tp`` and adjacent pairs inside that window (dense ids).
+
+    ``layer_ids``: the model's dense layer ids in running order (an int ``L``: a dense model,
+    ``0..L-1``). On an already-pruned model the window and the pairs follow the layers it still has:
+    ``window`` counts present layers and a pair is two layers that run one after the other.
+    """
     if window < 0:
         raise DeclensError(f"--window must be >= 0, got {window}")
-    lo, hi = max(0, tp - window), min(num_layers - 1, tp + window)
-    singles = [[i] for i in range(lo, hi + 1)]
-    doubles = [[i, i + 1] for i in range(lo, hi)] if pairs else []
+    ids = list(range(layer_ids)) if isinstance(layer_ids, int) else [int(i) for i in layer_ids]
+    c = ids.index(tp)
+    inside = ids[max(0, c - window):c + window + 1]
+    singles = [[i] for i in inside]
+    doubles = [[a, b] for a, b in zip(inside, inside[1:])] if pairs else []
     return singles + doubles
 
 
@@ -43,13 +51,28 @@ class AblationResult:
                  dense_dm=self.dense_dm)
         return d
 
-    def save(self, out_dir: str | Path) -> Path:
+    @classmethod
+    def load(cls, path: str | Path) -> "AblationResult":
+        """Read a folder written by :meth:`save` (verified against its manifest)."""
+        from ..results import read_result_file
+        from .evaluate import EvalResult
+
+        d = read_result_file(path, "ablate.json", "ablate")[1]
+        return cls(config=d["config"], provenance=d["provenance"], transition_layer=d["transition_layer"],
+                   dense_dm=d["dense_dm"], eval=EvalResult.from_dict(d))
+
+    def save(self, out_dir: str | Path, plots: bool = False) -> Path:
+        """Write ``ablate.json``, ``ablate.md`` and (with ``plots``) ``ablate.png`` as one run folder (the manifest last)."""
         out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(out / "ablate.json", self.to_dict())
-        atomic_write_text(out / "ablate.md", "\n\n".join(
-            f"### {f} format (Transition Point: layer {self.transition_layer})\n\n{self.eval.markdown(f)}"
-            for f in self.eval.formats) + "\n")
+        with RunWriter(out, "ablate") as run:
+            run.json("ablate.json", self.to_dict())
+            run.text("ablate.md", "\n\n".join(
+                f"### {f} format (Transition Point: layer {self.transition_layer})\n\n{self.eval.markdown(f)}"
+                for f in self.eval.formats) + "\n")
+            if plots:
+                from ..plots import plot_ablation
+
+                run.figures(plot_ablation, self, out, self.config["tp_task"])
         return out
 
 
@@ -77,9 +100,11 @@ def ablate(lm: LoadedModel, task: str, tasks: Sequence[str], fmt: str = "letter"
                 f"the dense model has no Transition Point on {task} ({fmt} format): its Decision Margin never stays "
                 "positive. Pass --tp to choose the centre of the window, or use a task/format the model can answer."
             )
-    if not 0 <= tp < lm.num_layers:
-        raise DeclensError(f"--tp {tp} is out of range 0..{lm.num_layers - 1}")
-    configs = [[]] + window_configs(tp, window, lm.num_layers, pairs)
+    layer_ids = dense_layer_ids(lm.parts)
+    if tp not in layer_ids:
+        raise DeclensError(f"--tp {tp} is out of range: give a dense layer id the model has "
+                           f"({layer_ids[0]}..{layer_ids[-1]}{'' if layer_ids == list(range(len(layer_ids))) else f': {list(layer_ids)}'})")
+    configs = [[]] + window_configs(tp, window, layer_ids, pairs)
     ev = evaluate_configs(lm, tasks, configs, [fmt], limit=limit, seed=seed, max_tokens=max_tokens, progress=progress)
     res = AblationResult(
         config={"model": lm.spec, "tp_task": task, "tasks": list(tasks), "format": fmt, "window": window, "pairs": pairs,
@@ -88,8 +113,5 @@ def ablate(lm: LoadedModel, task: str, tasks: Sequence[str], fmt: str = "letter"
         provenance=provenance(lm, None, timing={"ablate_s": round(time.perf_counter() - t0, 2)}),
         transition_layer=tp, dense_dm=[float(x) for x in dense.metrics.dm], eval=ev)
     if out_dir is not None:
-        res.save(out_dir)
-        from ..plots import plot_ablation
-
-        plot_ablation(res, out_dir, task)
+        res.save(out_dir, plots=True)
     return res

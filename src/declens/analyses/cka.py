@@ -33,7 +33,7 @@ import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -41,9 +41,11 @@ from torch import Tensor
 
 from ..errors import CKAError, DeclensError
 from ..formats import FORMATS, ClozeRequests, LetterRequests
+from ..lens import EMBEDDING_ID, layer_label
 from ..models import LoadedModel
-from ..results import atomic_save_npz, atomic_write_json, provenance
+from ..results import RunWriter, provenance
 from ..runner import Batch, Probe, collate, default_max_tokens, forward, plan_batches
+from ..scoring import InputRead
 from ..surgery import dense_layer_ids, keep_positions
 from ..tasks import TaskData, subsample
 
@@ -54,6 +56,23 @@ SIGNALS = ("hidden", "decision")
 #: A centred representation whose Frobenius norm is at most this share of the uncentred one is
 #: treated as constant (zero variance): float rounding of a constant column is not structure.
 DEGENERATE_RTOL = 1e-12
+
+#: The fewest rows a CKA study compares. Centring leaves n - 1 directions: with one row CKA is
+#: undefined, with two every pair of non-constant representations has CKA exactly 1; three rows
+#: are the least that can tell representations apart (hundreds are needed for stable numbers).
+MIN_ROWS = 3
+
+
+def check_rows(n: int, fix: str = f"use --limit {MIN_ROWS} or more (the paper compares 500 rows)") -> int:
+    """Refuse a CKA study over fewer than :data:`MIN_ROWS` rows (its similarities would mean nothing).
+
+    Raises:
+        CKAError: ``n < MIN_ROWS``; the message ends with ``fix``.
+    """
+    if n < MIN_ROWS:
+        raise CKAError(f"CKA needs at least {MIN_ROWS} rows to mean anything (with 2 every similarity is 1, with 1 it "
+                       f"is undefined), got {n}; {fix}")
+    return n
 
 
 # ------------------------------------------------------------------------------------------------
@@ -276,6 +295,9 @@ class CKAResult:
     hidden: np.ndarray
     decision: np.ndarray
     extra: dict = field(default_factory=dict)
+    #: the prune run this pruned view comes from (see :func:`from_prune_run`): then :func:`plot_cka` also
+    #: draws ``accuracy_cka.png`` (the paper's Figure 2); not saved itself (``extra["prune_run"]`` says which)
+    prune: Any = field(default=None, repr=False, compare=False)
 
     def matrix(self, signal: str) -> np.ndarray:
         """``[L_pruned, L_dense]`` CKA of ``signal`` (``hidden`` or ``decision``)."""
@@ -297,16 +319,18 @@ class CKAResult:
         return self.best_match("decision")
 
     def summary(self) -> dict:
-        """Headline numbers: where the final pruned layer aligns, and how many layers fall below the identity."""
-        out: dict = {"num_pruned_layers": len(self.pruned_ids), "num_dense_layers": len(self.dense_ids)}
-        own = [self.dense_ids.index(i) for i in self.pruned_ids]
+        """Headline numbers: where the final pruned layer aligns, and how many layers fall below the identity
+        (over the decoder layers only: an embedding row, when included, is not counted)."""
+        rows = [r for r, i in enumerate(self.pruned_ids) if i != EMBEDDING_ID]
+        out: dict = {"num_pruned_layers": len(rows),
+                     "num_dense_layers": sum(i != EMBEDDING_ID for i in self.dense_ids)}
         for s in SIGNALS:
             m, best = self.matrix(s), self.best_match(s)
             out[s] = {
                 "final_layer_best_match": best[-1],
                 "final_layer_best_cka": float(m[-1].max()),
-                "below_identity": int(sum(b < p for b, p in zip(best, self.pruned_ids))),
-                "mean_own_layer_cka": float(np.mean([m[r, c] for r, c in enumerate(own)])),
+                "below_identity": int(sum(best[r] < self.pruned_ids[r] for r in rows)),
+                "mean_own_layer_cka": float(np.mean([m[r, self.dense_ids.index(self.pruned_ids[r])] for r in rows])),
             }
         return out
 
@@ -335,18 +359,71 @@ class CKAResult:
             **self.extra,
         }
 
+    @classmethod
+    def load(cls, path: Path | str) -> "CKAResult":
+        """Read a folder written by :meth:`save` (verified against its manifest)."""
+        from ..results import read_result_file
+
+        p, d = read_result_file(path, CKA_FILE, "cka", also=(CKA_NPZ,))
+        with np.load(p.parent / CKA_NPZ) as z:
+            hidden, decision = z["hidden"], z["decision"]
+            pruned, dense = [int(i) for i in z["pruned_layer_ids"]], [int(i) for i in z["dense_layer_ids"]]
+        known = {"kind", "config", "provenance", "summary", "pruned_layer_ids", "dense_layer_ids", "best_match",
+                 "layers", "cka"}
+        return cls(config=d["config"], provenance=d["provenance"], pruned_ids=pruned, dense_ids=dense, hidden=hidden,
+                   decision=decision, extra={k: v for k, v in d.items() if k not in known})
+
     def save(self, out_dir: Path | str, plots: bool = True) -> Path:
         """Write ``cka.json``, ``cka.npz`` and (with ``plots``) ``cka_hidden.png``, ``cka_decision.png``,
-        ``cka_best_match.png`` into ``out_dir`` (atomically)."""
+        ``cka_best_match.png`` into ``out_dir`` as one run folder (the manifest last, see
+        :class:`~declens.results.RunWriter`)."""
         out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_save_npz(out / CKA_NPZ, hidden=self.hidden, decision=self.decision,
-                        pruned_layer_ids=np.array(self.pruned_ids), dense_layer_ids=np.array(self.dense_ids),
-                        best_hidden=np.array(self.best_hidden), best_decision=np.array(self.best_decision))
-        atomic_write_json(out / CKA_FILE, self.to_dict())
-        if plots:
-            plot_cka(self, out)
+        with RunWriter(out, "cka") as run:
+            run.npz(CKA_NPZ, hidden=self.hidden, decision=self.decision,
+                    pruned_layer_ids=np.array(self.pruned_ids), dense_layer_ids=np.array(self.dense_ids),
+                    best_hidden=np.array(self.best_hidden), best_decision=np.array(self.best_decision))
+            run.json(CKA_FILE, self.to_dict())
+            if plots:
+                run.figures(plot_cka, self, out)
         return out
+
+
+def state_from_prune(prune_res, method: str | None = None, ratio: float = 0.5):
+    """The state of a prune run to compare: ``method``'s best state at the largest evaluated ratio not
+    above ``ratio`` (the paper's Figure 2 compares the 50% model).
+
+    Args:
+        prune_res: a :class:`~declens.pruning.run.PruneResult`.
+        method: one of its methods (default: its first).
+        ratio: the pruning ratio wanted, in (0, 1).
+
+    Returns:
+        The :class:`~declens.pruning.methods.PruneRecord`.
+
+    Raises:
+        CKAError: unknown method, or a ratio outside (0, 1) or below the run's first step.
+    """
+    methods = list(prune_res.runs)
+    method = method or methods[0]
+    if method not in prune_res.runs:
+        raise CKAError(f"the prune run has no method {method!r}; use --prune-method {' or '.join(methods)}")
+    if not 0 < ratio < 1:
+        raise CKAError(f"--ratio must lie strictly between 0 and 1, got {ratio}")
+    best = prune_res.runs[method].best_by_k()
+    ok = [r for k, r in best.items() if k > 0 and r.ratio <= ratio + 1e-9]
+    if not ok:
+        first = min(r.ratio for k, r in best.items() if k > 0)
+        raise CKAError(f"the prune run's {method} states start at ratio {first:.3f}; use --ratio {first:.3f} or more")
+    return ok[-1]
+
+
+def from_prune_run(res: "CKAResult", prune_res, method: str | None = None) -> "CKAResult":
+    """Link a CKA result to the prune run its pruned view comes from, so :func:`plot_cka` also draws the
+    paper's Figure 2 (``accuracy_cka.png``); the link is recorded in ``extra["prune_run"]``."""
+    res.prune = prune_res
+    res.extra["prune_run"] = {"method": method or next(iter(prune_res.runs)), "config": {
+        k: prune_res.config.get(k) for k in ("model", "task", "format", "max_ratio", "num_layers")}}
+    return res
 
 
 def _select(data: TaskData, n_samples: int | None, seed: int) -> TaskData:
@@ -371,6 +448,7 @@ def cka_study(
     *,
     num_fewshot: int = 0,
     requests: LetterRequests | ClozeRequests | None = None,
+    include_embeddings: bool = False,
 ) -> CKAResult:
     """CKA of every layer of the pruned view (without dense ids ``remove``) with every dense layer.
 
@@ -387,6 +465,8 @@ def cka_study(
         progress: show a progress bar.
         num_fewshot: solved examples prepended to each prompt.
         requests: prebuilt requests for exactly the selected rows (skips tokenization).
+        include_embeddings: also compare the embedding output (the first layer's input, the same in
+            both models) as layer ``EMBEDDING_ID`` (-1, shown ``emb``): first row and first column.
 
     Returns:
         The :class:`CKAResult` with ``[L_pruned, L_dense]`` matrices for both signals.
@@ -407,6 +487,7 @@ def cka_study(
     dense_ids = dense_layer_ids(parts)
     pruned_ids = [dense_ids[p] for p in keep]
     data = _select(data, n_samples, seed)
+    check_rows(len(data.items), f"select at least {MIN_ROWS} rows (n_samples, the task's rows)")
     t0 = time.perf_counter()
     req = requests if requests is not None else prepare(lm, data, fmt, num_fewshot=num_fewshot)
     rows = cka_rows(req)
@@ -425,7 +506,7 @@ def cka_study(
         for idx in plan:
             b = collate(rows, idx, pad, lm.device)
             cap = _InputAt(m) if run else None
-            forward(parts, b, [dense] + ([cap] if cap else []))
+            forward(parts, b, [dense] + ([InputRead(dense)] if include_embeddings else []) + ([cap] if cap else []))
             if run:
                 forward(parts, b, [pruned], layers=run, start_hidden=cap.state)
             bar.update(len(idx))
@@ -437,6 +518,9 @@ def cka_study(
         src_p, src_d = (pruned.hidden, dense.hidden) if signal == "hidden" else (pruned.decision, dense.decision)
         return [src_p[i] if i in src_p else src_d[i] for i in pruned_ids]
 
+    if include_embeddings:  # the embedding output: the same in the pruned view and the dense model
+        pruned_ids = [EMBEDDING_ID] + pruned_ids
+        dense_ids = [EMBEDDING_ID] + list(dense_ids)
     t1 = time.perf_counter()
     hidden = cka_matrix(pruned_states("hidden"), [dense.hidden[i] for i in dense_ids])
     decision = cka_matrix(pruned_states("decision"), [dense.decision[i] for i in dense_ids])
@@ -444,7 +528,7 @@ def cka_study(
     config = {
         "model": lm.spec, "task": data.name, "format": fmt, **data.selection, "num_fewshot": num_fewshot,
         "n_samples": len(rows), "seed": seed, "remove": remove, "kept_layer_ids": pruned_ids,
-        "num_layers": len(dense_ids), "dtype": str(lm.dtype).replace("torch.", ""), "device": str(lm.device),
+        "num_layers": len(dense_ids) - int(include_embeddings), "include_embeddings": include_embeddings, "dtype": str(lm.dtype).replace("torch.", ""), "device": str(lm.device),
         "max_tokens": budget, "signals": {"hidden": "layer output averaged over each row's real tokens",
                                           "decision": "layer output at each row's last real token"},
     }
@@ -461,7 +545,7 @@ def cka_study(
 def _ticks(ids: Sequence[int], max_ticks: int = 16) -> tuple[np.ndarray, list[str]]:
     step = max(1, -(-len(ids) // max_ticks))
     pos = np.arange(len(ids))[::step]
-    return pos, [str(ids[p]) for p in pos]
+    return pos, [layer_label(ids[p]) for p in pos]
 
 
 def plot_cka_heatmap(ax, res: CKAResult, signal: str, title: str = "") -> None:
@@ -496,16 +580,18 @@ def plot_best_match(ax, res: CKAResult, title: str = "") -> None:
     ax.plot(x, res.best_decision, "-s", color="#1f77b4", ms=4, lw=1.5, label="decision token")
     xp, _ = _ticks(res.pruned_ids)
     ax.set_xticks(xp)
-    ax.set_xticklabels([f"{p}\n({res.pruned_ids[p]})" for p in xp], fontsize=7)
+    ax.set_xticklabels([f"{p}\n({layer_label(res.pruned_ids[p])})" for p in xp], fontsize=7)
     ax.set_xlabel("pruned model layer position (original id)")
-    ax.set_ylabel("best-matching dense layer")
-    ax.set_ylim(-0.5, len(res.dense_ids) - 0.5)
+    ax.set_ylabel("best-matching dense layer (-1: embedding output)" if EMBEDDING_ID in res.dense_ids
+                  else "best-matching dense layer")
+    ax.set_ylim(min(res.dense_ids) - 0.5, max(res.dense_ids) + 0.5)
     ax.set_title(title or "Best-matching dense layer per pruned layer")
     ax.legend(fontsize=8, loc="upper left")
 
 
 def plot_cka(res: CKAResult, out_dir: Path | str) -> list[Path]:
-    """Draw ``cka_hidden.png``, ``cka_decision.png`` and ``cka_best_match.png`` into ``out_dir``."""
+    """Draw ``cka_hidden.png``, ``cka_decision.png`` and ``cka_best_match.png`` into ``out_dir``, and
+    ``accuracy_cka.png`` (the paper's Figure 2) when the result is linked to its prune run."""
     from ..plots import plt, save_figure
     out = Path(out_dir)
     cfg = res.config
@@ -521,4 +607,9 @@ def plot_cka(res: CKAResult, out_dir: Path | str) -> list[Path]:
     fig, ax = plt.subplots(figsize=(max(6.0, 0.25 * len(res.pruned_ids) + 3), 4.5))
     plot_best_match(ax, res, f"Best-matching dense layer\n{name}")
     paths.append(save_figure(fig, out / "cka_best_match.png"))
+    if res.prune is not None:
+        from ..plots import plot_accuracy_cka
+
+        paths.append(plot_accuracy_cka(res.prune, res, out / "accuracy_cka.png",
+                                       method=res.extra.get("prune_run", {}).get("method")))
     return paths

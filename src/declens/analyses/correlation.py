@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..errors import DeclensError
-from ..results import atomic_write_json, atomic_write_text, provenance
+from ..results import MANIFEST_FILE, RunWriter, provenance, verify_run_folder
 
 CORRELATE_FILE = "correlate.json"
 CORRELATE_CSV = "correlate.csv"
@@ -86,17 +86,23 @@ class RunFile:
 def find_run_files(run_dir: str | Path) -> list[RunFile]:
     """The declens result files of one run folder (or one result file), sorted by file name.
 
-    A result file is a top-level, non-hidden ``*.json`` holding an object with a string ``kind``
-    (``analysis``, ``prune``, ``eval``, ``cka``, ``noise``, ...). Hidden files (resume state,
-    checkpoints) and JSON that is not a declens result are ignored.
+    A result file is a top-level ``*.json`` listed in the folder's manifest and holding an object
+    with a string ``kind`` (``analysis``, ``prune``, ``eval``, ``cka``, ``noise``, ...). The folder
+    is verified against its manifest first (:func:`~declens.results.verify_run_folder`); files it
+    does not list (resume state, leftovers of other runs) are never read.
 
     Raises:
-        DeclensError: the path does not exist, or holds no declens result.
+        DeclensError: the path does not exist, holds no declens result, or is incomplete or modified.
     """
     p = Path(run_dir)
     if not p.exists():
         raise DeclensError(f"run folder {str(p)!r} does not exist")
-    paths = [p] if p.is_file() else sorted(q for q in p.glob("*.json") if q.is_file() and not q.name.startswith("."))
+    folder = p.parent if p.is_file() else p
+    if not (folder / MANIFEST_FILE).is_file() and not _has_result_json(folder):
+        paths = []  # nothing declens wrote: say so below, rather than "incomplete"
+    else:
+        listed = verify_run_folder(p).paths((".json",))  # a file given must be listed too
+        paths = [p] if p.is_file() and p.name != MANIFEST_FILE else listed
     out = []
     bad = []
     for q in paths:
@@ -113,6 +119,18 @@ def find_run_files(run_dir: str | Path) -> list[RunFile]:
                            f"*.json with a 'kind'){hint}; pass folders written by 'declens analyze', 'declens prune', "
                            f"'declens eval', ...")
     return out
+
+
+def _has_result_json(folder: Path) -> bool:
+    """A top-level ``*.json`` with a ``kind`` (a result file, maybe of a folder without a manifest)."""
+    for q in folder.glob("*.json"):
+        try:
+            d = json.loads(q.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            continue
+        if isinstance(d, dict) and isinstance(d.get("kind"), str):
+            return True
+    return False
 
 
 def model_label(model: Any) -> str:
@@ -498,16 +516,26 @@ class CorrelationResult:
         """PNG bytes of ``correlate.png`` and ``safe_margin.png``."""
         return correlation_figures(self)
 
-    def save(self, out_dir: str | Path) -> Path:
-        """Write ``correlate.json`` (atomically), ``correlate.csv``, ``correlate.png`` and ``safe_margin.png``."""
-        from ..results import _atomic
+    @classmethod
+    def load(cls, path: str | Path) -> "CorrelationResult":
+        """Read a folder written by :meth:`save` (verified against its manifest)."""
+        from ..results import read_result_file
 
+        d = read_result_file(path, CORRELATE_FILE, "correlate")[1]
+        fields = set(Pair.__dataclass_fields__)
+        pairs = [Pair(**{k: v for k, v in p.items() if k in fields}) for p in d["pairs"]]
+        return cls(config=d["config"], provenance=d["provenance"], method=d["method"], pairs=pairs,
+                   incomplete=d.get("incomplete", []), stats=d.get("stats", {}), notes=d.get("notes", []))
+
+    def save(self, out_dir: str | Path) -> Path:
+        """Write ``correlate.json``, ``correlate.csv``, ``correlate.png`` and ``safe_margin.png`` as one run
+        folder (the manifest last, see :class:`~declens.results.RunWriter`)."""
         out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / CORRELATE_CSV, self.csv_text())
-        for name, data in self.figures().items():
-            _atomic(out / name, data)
-        atomic_write_json(out / CORRELATE_FILE, self.to_dict())
+        with RunWriter(out, "correlate") as run:
+            run.text(CORRELATE_CSV, self.csv_text())
+            for name, data in self.figures().items():
+                run.bytes(name, data)
+            run.json(CORRELATE_FILE, self.to_dict())
         return out
 
 

@@ -17,8 +17,10 @@ from typing import Sequence
 from .. import distributed
 from ..errors import DeclensError
 from ..formats import FORMATS, ClozeRequests, Encoder, LetterRequests, build_cloze, build_letter
+from ..lens import EMBEDDING_ID
+from ..metrics import readout_summary
 from ..models import LoadedModel
-from ..results import AnalysisResult, Checkpoint, config_key, provenance
+from ..results import AnalysisResult, Checkpoint, check_run_folder_kind, config_key, provenance
 from ..scoring import LayerScores, score_requests
 from ..surgery import dense_layer_ids, keep_positions
 from ..tasks import LETTERS, TaskData
@@ -27,8 +29,10 @@ Requests = LetterRequests | ClozeRequests
 
 
 def encoder_for(lm: LoadedModel) -> Encoder:
-    """A tokenizer wrapper that truncates to the model's context window."""
-    return Encoder(lm.tokenizer, max_length=getattr(lm.model.config, "max_position_embeddings", None))
+    """A tokenizer wrapper for the model's context window: longer prompts are refused, or cut at their
+    start when ``lm.truncate`` is set (see :class:`~declens.formats.Encoder`)."""
+    return Encoder(lm.tokenizer, max_length=getattr(lm.model.config, "max_position_embeddings", None),
+                   truncate=getattr(lm, "truncate", False))
 
 
 def prepare(lm: LoadedModel, data: TaskData, fmt: str = "letter", num_fewshot: int = 0, seed: int = 0,
@@ -38,19 +42,23 @@ def prepare(lm: LoadedModel, data: TaskData, fmt: str = "letter", num_fewshot: i
         raise DeclensError(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
     enc = encoder_for(lm)
     if fmt == "letter":
-        return build_letter(data, enc, num_fewshot=num_fewshot, seed=seed, labels=labels, label_prefix=label_prefix)
-    return build_cloze(data, enc, num_fewshot=num_fewshot, seed=seed)
+        req = build_letter(data, enc, num_fewshot=num_fewshot, seed=seed, labels=labels, label_prefix=label_prefix)
+    else:
+        req = build_cloze(data, enc, num_fewshot=num_fewshot, seed=seed)
+    lm.truncated = getattr(lm, "truncated", 0) + req.truncated  # reported in provenance and on the console
+    return req
 
 
 def score(lm: LoadedModel, req: Requests, layers: Sequence[int] | None = None, max_tokens: int | None = None,
           progress: str | None = None, checkpoint: Checkpoint | None = None,
-          read_layers: Sequence[int] | None = None) -> LayerScores:
-    """Per-layer option scores of prepared requests (optionally on a layer subset)."""
+          read_layers: Sequence[int] | None = None, stats: dict | None = None, embeddings: bool = False) -> LayerScores:
+    """Per-layer option scores of prepared requests (optionally on a layer subset); ``stats`` (if given)
+    receives ``items`` and ``items_restored`` (from the checkpoint, not scored now)."""
     pad = encoder_for(lm).pad_id
     state = checkpoint.load() if checkpoint else None
     save = checkpoint.save if checkpoint else None
     return score_requests(lm.parts, req, pad, layers=layers, max_tokens=max_tokens, progress=progress, state=state,
-                          save=save, read_layers=read_layers)
+                          save=save, read_layers=read_layers, stats=stats, embeddings=embeddings)
 
 
 def parse_lens_layers(spec: str | Sequence[int] | None, kept_ids: Sequence[int]) -> list[int] | None:
@@ -84,6 +92,7 @@ def analyze(
     requests: Requests | None = None,
     plots: bool = True,
     lens_layers: str | Sequence[int] | None = None,
+    include_embeddings: bool = False,
 ) -> AnalysisResult:
     """Run the layer-wise decision analysis.
 
@@ -104,6 +113,9 @@ def analyze(
         plots: with ``out_dir``, also draw the PNG figures (when more than one layer is read).
         lens_layers: ``all`` (default), ``last`` (only the model's own output: accuracy at the cost
             of a plain forward pass) or dense layer ids to read through the lens.
+        include_embeddings: also read the embedding output (before layer 0) through the lens; its
+            metrics go to ``res.extra["embedding"]`` (layer id ``-1``, shown ``emb``), outside the layer
+            metrics, so the Transition Point and the phases never count it.
 
     Returns:
         The :class:`~declens.results.AnalysisResult`.
@@ -124,24 +136,32 @@ def analyze(
         "dtype": str(lm.dtype).replace("torch.", ""), "device": str(lm.device),
         "lens_layers": read,
     }
+    if include_embeddings:  # only when asked: older configs (and their checkpoints) stay as they were
+        config["include_embeddings"] = True
     if not distributed.is_main():
         out_dir = None  # under torchrun every rank ends with the same numbers; rank 0 writes them
     ck = None
     if out_dir is not None:
+        check_run_folder_kind(out_dir, "analysis")  # before the work, not after it
         ck = Checkpoint(out_dir, config_key(config, lm.fingerprint(), data.fingerprint()))
     t1 = time.perf_counter()
+    stats: dict = {}
     scores = score(lm, req, layers=layers, max_tokens=max_tokens, progress=f"{data.name}/{fmt}" if progress else None,
-                   checkpoint=ck, read_layers=read)
+                   checkpoint=ck, read_layers=read, stats=stats, embeddings=include_embeddings)
     t_score = time.perf_counter() - t1
+    restored = stats.get("items_restored", 0)
+    scored = len(data.items) - restored  # scored by this process; the rest came from a checkpoint of a killed run
     prov = provenance(lm, data, timing={"prepare_s": round(t_prep, 3), "score_s": round(t_score, 3),
-                                        "items_per_s": round(len(data.items) / max(t_score, 1e-9), 2)})
+                                        "items_scored": scored, "items_restored": restored,
+                                        "items_per_s": round(scored / max(t_score, 1e-9), 2)})
     labels_out = list(req.labels) if isinstance(req, LetterRequests) else [str(k) for k in range(req.cont_chars.shape[1])]
     res = AnalysisResult.from_scores(scores, config, prov, [it.id for it in data.items], labels_out, decision_score)
-    if out_dir is not None:
-        res.save(out_dir)
-        if plots and (read is None or len(read) > 1):  # a one-layer read (``lens_layers="last"``) has no curve to draw
-            from ..plots import plot_analysis
-
-            plot_analysis(res, out_dir)
-        ck.clear()
+    if scores.embedding is not None:
+        e = scores.embedding
+        base = e.norm_scores if decision_score == "norm" and e.norm_scores is not None else e.scores
+        other = e.norm_scores if decision_score != "norm" and e.norm_scores is not None else None
+        res.extra["embedding"] = readout_summary(base[0], e.gold, e.n_options, EMBEDDING_ID,
+                                                 None if other is None else other[0])
+    if out_dir is not None:  # a one-layer read (``lens_layers="last"``) has no curve to draw
+        res.save(out_dir, plots=plots and (read is None or len(read) > 1))  # also removes the checkpoint
     return res

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..models import LoadedModel
-from ..results import atomic_write_json, atomic_write_text, provenance
+from ..results import RunWriter, provenance
 from ..tasks import load_task
 from .decision import prepare
 
@@ -52,6 +52,21 @@ class EvalResult:
                 "formats": self.formats, "configs": self.configs,
                 "cells": [{"task": t, "format": f, "removed": lab, **v} for (t, f, lab), v in self.cells.items()]}
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "EvalResult":
+        """The inverse of :meth:`to_dict`."""
+        cells = {(c["task"], c["format"], c["removed"]): {k: v for k, v in c.items() if k not in ("task", "format", "removed")}
+                 for c in d["cells"]}
+        return cls(config=d["config"], provenance=d["provenance"], tasks=list(d["tasks"]), formats=list(d["formats"]),
+                   configs=[list(c) for c in d["configs"]], cells=cells)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "EvalResult":
+        """Read a folder written by :meth:`save` (verified against its manifest)."""
+        from ..results import read_result_file
+
+        return cls.from_dict(read_result_file(path, "eval.json", "eval")[1])
+
     def markdown(self, fmt: str) -> str:
         """Accuracy (%) per task (rows) and configuration (columns), with an average row."""
         head = "| Task | " + " | ".join(self.labels) + " |"
@@ -62,17 +77,18 @@ class EvalResult:
         return "\n".join(lines)
 
     def save(self, out_dir: str | Path) -> Path:
+        """Write ``eval.json``, ``eval.csv`` and ``eval.md`` as one run folder (the manifest last)."""
         out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(out / "eval.json", self.to_dict())
         buf = io.StringIO()
         w = csv.writer(buf)
         w.writerow(["task", "format", "removed", "accuracy", "accuracy_norm", "final_dm", "transition_layer"])
         for (t, f, lab), v in self.cells.items():
             w.writerow([t, f, lab, f"{v['accuracy']:.4f}", "" if v["accuracy_norm"] is None else f"{v['accuracy_norm']:.4f}",
                         f"{v['final_dm']:.4f}", v["transition_layer"]])
-        atomic_write_text(out / "eval.csv", buf.getvalue())
-        atomic_write_text(out / "eval.md", "\n\n".join(f"### {f} format\n\n{self.markdown(f)}" for f in self.formats) + "\n")
+        with RunWriter(out, "eval") as run:
+            run.json("eval.json", self.to_dict())
+            run.text("eval.csv", buf.getvalue())
+            run.text("eval.md", "\n\n".join(f"### {f} format\n\n{self.markdown(f)}" for f in self.formats) + "\n")
         return out
 
 

@@ -5,8 +5,21 @@ One layer at a time, Gaussian noise scaled to the layer's own activation size is
     h~_l = h_l + a * sigma_l * eps,    eps ~ N(0, I)
 
 and the Decision Margin (and accuracy) of the model's *final* layer is measured, for every layer
-``l`` and noise scale ``a``. ``sigma_l`` is the standard deviation of layer ``l``'s output over every
-real token and hidden unit of the evaluated rows, measured on the clean dense model. The result is a
+``l`` and noise scale ``a``. The scale ``sigma_l`` is measured on the clean dense model, in one of
+three ways (``sigma=``, see :data:`SIGMA_MODES`):
+
+- ``no-first`` (default): one standard deviation per layer over every hidden unit of every real
+  token *except the first token of each row* (position 0; in a packed cloze row every root token).
+  The first token (BOS or the first word) is an attention sink that carries massive activations,
+  hundreds of times the other tokens' size in the middle layers only; with it, ``sigma_l`` measures
+  that one token and grows unevenly across depth, so "a = 0.1" would mean far more noise, relative
+  to the ordinary tokens, in those layers than elsewhere.
+- ``all``: the same over every real token, the first included (declens' earlier behaviour).
+- ``per-token``: each token's own scale, ``sigma_{l,t}`` = the standard deviation over the hidden
+  units of that token's clean output, so every token gets noise in proportion to its own size.
+
+All three are measured in the dense pass whatever the choice, and recorded (``sigma_by_mode``), as is
+the choice itself (``config["sigma"]``). The result is a
 ``[layers, scales]`` map of final DM; the dense model's Transition Point splits its rows into the
 Silent and the Decisive Phase, whose sensitivity the paper compares.
 
@@ -45,7 +58,7 @@ from ..errors import DeclensError, LayerSpecError, NoiseSpecError
 from ..formats import FORMATS, ClozeRequests, LetterRequests
 from ..metrics import compute_metrics, margins, predictions
 from ..models import LoadedModel
-from ..results import atomic_save_npz, atomic_write_json, provenance
+from ..results import RunWriter, provenance
 from ..runner import Batch, Probe, collate, default_max_tokens, forward, plan_batches
 from ..scoring import ScoringPlan
 from ..surgery import dense_layer_ids
@@ -54,6 +67,15 @@ from ..tasks import TaskData
 NOISE_FILE = "noise.json"
 NOISE_NPZ = "noise.npz"
 DEFAULT_SCALES = (0.0, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
+
+#: How ``sigma_l`` is measured (see the module docstring); the first is the default.
+SIGMA_MODES = ("no-first", "all", "per-token")
+DEFAULT_SIGMA = SIGMA_MODES[0]
+SIGMA_RULES = {
+    "no-first": "std of the clean layer output over every real token but the first of each row, and every hidden unit",
+    "all": "std of the clean layer output over all real tokens and hidden units",
+    "per-token": "each token's own std over the hidden units of its clean layer output",
+}
 
 #: Most bytes of kept layer outputs per batch (all layers of one batch are kept, in CPU memory):
 #: the default batch budget is lowered so that ``tokens x d x L x itemsize`` stays below it.
@@ -102,13 +124,36 @@ def parse_scales(text: str | Sequence[float]) -> list[float]:
     return validate_scales(values)
 
 
+def validate_sigma(mode: str) -> str:
+    """Check a ``sigma`` choice; return it.
+
+    Raises:
+        NoiseSpecError: not one of :data:`SIGMA_MODES`.
+    """
+    if mode not in SIGMA_MODES:
+        raise NoiseSpecError(f"unknown noise scale rule --sigma {mode!r}; use one of {', '.join(SIGMA_MODES)}")
+    return mode
+
+
+def token_sigma(h: Tensor) -> Tensor:
+    """Per-token scale: the population standard deviation over the hidden units of each token.
+
+    Args:
+        h: ``[..., d]`` hidden states (any float dtype).
+
+    Returns:
+        ``[...]`` float32.
+    """
+    return torch.std(h.float(), dim=-1, correction=0)
+
+
 def noise_seed(seed: int, layer_id: int, scale: float, repeat: int, row: int) -> int:
     """The 63-bit generator seed of one row's noise: a hash of ``(seed, layer id, scale, repeat, row)``."""
     key = f"declens-noise|{int(seed)}|{int(layer_id)}|{float(scale)!r}|{int(repeat)}|{int(row)}"
     return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little") & (2**63 - 1)
 
 
-def add_noise(h: Tensor, batch: Batch, scale: float, sigma: float, seed: int, layer_id: int,
+def add_noise(h: Tensor, batch: Batch, scale: float, sigma: float | Tensor, seed: int, layer_id: int,
               repeat: int = 0) -> Tensor:
     """``h + scale * sigma * eps`` at the real tokens of each row; padding is left as it is.
 
@@ -116,7 +161,7 @@ def add_noise(h: Tensor, batch: Batch, scale: float, sigma: float, seed: int, la
         h: ``[B, T, d]`` a layer's output for ``batch`` (any float dtype, any device).
         batch: the batch (``lengths`` and ``index`` give each row's real tokens and its seed).
         scale: the noise scale ``a`` (0 returns ``h`` itself, nothing drawn).
-        sigma: the layer's standard deviation ``sigma_l``.
+        sigma: the layer's standard deviation ``sigma_l``, or ``[B, T]`` one per token (``per-token``).
         seed, layer_id, repeat: with the row index, the seed of each row's draw (:func:`noise_seed`).
 
     Returns:
@@ -125,13 +170,15 @@ def add_noise(h: Tensor, batch: Batch, scale: float, sigma: float, seed: int, la
     if scale == 0:
         return h
     out = h.clone()
-    std = float(scale) * float(sigma)
+    per_token = isinstance(sigma, Tensor)
+    std = sigma.to(h.device, torch.float32) * float(scale) if per_token else float(scale) * float(sigma)
     d = h.shape[-1]
     for b, (n, row) in enumerate(zip(batch.lengths.tolist(), batch.index.tolist())):
         g = torch.Generator(device=h.device)
         g.manual_seed(noise_seed(seed, layer_id, scale, repeat, row))
         eps = torch.randn((int(n), d), generator=g, device=h.device, dtype=torch.float32)
-        out[b, : int(n)] = (h[b, : int(n)].float() + std * eps).to(h.dtype)
+        s = std[b, : int(n), None] if per_token else std
+        out[b, : int(n)] = (h[b, : int(n)].float() + s * eps).to(h.dtype)
     return out
 
 
@@ -143,10 +190,12 @@ class NoiseProbe(Probe):
 
     Args:
         layer_id: dense id of the layer whose output is noised.
-        scale, sigma, seed, repeat: as in :func:`add_noise`.
+        scale, seed, repeat: as in :func:`add_noise`.
+        sigma: the layer's ``sigma_l``, or ``"per-token"`` for each token's own scale (:func:`token_sigma`
+            of the clean output the noise is added to).
     """
 
-    def __init__(self, layer_id: int, scale: float, sigma: float, seed: int = 0, repeat: int = 0):
+    def __init__(self, layer_id: int, scale: float, sigma: float | str, seed: int = 0, repeat: int = 0):
         self.layer_id, self.scale, self.sigma, self.seed, self.repeat = layer_id, scale, sigma, seed, repeat
 
     def start(self, batch: Batch) -> None:
@@ -155,33 +204,58 @@ class NoiseProbe(Probe):
     def layer(self, pos, layer_id, inputs, output):
         if layer_id != self.layer_id or self.scale == 0:
             return None
-        return add_noise(output, self.batch, self.scale, self.sigma, self.seed, self.layer_id, self.repeat)
+        sigma = token_sigma(output) if self.sigma == "per-token" else self.sigma
+        return add_noise(output, self.batch, self.scale, sigma, self.seed, self.layer_id, self.repeat)
+
+
+def _merge(stats: dict, key, x: Tensor) -> None:
+    """Fold the values ``x`` into ``stats[key] = (count, mean, M2)`` (Chan's formula, float64)."""
+    if x.numel() == 0:
+        return
+    var, mean = torch.var_mean(x, correction=0)
+    n_b, mean_b, m2_b = x.numel(), float(mean), float(var) * x.numel()
+    n_a, mean_a, m2_a = stats.get(key, (0, 0.0, 0.0))
+    n = n_a + n_b
+    delta = mean_b - mean_a
+    stats[key] = (n, mean_a + delta * n_b / n, m2_a + m2_b + delta * delta * n_a * n_b / n)
 
 
 class SigmaProbe(Probe):
-    """Standard deviation of every layer's output over all real tokens and hidden units (population
-    std, combined across batches in float64 by Chan's formula)."""
+    """The noise scale of every layer's output under each rule of :data:`SIGMA_MODES`.
+
+    ``all``: population std over all real tokens and hidden units; ``no-first``: the same without the
+    first token of each row (position id 0); ``per-token``: the mean over real tokens of each token's
+    own std over hidden units (the scale the noise of that rule has on average). Combined across
+    batches in float64 (Chan's formula).
+    """
 
     def __init__(self):
-        self.stats: dict[int, tuple[int, float, float]] = {}  # id -> (count, mean, M2)
+        self.stats: dict[tuple[str, int], tuple[int, float, float]] = {}  # (mode, id) -> (count, mean, M2)
 
     def start(self, batch: Batch) -> None:
         T = batch.input_ids.shape[1]
-        self.mask = torch.arange(T, device=batch.input_ids.device)[None, :] < batch.lengths[:, None]
+        dev = batch.input_ids.device
+        self.mask = torch.arange(T, device=dev)[None, :] < batch.lengths[:, None]  # [B, T] real tokens
+        pos = batch.position_ids if batch.position_ids is not None else torch.arange(T, device=dev)[None, :]
+        self.rest = self.mask & (pos != 0)  # [B, T] real tokens but the first of each (packed) sequence
 
     def layer(self, pos, layer_id, inputs, output):
-        x = output[self.mask].float()  # [tokens, d]
-        var, mean = torch.var_mean(x, correction=0)
-        n_b, mean_b, m2_b = x.numel(), float(mean), float(var) * x.numel()
-        n_a, mean_a, m2_a = self.stats.get(layer_id, (0, 0.0, 0.0))
-        n = n_a + n_b
-        delta = mean_b - mean_a
-        self.stats[layer_id] = (n, mean_a + delta * n_b / n, m2_a + m2_b + delta * delta * n_a * n_b / n)
+        mask, rest = self.mask.to(output.device), self.rest.to(output.device)
+        _merge(self.stats, ("all", layer_id), output[mask].float())
+        _merge(self.stats, ("no-first", layer_id), output[rest].float())
+        _merge(self.stats, ("per-token", layer_id), token_sigma(output[mask]))
         return None
 
-    def sigma(self) -> dict[int, float]:
-        """Dense layer id -> standard deviation of its output."""
-        return {lid: math.sqrt(m2 / n) for lid, (n, _, m2) in sorted(self.stats.items())}
+    def sigma(self, mode: str = "all") -> dict[int, float]:
+        """Dense layer id -> the scale of its output under ``mode`` (``nan`` for ``no-first`` when every
+        row has a single token)."""
+        out = {}
+        for (m, lid), (n, mean, m2) in sorted(self.stats.items(), key=lambda kv: kv[0][1]):
+            if m == mode:
+                out[lid] = mean if mode == "per-token" else math.sqrt(m2 / n)
+        for (m, lid) in self.stats:
+            out.setdefault(lid, float("nan"))
+        return dict(sorted(out.items()))
 
 
 class _OutputCache(Probe):
@@ -212,7 +286,8 @@ class NoiseResult:
         acc: ``[P, S]`` final-layer accuracy, averaged over repeats.
         dm_runs, acc_runs: ``[R, P, S]`` the same per repeat.
         scores: ``[R, P, S, N, K]`` final-layer decision scores of every item (NaN for absent options).
-        sigma: dense id -> ``sigma_l`` (every layer of the model).
+        sigma: dense id -> ``sigma_l`` under the chosen rule (every layer of the model; ``per-token``: the
+            mean of the per-token scales).
         dense: the clean model's layer ids ``[L]``, per-layer DM ``[L]`` and accuracy ``[L]`` through the
             lens, final DM and accuracy, Transition Point and phases.
     """
@@ -269,18 +344,35 @@ class NoiseResult:
             **self.extra,
         }
 
+    @classmethod
+    def load(cls, path: Path | str) -> "NoiseResult":
+        """Read a folder written by :meth:`save` (verified against its manifest)."""
+        from ..results import read_result_file
+
+        p, d = read_result_file(path, NOISE_FILE, "noise", also=(NOISE_NPZ,))
+        with np.load(p.parent / NOISE_NPZ) as z:
+            arrays = {k: z[k] for k in ("dm", "accuracy", "dm_runs", "acc_runs", "scores", "sigma", "dense_layer_ids")}
+        sigma = {int(i): float(s) for i, s in zip(arrays["dense_layer_ids"], arrays["sigma"])}
+        known = {"kind", "config", "provenance", "scales", "layer_ids", "dense", "phase_summary", "layers", "dm",
+                 "accuracy"}
+        return cls(config=d["config"], provenance=d["provenance"], layer_ids=[int(i) for i in d["layer_ids"]],
+                   scales=[float(a) for a in d["scales"]], dm=arrays["dm"], acc=arrays["accuracy"],
+                   dm_runs=arrays["dm_runs"], acc_runs=arrays["acc_runs"], scores=arrays["scores"], sigma=sigma,
+                   dense=d["dense"], extra={k: v for k, v in d.items() if k not in known})
+
     def save(self, out_dir: Path | str, plots: bool = True) -> Path:
         """Write ``noise.json``, ``noise.npz`` and (with ``plots``) ``noise_heatmap.png`` and
-        ``noise_phases.png`` into ``out_dir`` (atomically)."""
+        ``noise_phases.png`` into ``out_dir`` as one run folder (the manifest last, see
+        :class:`~declens.results.RunWriter`)."""
         out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_save_npz(out / NOISE_NPZ, dm=self.dm, accuracy=self.acc, dm_runs=self.dm_runs, acc_runs=self.acc_runs,
-                        scores=self.scores, layer_ids=np.array(self.layer_ids), scales=np.array(self.scales),
-                        sigma=np.array([self.sigma[i] for i in self.dense["layer_ids"]]),
-                        dense_layer_ids=np.array(self.dense["layer_ids"]), dense_dm=np.array(self.dense["dm"]))
-        atomic_write_json(out / NOISE_FILE, self.to_dict())
-        if plots:
-            plot_noise(self, out)
+        with RunWriter(out, "noise") as run:
+            run.npz(NOISE_NPZ, dm=self.dm, accuracy=self.acc, dm_runs=self.dm_runs, acc_runs=self.acc_runs,
+                    scores=self.scores, layer_ids=np.array(self.layer_ids), scales=np.array(self.scales),
+                    sigma=np.array([self.sigma[i] for i in self.dense["layer_ids"]]),
+                    dense_layer_ids=np.array(self.dense["layer_ids"]), dense_dm=np.array(self.dense["dm"]))
+            run.json(NOISE_FILE, self.to_dict())
+            if plots:
+                run.figures(plot_noise, self, out)
         return out
 
 
@@ -326,6 +418,7 @@ def noise_study(
     num_fewshot: int = 0,
     decision_score: str = "raw",
     requests: LetterRequests | ClozeRequests | None = None,
+    sigma: str = DEFAULT_SIGMA,
 ) -> NoiseResult:
     """Final-layer Decision Margin with noise ``a * sigma_l * eps`` added to the output of one layer ``l``.
 
@@ -342,12 +435,14 @@ def noise_study(
         num_fewshot: solved examples prepended to each prompt.
         decision_score: cloze only: DM / accuracy on ``raw`` log-likelihoods or per-character ``norm``.
         requests: prebuilt requests (from :func:`~declens.analyses.decision.prepare`).
+        sigma: how the noise scale is measured: ``no-first`` (default), ``all`` or ``per-token`` (see the
+            module docstring).
 
     Returns:
         The :class:`NoiseResult`.
 
     Raises:
-        NoiseSpecError: bad scales or repeats; LayerSpecError: bad layer ids; DeclensError: bad format.
+        NoiseSpecError: bad scales, repeats or sigma rule; LayerSpecError: bad layer ids; DeclensError: bad format.
     """
     from tqdm.auto import tqdm
 
@@ -358,6 +453,7 @@ def noise_study(
     if decision_score not in ("raw", "norm"):
         raise DeclensError(f"decision_score must be 'raw' or 'norm', not {decision_score!r}")
     scales = validate_scales(scales)
+    sigma_mode = validate_sigma(sigma)
     if int(repeats) != repeats or repeats < 1:
         raise NoiseSpecError(f"repeats must be a whole number >= 1, got {repeats}")
     repeats = int(repeats)
@@ -390,7 +486,10 @@ def noise_study(
     dense_scores = assemble(dense_out, dense_ids)
     s0 = plan.assemble(dense_out, dense_ids)
     dm0 = compute_metrics(dense_scores, s0.gold, dense_ids, s0.n_options)
-    sigma = sig.sigma()
+    sigma_l = sig.sigma(sigma_mode)  # the per-token rule: the mean per-token scale, for the record
+    if any(math.isnan(v) for v in sigma_l.values()):
+        raise NoiseSpecError(f"--sigma {sigma_mode}: every row has a single token, so no token is left to measure the "
+                             "scale on; use --sigma all")
 
     # Pass 2: per batch, every layer's output kept; each (layer, scale, repeat) runs from it.
     last = dense_ids[-1]
@@ -400,6 +499,7 @@ def noise_study(
                disable=not progress, leave=False)
     try:
         with torch.inference_mode():
+            scale_of: dict[int, float | Tensor] = {}
             for j, idx in enumerate(reversed(batches)):  # the draws are per row: the order does not matter
                 b = collate(plan.rows, idx, pad, lm.device)
                 if j > 0:
@@ -407,10 +507,11 @@ def noise_study(
                 for pi, p in enumerate(positions):
                     lid = dense_ids[p]
                     h = cache.store[p].to(lm.device)
+                    scale_of[pi] = token_sigma(h) if sigma_mode == "per-token" else sigma_l[lid]
                     for r in range(repeats):
                         for si, a in enumerate(scales):
                             probe = plan.probe(outs[r, pi, si], {last: 0})
-                            noised = add_noise(h, b, a, sigma[lid], seed, lid, r)
+                            noised = add_noise(h, b, a, scale_of[pi], seed, lid, r)
                             if p == L - 1:  # the model's output itself: read the lens on the noised state
                                 probe.start(b)
                                 probe.layer(p, lid, noised, noised)
@@ -445,14 +546,17 @@ def noise_study(
         "model": lm.spec, "task": data.name, "format": fmt, **data.selection, "num_fewshot": num_fewshot,
         "scales": scales, "layers": layer_ids, "seed": seed, "repeats": repeats, "decision_score": decision_score,
         "noise": "h_l + a * sigma_l * eps, eps ~ N(0, I) float32, at the output of one layer, at every real token of "
-                 "every row; sigma_l = std of the clean layer output over all real tokens and hidden units",
+                 "every row; sigma_l: " + SIGMA_RULES[sigma_mode],
+        "sigma": sigma_mode,
         "packed_rows": bool(plan.pack) if not plan.letter else False,
         "dtype": str(lm.dtype).replace("torch.", ""), "device": str(lm.device), "max_tokens": budget,
     }
     prov = provenance(lm, data, timing={"study_s": round(t_run, 3), "noise_runs": len(batches) * P * S * R})
     return NoiseResult(config=config, provenance=prov, layer_ids=layer_ids, scales=scales,
                        dm=dm_runs.mean(axis=0), acc=acc_runs.mean(axis=0), dm_runs=dm_runs, acc_runs=acc_runs,
-                       scores=finals.astype(np.float32), sigma=sigma, dense=dense)
+                       scores=finals.astype(np.float32), sigma=sigma_l, dense=dense,
+                       extra={"sigma_by_mode": {m: {str(k): None if math.isnan(v) else v for k, v in sig.sigma(m).items()}
+                                               for m in SIGMA_MODES}})
 
 
 # ------------------------------------------------------------------------------------------------

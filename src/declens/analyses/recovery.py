@@ -6,29 +6,9 @@ after: fine-tuning lifts DM but cannot restore the Transition Point beyond about
 :func:`recover_study` reproduces that experiment for any model, task and set of pruned
 configurations (explicit removal lists, or the per-ratio best states of a ``declens prune`` run).
 
-Training data
-    The rows of a task's *training* split (ARC: ``train``; MMLU: ``dev``), written in exactly the
-    format that is evaluated, through the same prompt builders (:func:`declens.analyses.decision.prepare`):
-
-    - ``letter``: the letter prompt (question, lettered options, ``Answer:``) followed by the gold
-      option's label token (``" A"``), i.e. the very decision token the lens reads;
-    - ``cloze``: the item's context followed by the gold option as continuation.
-
-    The loss is the next-token cross-entropy **on the answer tokens only** (the prompt tokens are
-    masked with -100, as in standard supervised fine-tuning on prompt/response pairs): the model is
-    taught to answer, not to model the questions, which is what the decision lens measures. The
-    reported loss of a step is the mean over all answer tokens of its (effective) batch.
-
-Pruned model
-    A fresh copy of the model with the layers removed permanently (:func:`declens.surgery.remove_layers`);
-    its config records the removed dense ids, so the lens and every saved file speak dense layer ids.
-
-Fine-tuning
-    A plain PyTorch loop: AdamW, linear (or cosine / constant) schedule with optional warm-up,
-    gradient clipping, optional gradient accumulation, deterministic for a seed. ``lora`` wraps the
-    model with ``peft`` (``LoraConfig`` + ``get_peft_model``) and merges the adapters back with
-    ``merge_and_unload()`` after training, so the recovered model is an ordinary transformers model
-    that exports like any other. ``full`` trains every parameter.
+The fine-tuning itself (recipe, training rows, LoRA / full set-up, the ``transformers.Trainer``
+loop, the learning-rate selection, merge and export) is :mod:`declens.finetune`; this module is the
+study around it: which configurations, the lens before and after, the results and figures.
 
 Restoration
     ``restored`` is True when the pruned model has **no** Transition Point before fine-tuning and
@@ -47,7 +27,6 @@ Example:
 
 from __future__ import annotations
 
-import copy
 import csv
 import io
 import json
@@ -58,664 +37,18 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
-import torch
-import torch.nn.functional as F
-from torch import nn
-
 from ..errors import DeclensError
-from ..formats import FORMATS, ClozeRequests, LetterRequests
-from ..models import DecoderParts, LoadedModel, decoder_parts
-from ..results import AnalysisResult, atomic_write_json, atomic_write_text, provenance, read_result_file
-from ..surgery import ORIGINAL_LAYERS_ATTR, REMOVED_ATTR, keep_positions, remove_layers
-from ..tasks import LETTERS, TaskData, TaskSpec, get_spec, load_task
-from .decision import analyze, encoder_for, prepare
+from ..finetune import (FinetuneConfig, answer_loss, export_model, load_training_data, original_num_layers,
+                        run_finetune, sequence_stats, state_copy, training_sequences)
+from ..formats import FORMATS, LetterRequests
+from ..models import LoadedModel
+from ..results import AnalysisResult, RunWriter, provenance, read_result_file
+from ..surgery import check_removal
+from ..tasks import LETTERS, TaskData, TaskSpec
+from .decision import analyze, prepare
 
 RECOVER_FILE = "recover.json"
 RECOVER_CSV = "recover.csv"
-METHODS = ("lora", "full")
-SCHEDULES = ("linear", "cosine", "constant")
-#: default learning rate per method when ``lr`` is not given
-DEFAULT_LR = {"lora": 2e-4, "full": 2e-5}
-IGNORE_INDEX = -100
-
-
-# ------------------------------------------------------------------------------------------------
-# Hyper-parameters
-
-
-@dataclass
-class FinetuneConfig:
-    """Hyper-parameters of one fine-tuning run.
-
-    Defaults follow the paper's setup where it states one (3 epochs, AdamW, effective batch 8,
-    sequences up to 512 tokens) and Hugging Face ``Trainer``'s defaults where it does not (linear
-    decay, no warm-up, no weight decay, gradient norm clipped at 1.0). The paper selects the
-    learning rate per model; the defaults here are the usual ones: 2e-4 for LoRA, 2e-5 for full
-    fine-tuning. LoRA: rank 16, alpha 32 (scale 2), dropout 0.05, on every linear layer of the
-    decoder (``all-linear``: attention and MLP projections, not the LM head).
-
-    Attributes:
-        method: ``lora`` or ``full``.
-        epochs: passes over the training rows.
-        lr: peak learning rate (None: :data:`DEFAULT_LR` of the method).
-        batch_size: sequences per forward pass.
-        grad_accum: forward passes per optimizer step (effective batch = batch_size x grad_accum).
-        max_steps: stop after this many optimizer steps (None: run every epoch).
-        lora_r, lora_alpha, lora_dropout: LoRA rank, scale numerator and dropout.
-        target_modules: LoRA targets: ``all-linear`` or module names (``["q_proj", "v_proj"]``).
-        weight_decay: AdamW decoupled weight decay.
-        warmup_ratio: share of the steps with a linear warm-up from 0.
-        schedule: ``linear`` (decay to 0), ``cosine`` (to 0) or ``constant`` after warm-up.
-        max_grad_norm: clip the gradient norm to this (None: no clipping).
-        seed: seeds the adapter initialisation, the data order and dropout.
-        max_length: longer training sequences lose the start of their prompt (never the answer).
-        group_by_length: batch rows of similar length together (less padding; see :func:`batch_groups`).
-    """
-
-    method: str = "lora"
-    epochs: int = 3
-    lr: float | None = None
-    batch_size: int = 8
-    grad_accum: int = 1
-    max_steps: int | None = None
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.05
-    target_modules: str | list[str] = "all-linear"
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.0
-    schedule: str = "linear"
-    max_grad_norm: float | None = 1.0
-    seed: int = 0
-    max_length: int = 512
-    group_by_length: bool = True
-
-    def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise DeclensError(f"unknown fine-tuning method {self.method!r}; use one of {', '.join(METHODS)}")
-        if self.schedule not in SCHEDULES:
-            raise DeclensError(f"unknown learning-rate schedule {self.schedule!r}; use one of {', '.join(SCHEDULES)}")
-        checks = [("epochs", self.epochs, self.epochs >= 1), ("batch_size", self.batch_size, self.batch_size >= 1),
-                  ("grad_accum", self.grad_accum, self.grad_accum >= 1),
-                  ("max_steps", self.max_steps, self.max_steps is None or self.max_steps >= 1),
-                  ("lr", self.lr, self.lr is None or (math.isfinite(self.lr) and self.lr > 0)),
-                  ("lora_r", self.lora_r, self.lora_r >= 1), ("lora_alpha", self.lora_alpha, self.lora_alpha > 0),
-                  ("lora_dropout", self.lora_dropout, 0 <= self.lora_dropout < 1),
-                  ("weight_decay", self.weight_decay, self.weight_decay >= 0),
-                  ("warmup_ratio", self.warmup_ratio, 0 <= self.warmup_ratio < 1),
-                  ("max_grad_norm", self.max_grad_norm, self.max_grad_norm is None or self.max_grad_norm > 0),
-                  ("max_length", self.max_length, self.max_length >= 2)]
-        bad = [f"{name}={value!r}" for name, value, ok in checks if not ok]
-        if bad:
-            raise DeclensError(f"invalid fine-tuning hyper-parameter(s): {', '.join(bad)} (epochs, batch sizes, steps, "
-                               "rank and length must be positive; lr > 0; dropout and warm-up ratio in [0, 1))")
-        if isinstance(self.target_modules, (list, tuple)):
-            if not self.target_modules:
-                raise DeclensError("target_modules is empty; use 'all-linear' or module names like q_proj,v_proj")
-            self.target_modules = [str(t) for t in self.target_modules]
-
-    @property
-    def peak_lr(self) -> float:
-        """The learning rate used (``lr`` or the method's default)."""
-        return float(self.lr) if self.lr is not None else DEFAULT_LR[self.method]
-
-    @property
-    def effective_batch(self) -> int:
-        return self.batch_size * self.grad_accum
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["lr"] = self.peak_lr
-        d["effective_batch"] = self.effective_batch
-        return d
-
-    @classmethod
-    def make(cls, **kwargs: Any) -> "FinetuneConfig":
-        """Build from keyword arguments, with a clear error for an unknown name."""
-        names = [f.name for f in fields(cls)]
-        unknown = [k for k in kwargs if k not in names]
-        if unknown:
-            raise DeclensError(f"unknown fine-tuning hyper-parameter(s) {unknown}; known: {', '.join(names)}")
-        return cls(**kwargs)
-
-
-# ------------------------------------------------------------------------------------------------
-# Training data
-
-
-@dataclass(frozen=True)
-class TrainSeq:
-    """One training sequence: prompt tokens followed by answer tokens (the loss is on the answer only).
-
-    Attributes:
-        input_ids: the token ids (prompt, then answer).
-        n_prompt: how many leading tokens are prompt (masked out of the loss).
-        truncated: the prompt lost its start to fit ``max_length``.
-    """
-
-    input_ids: tuple[int, ...]
-    n_prompt: int
-    truncated: bool = False
-
-    @property
-    def n_answer(self) -> int:
-        return len(self.input_ids) - self.n_prompt
-
-    @property
-    def labels(self) -> list[int]:
-        """Next-token targets in Hugging Face convention: -100 on the prompt, the ids on the answer."""
-        return [IGNORE_INDEX] * self.n_prompt + list(self.input_ids[self.n_prompt :])
-
-
-def training_split(spec: TaskSpec, split: str | None = None) -> str:
-    """The split fine-tuning rows come from: ``split``, else the task's few-shot/training split.
-
-    Raises:
-        DeclensError: the task has no training split (e.g. HellaSwag, PIQA: validation only).
-    """
-    if split is not None:
-        if spec.source != "hf" and split not in spec.splits:
-            raise DeclensError(f"task {spec.name!r} has no split {split!r}; its splits are: {', '.join(spec.splits)}")
-        return split
-    if spec.fewshot_split:
-        return spec.fewshot_split
-    if "train" in spec.splits:
-        return "train"
-    raise DeclensError(
-        f"task {spec.name!r} has no training split (its splits: {', '.join(spec.splits) or 'none'}); fine-tune on a "
-        "task that has one (--train-task arc_easy or arc_challenge), or name a split with --train-split "
-        "(never the evaluated one)"
-    )
-
-
-def load_training_data(task: str | TaskSpec | TaskData, split: str | None = None, limit: int | None = None,
-                       seed: int = 0) -> TaskData:
-    """The training rows of a task (``limit`` rows drawn with ``seed``; None: the whole split)."""
-    if isinstance(task, TaskData):
-        return task
-    spec = task if isinstance(task, TaskSpec) else get_spec(task.partition(":")[0])
-    name = task if isinstance(task, str) else spec
-    return load_task(name, split=training_split(spec, split), limit=limit, seed=seed)
-
-
-def training_sequences(lm: LoadedModel, data: TaskData, fmt: str = "letter", max_length: int = 512,
-                       labels: str | Sequence[str] = LETTERS, label_prefix: str = " ") -> list[TrainSeq]:
-    """Tokenized training sequences, built by the evaluation's own prompt builders.
-
-    ``letter``: prompt + gold label token (the decision token the lens reads); ``cloze``: context +
-    gold continuation. No few-shot examples. A sequence longer than ``max_length`` keeps the
-    tokenizer's special prefix (BOS) and the end of the prompt, and its whole answer.
-    """
-    if fmt not in FORMATS:
-        raise DeclensError(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
-    req = prepare(lm, data, fmt, labels=labels, label_prefix=label_prefix)
-    prefix = len(encoder_for(lm).prefix)
-    pairs: list[tuple[list[int], list[int]]] = []
-    if isinstance(req, LetterRequests):
-        for prompt, g in zip(req.prompts, req.gold):
-            pairs.append((list(prompt), [int(req.option_ids[int(g)])]))
-    else:
-        assert isinstance(req, ClozeRequests)
-        for ctxs, conts, g in zip(req.contexts, req.continuations, req.gold):
-            pairs.append((list(ctxs[int(g)]), list(conts[int(g)])))
-    out = []
-    for prompt, answer in pairs:
-        trunc = False
-        if len(prompt) + len(answer) > max_length:
-            keep = max_length - len(answer)
-            if keep <= prefix:
-                raise DeclensError(f"an answer of {len(answer)} tokens does not fit max_length={max_length}; raise --max-length")
-            prompt = prompt[:prefix] + prompt[len(prompt) - (keep - prefix) :]
-            trunc = True
-        out.append(TrainSeq(tuple(prompt + answer), len(prompt), trunc))
-    return out
-
-
-# ------------------------------------------------------------------------------------------------
-# Pruned copies
-
-
-def _detach_inference_tensors(model: nn.Module) -> None:
-    """Replace tensors created under ``torch.inference_mode`` (they cannot enter autograd) by normal clones.
-
-    Parameters and buffers are normally never inference tensors, but a model loaded, copied or
-    run (buffers updated in place, e.g. dynamic RoPE) inside inference mode may hold some.
-    """
-    with torch.inference_mode(False), torch.no_grad():
-        for module in model.modules():
-            for name, p in list(module._parameters.items()):
-                if p is not None and p.is_inference():
-                    module._parameters[name] = nn.Parameter(p.clone(), requires_grad=p.requires_grad)
-            for name, b in list(module._buffers.items()):
-                if b is not None and b.is_inference():
-                    module._buffers[name] = b.clone()
-            for name, v in list(vars(module).items()):
-                if isinstance(v, torch.Tensor) and not isinstance(v, nn.Parameter) and v.is_inference():
-                    setattr(module, name, v.clone())
-
-
-def pruned_copy(lm: LoadedModel, remove: Sequence[int]) -> LoadedModel:
-    """A deep copy of ``lm`` with the layers ``remove`` (dense ids) permanently removed.
-
-    The original model is untouched. The copy's config records the removal (dense numbering), so
-    the lens, result files and saved models report dense layer ids.
-
-    Raises:
-        LayerSpecError: ids out of range, repeated, already removed, or removing every layer.
-    """
-    keep = keep_positions(lm.parts, remove)  # validates the dense ids against this model
-    positions = [p for p in range(lm.num_layers) if p not in set(keep)]
-    model = copy.deepcopy(lm.model)
-    _detach_inference_tensors(model)
-    if positions:
-        remove_layers(decoder_parts(model), positions)
-    model.eval()
-    source = {**lm.source, "pruned_from": lm.spec, "removed": sorted(int(i) for i in remove)}
-    return LoadedModel(model=model, tokenizer=lm.tokenizer, spec=lm.spec, source=source)
-
-
-def original_num_layers(lm: LoadedModel) -> int:
-    """Layer count of the dense model ``lm`` comes from (itself unless it is a saved pruned model)."""
-    return int(getattr(lm.model.config, ORIGINAL_LAYERS_ATTR, None) or lm.num_layers)
-
-
-# ------------------------------------------------------------------------------------------------
-# Fine-tuning
-
-
-@dataclass
-class TrainLog:
-    """What a fine-tuning run did.
-
-    Attributes:
-        config: the hyper-parameters (``FinetuneConfig.to_dict()``, learning rate resolved).
-        losses: mean answer-token loss of every optimizer step (before that step's update).
-        lrs: learning rate of every step.
-        grad_norms: gradient norm of every step (before clipping).
-        steps: optimizer steps taken; epochs: passes over the data (fractional when ``max_steps`` stops early).
-        examples: training sequences; answer_tokens: answer tokens in them; truncated: sequences cut to ``max_length``.
-        trainable_params / total_params: parameters trained (LoRA: the adapters) / in the model.
-        seconds: wall time of the loop; device, dtype: where it ran and the model's dtype; precision: how
-            (``float32 master weights, autocast bfloat16`` for full fine-tuning of a 16-bit model).
-        merged: LoRA adapters were merged into the weights (always for ``full``).
-    """
-
-    config: dict
-    losses: list[float] = field(default_factory=list)
-    lrs: list[float] = field(default_factory=list)
-    grad_norms: list[float] = field(default_factory=list)
-    steps: int = 0
-    epochs: float = 0.0
-    examples: int = 0
-    answer_tokens: int = 0
-    truncated: int = 0
-    trainable_params: int = 0
-    total_params: int = 0
-    seconds: float = 0.0
-    device: str = ""
-    dtype: str = ""
-    precision: str = ""
-    merged: bool = False
-    peft_model: Any = field(default=None, repr=False, compare=False)
-
-    @property
-    def method(self) -> str:
-        return self.config["method"]
-
-    def mean_loss(self, part: str = "first", n: int | None = None) -> float:
-        """Mean loss of the first or last ``n`` steps (default: a quarter of them, at least one)."""
-        if not self.losses:
-            return float("nan")
-        n = n or max(1, len(self.losses) // 4)
-        xs = self.losses[:n] if part == "first" else self.losses[-n:]
-        return float(np.mean(xs))
-
-    def to_dict(self) -> dict:
-        d = {k: v for k, v in asdict(self).items() if k != "peft_model"}
-        d["first_loss"] = self.mean_loss("first")
-        d["last_loss"] = self.mean_loss("last")
-        d["examples_per_s"] = self.steps and round(self.epochs * self.examples / max(self.seconds, 1e-9), 3)
-        return d
-
-
-def _collate(seqs: Sequence[TrainSeq], idx: Sequence[int], pad_id: int, device: torch.device):
-    rows = [seqs[i] for i in idx]
-    T = max(len(r.input_ids) for r in rows)
-    if device.type == "cuda":  # fewer distinct shapes: attention kernels plan once per shape
-        T = -(-T // 8) * 8
-    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), T), dtype=torch.long)
-    tgt = torch.full((len(rows), T), IGNORE_INDEX, dtype=torch.long)
-    for b, r in enumerate(rows):
-        n = len(r.input_ids)
-        ids[b, :n] = torch.as_tensor(r.input_ids, dtype=torch.long)
-        mask[b, :n] = 1
-        tgt[b, r.n_prompt : n] = ids[b, r.n_prompt : n]
-    return ids.to(device), mask.to(device), tgt.to(device)
-
-
-def _answer_nll(parts: DecoderParts, ids: torch.Tensor, mask: torch.Tensor, tgt: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Summed next-token NLL over the answer tokens, and their count.
-
-    The LM head runs only at the positions that predict an answer token (position ``j - 1`` for
-    answer token ``j``), which saves the vocabulary projection of every prompt position.
-    """
-    h = parts.decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
-    sel = tgt[:, 1:] != IGNORE_INDEX
-    hs = h[:, :-1][sel]
-    y = tgt[:, 1:][sel]
-    logits = parts.head(hs).float()
-    if parts.softcap:
-        logits = torch.tanh(logits / parts.softcap) * parts.softcap
-    return F.cross_entropy(logits, y, reduction="sum"), int(y.numel())
-
-
-def answer_loss(lm: LoadedModel, seqs: Sequence[TrainSeq], batch_size: int = 16) -> float:
-    """Mean cross-entropy of ``lm`` over the answer tokens of ``seqs`` (no gradient, eval mode)."""
-    if not seqs:
-        raise DeclensError("no training sequences to measure a loss on")
-    parts = decoder_parts(lm.model)
-    pad = encoder_for(lm).pad_id
-    total, count = 0.0, 0
-    was_training = lm.model.training
-    lm.model.eval()
-    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i].input_ids))  # less padding
-    with torch.no_grad():
-        for s in range(0, len(seqs), batch_size):
-            nll, n = _answer_nll(parts, *_collate(seqs, order[s : s + batch_size], pad, lm.device))
-            total += float(nll)
-            count += n
-    lm.model.train(was_training)
-    return total / count
-
-
-def _lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
-    if warmup and step < warmup:
-        return (step + 1) / (warmup + 1)
-    if schedule == "constant":
-        return 1.0
-    progress = (step - warmup) / max(1, total - warmup)
-    if schedule == "linear":
-        return max(0.0, 1.0 - progress)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
-def _lora_model(model: nn.Module, cfg: FinetuneConfig):
-    try:
-        from peft import LoraConfig, get_peft_model
-    except ImportError:
-        raise DeclensError("LoRA fine-tuning needs the peft package: pip install 'declens[finetune]' "
-                           "(or use --method full)") from None
-    lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, bias="none",
-                      target_modules=cfg.target_modules, task_type="CAUSAL_LM")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # peft calls transformers' deprecated is_gradient_checkpointing
-            return get_peft_model(model, lcfg)
-    except ValueError as e:
-        raise DeclensError(f"LoRA cannot target {cfg.target_modules!r} on this model ({str(e).splitlines()[0]}); "
-                           "use 'all-linear' or names of its linear layers (e.g. q_proj,v_proj)") from None
-
-
-def merge_lora(peft_model) -> nn.Module:
-    """Merge LoRA adapters into the base weights; return the plain transformers model (eval mode)."""
-    merged = peft_model.merge_and_unload()
-    merged.eval()
-    return merged
-
-
-def finetune(
-    lm: LoadedModel,
-    train_seqs: Sequence[TrainSeq],
-    method: str = "lora",
-    *,
-    epochs: int = 3,
-    lr: float | None = None,
-    batch_size: int = 8,
-    grad_accum: int = 1,
-    max_steps: int | None = None,
-    lora_r: int = 16,
-    lora_alpha: int = 32,
-    lora_dropout: float = 0.05,
-    target_modules: str | Sequence[str] = "all-linear",
-    weight_decay: float = 0.0,
-    warmup_ratio: float = 0.0,
-    schedule: str = "linear",
-    max_grad_norm: float | None = 1.0,
-    seed: int = 0,
-    max_length: int = 512,
-    group_by_length: bool = True,
-    progress: bool = True,
-    merge: bool = True,
-) -> TrainLog:
-    """Fine-tune ``lm`` in place on answer-masked sequences; see :class:`FinetuneConfig` for the arguments.
-
-    The loop: shuffle the rows each epoch (seeded; similar lengths batched together unless
-    ``group_by_length=False``), batches of ``batch_size`` right-padded rows,
-    loss = mean cross-entropy over the answer tokens of the ``grad_accum`` batches of a step,
-    AdamW, gradient clipping, learning-rate schedule. Runs under ``torch.enable_grad()`` (safe to
-    call from inside ``torch.inference_mode``: it switches inference mode off for the loop, and
-    replaces any inference-mode parameter or buffer by a normal copy) and leaves the model in eval mode.
-
-    With ``method="lora"`` and ``merge=True`` (default) the adapters are merged into the weights and
-    ``lm.model`` is an ordinary model again; with ``merge=False`` ``lm.model`` keeps the LoRA layers
-    and the ``PeftModel`` is in ``TrainLog.peft_model`` (merge it with :func:`merge_lora`).
-
-    Returns:
-        The :class:`TrainLog` with the per-step losses.
-    """
-    cfg = FinetuneConfig(method=method, epochs=epochs, lr=lr, batch_size=batch_size, grad_accum=grad_accum,
-                         max_steps=max_steps, lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-                         target_modules=target_modules if isinstance(target_modules, str) else list(target_modules),
-                         weight_decay=weight_decay, warmup_ratio=warmup_ratio, schedule=schedule,
-                         max_grad_norm=max_grad_norm, seed=seed, max_length=max_length,
-                         group_by_length=group_by_length)
-    return run_finetune(lm, train_seqs, cfg, progress=progress, merge=merge)
-
-
-def run_finetune(lm: LoadedModel, train_seqs: Sequence[TrainSeq], cfg: FinetuneConfig, progress: bool = True,
-                 merge: bool = True) -> TrainLog:
-    """:func:`finetune` with a :class:`FinetuneConfig`."""
-    if not train_seqs:
-        raise DeclensError("no training rows: the training selection is empty")
-    seqs = list(train_seqs)
-    too_long = sum(len(s.input_ids) > cfg.max_length for s in seqs)
-    if too_long:
-        raise DeclensError(f"{too_long} training sequence(s) exceed max_length={cfg.max_length}; build them with "
-                           "training_sequences(..., max_length=...) of the same value")
-    device = lm.device
-    devices = [device.index or 0] if device.type == "cuda" else []
-    # inference mode off (the caller may be inside it: its tensors cannot enter autograd); the RNG is
-    # seeded here and the caller's RNG state is restored afterwards
-    with torch.inference_mode(False), torch.random.fork_rng(devices=devices):
-        _detach_inference_tensors(lm.model)
-        torch.manual_seed(cfg.seed)
-        return _train(lm, seqs, cfg, progress, merge)
-
-
-def batch_groups(lengths: Sequence[int], effective_batch: int, gen: torch.Generator,
-                 group_by_length: bool = True) -> list[list[int]]:
-    """One epoch's optimizer-step groups of row indices (seeded by ``gen``).
-
-    A random permutation cut into groups of ``effective_batch`` rows. With ``group_by_length``
-    (as Hugging Face's ``LengthGroupedSampler``), the permutation is cut into mega-batches of 50
-    groups, each sorted by length before it is cut, and the groups are shuffled: every row is still
-    seen once per epoch in random company, with far less padding.
-    """
-    n = len(lengths)
-    perm = torch.randperm(n, generator=gen).tolist()
-    if group_by_length:
-        mega = 50 * effective_batch
-        perm = [i for c in range(0, n, mega) for i in sorted(perm[c : c + mega], key=lambda i: -lengths[i])]
-    groups = [perm[i : i + effective_batch] for i in range(0, n, effective_batch)]
-    if group_by_length:
-        groups = [groups[j] for j in torch.randperm(len(groups), generator=gen).tolist()]
-    return groups
-
-
-def _train(lm: LoadedModel, seqs: list[TrainSeq], cfg: FinetuneConfig, progress: bool, merge: bool) -> TrainLog:
-    from contextlib import nullcontext
-
-    from tqdm.auto import tqdm
-
-    device = lm.device
-    model = lm.model
-    dtype = lm.dtype
-    was_grad = {n: p.requires_grad for n, p in model.named_parameters()}
-    peft_model = None
-    # Full fine-tuning of a 16-bit model keeps float32 master weights (AdamW updates of a 2e-5 learning
-    # rate vanish in bfloat16's 8-bit mantissa) and computes in the model's dtype under autocast; the
-    # weights are cast back afterwards. LoRA keeps the frozen base in its dtype and the adapters in
-    # float32 (peft's default), so it needs neither.
-    mixed = cfg.method == "full" and dtype in (torch.float16, torch.bfloat16)
-    if cfg.method == "lora":
-        peft_model = _lora_model(model, cfg)  # injects LoRA layers into ``model`` in place, freezes the base
-    else:
-        param_dtypes = {n: p.dtype for n, p in model.named_parameters()}
-        if mixed:  # parameters only: buffers (RoPE inv_freq ...) keep the dtype the model was built with
-            with torch.no_grad():
-                for p in model.parameters():
-                    p.data = p.data.float()
-        for p in model.parameters():
-            p.requires_grad_(True)
-    parts = decoder_parts(model)
-    params = [p for p in model.parameters() if p.requires_grad]
-    log = TrainLog(config=cfg.to_dict(), examples=len(seqs), answer_tokens=sum(s.n_answer for s in seqs),
-                   truncated=sum(s.truncated for s in seqs), trainable_params=sum(p.numel() for p in params),
-                   total_params=sum(p.numel() for p in model.parameters()), device=str(device),
-                   dtype=str(dtype).replace("torch.", ""))
-    log.precision = ("float32 master weights, autocast " if mixed else "") + log.dtype
-    opt = torch.optim.AdamW(params, lr=cfg.peak_lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999), eps=1e-8)
-    per_epoch = math.ceil(len(seqs) / cfg.effective_batch)
-    total = per_epoch * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, per_epoch * cfg.epochs)
-    warmup = int(cfg.warmup_ratio * total)
-    pad = encoder_for(lm).pad_id
-    lengths = [len(x.input_ids) for x in seqs]
-    gen = torch.Generator().manual_seed(cfg.seed)
-    amp = torch.autocast(device.type, dtype=dtype) if mixed else nullcontext()
-    t0 = time.perf_counter()
-    bar = tqdm(total=total, desc=f"fine-tune ({cfg.method})", unit="step", disable=not progress, leave=False)
-    seen = 0
-    try:
-        with torch.enable_grad():
-            model.train()
-            step = 0
-            for _epoch in range(cfg.epochs):
-                for group in batch_groups(lengths, cfg.effective_batch, gen, cfg.group_by_length):
-                    if step >= total:
-                        break
-                    micro = [group[i : i + cfg.batch_size] for i in range(0, len(group), cfg.batch_size)]
-                    n_tok = sum(seqs[i].n_answer for i in group)
-                    for g in opt.param_groups:
-                        g["lr"] = cfg.peak_lr * _lr_factor(step, total, warmup, cfg.schedule)
-                    step_loss = 0.0
-                    for idx in micro:
-                        with amp:
-                            nll, _ = _answer_nll(parts, *_collate(seqs, idx, pad, device))
-                        (nll / n_tok).backward()
-                        step_loss += float(nll.detach())
-                    if cfg.max_grad_norm is not None:
-                        norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-                    else:
-                        norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
-                    loss = step_loss / n_tok
-                    if not math.isfinite(loss):
-                        raise DeclensError(f"the training loss became {loss} at step {step + 1}; lower the learning "
-                                           f"rate (now {cfg.peak_lr:g}) or use float32 (--dtype float32)")
-                    opt.step()
-                    opt.zero_grad(set_to_none=True)
-                    log.losses.append(loss)
-                    log.lrs.append(opt.param_groups[0]["lr"])
-                    log.grad_norms.append(float(norm))
-                    seen += len(group)
-                    step += 1
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{loss:.4f}")
-    finally:
-        bar.close()
-        model.eval()
-        if mixed:
-            with torch.no_grad():
-                for n, p in model.named_parameters():
-                    p.data = p.data.to(param_dtypes[n])
-                    p.grad = None
-    log.steps = len(log.losses)
-    log.epochs = seen / len(seqs)
-    log.seconds = round(time.perf_counter() - t0, 3)
-    del opt
-    if peft_model is not None:
-        if merge:
-            lm.model = merge_lora(peft_model)
-            log.merged = True
-        else:
-            log.peft_model = peft_model
-    else:
-        log.merged = True
-    for n, p in lm.model.named_parameters():
-        if n in was_grad:
-            p.requires_grad_(was_grad[n])
-    lm.__dict__.pop("parts", None)  # the cached DecoderParts may point at replaced modules
-    lm.model.eval()
-    return log
-
-
-# ------------------------------------------------------------------------------------------------
-# Export
-
-
-def export_model(lm: LoadedModel, out_dir: str | Path, check: bool = True) -> dict:
-    """Save a (recovered) model and its tokenizer so ``AutoModelForCausalLM.from_pretrained`` loads it.
-
-    Checks that the config is consistent (``num_hidden_layers``, per-layer lists such as
-    ``layer_types`` and the removed-layer record all agree with the layer count); with ``check``,
-    reloads the folder and compares logits with the in-memory model.
-
-    Returns:
-        ``{"out_dir", "num_layers", "removed", "max_abs_logit_diff"}``.
-    """
-    from transformers import AutoModelForCausalLM
-
-    from ..presets import clear_quantizer
-
-    out = Path(out_dir)
-    if out.exists() and any(out.iterdir()):
-        raise DeclensError(f"{str(out)!r} exists and is not empty; choose a new export folder")
-    if _has_lora(lm.model):
-        raise DeclensError("the model still holds LoRA layers; merge them (merge_lora) before exporting")
-    parts = decoder_parts(lm.model)
-    cfg = lm.model.config
-    n = parts.num_layers
-    problems = []
-    if cfg.num_hidden_layers != n:
-        problems.append(f"num_hidden_layers={cfg.num_hidden_layers} but {n} layers")
-    lt = getattr(cfg, "layer_types", None)
-    if lt is not None and len(lt) != n:
-        problems.append(f"layer_types has {len(lt)} entries for {n} layers")
-    removed = list(getattr(cfg, REMOVED_ATTR, None) or [])
-    n0 = getattr(cfg, ORIGINAL_LAYERS_ATTR, None)
-    if removed and n0 is not None and n0 - len(removed) != n:
-        problems.append(f"{len(removed)} removed of {n0} does not leave {n}")
-    if problems:
-        raise DeclensError(f"inconsistent pruned config ({'; '.join(problems)}); this is a declens bug, please report it")
-    probe = torch.tensor([lm.tokenizer.encode("The quick brown fox jumps over the lazy dog. Question: why?")]).to(lm.device)
-    with torch.inference_mode():
-        ref = lm.model(probe).logits.float().cpu()
-    clear_quantizer(lm.model)
-    lm.model.save_pretrained(out)
-    lm.tokenizer.save_pretrained(out)
-    info: dict[str, Any] = {"out_dir": str(out), "num_layers": n, "removed": removed, "max_abs_logit_diff": None}
-    if check:
-        back = AutoModelForCausalLM.from_pretrained(out, dtype=lm.dtype).to(lm.device).eval()
-        with torch.inference_mode():
-            got = back(probe).logits.float().cpu()
-        info["max_abs_logit_diff"] = float((got - ref).abs().max())
-        del back
-    return info
-
-
-def _has_lora(model: nn.Module) -> bool:
-    return any("lora_" in name for name, _ in model.named_modules())
 
 
 # ------------------------------------------------------------------------------------------------
@@ -724,10 +57,12 @@ def _has_lora(model: nn.Module) -> bool:
 
 @dataclass(frozen=True)
 class PrunedConfig:
-    """A pruned configuration to fine-tune: removed dense ids and where they came from."""
+    """A pruned configuration to fine-tune: removed dense ids, where they came from, and for a
+    layer-merging state (``laco`` / ``mka``) its merges (``PruneRecord.merges``)."""
 
     removed: tuple[int, ...]
     source: str = "remove"
+    merges: tuple | None = None
 
 
 def configs_from_prune(prune: Any, ratios: Sequence[float] | None = None, method: str = "ip",
@@ -764,7 +99,8 @@ def configs_from_prune(prune: Any, ratios: Sequence[float] | None = None, method
                 ks.append(k)
     if not ks:
         raise DeclensError("the prune run holds no pruned state (k > 0); run 'declens prune' with a larger --max-ratio")
-    return [PrunedConfig(tuple(int(i) for i in best[k].removed), f"prune:{method}") for k in ks]
+    return [PrunedConfig(tuple(int(i) for i in best[k].removed), f"prune:{method}",
+                         tuple(getattr(best[k], "merges", None) or ()) or None) for k in ks]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -863,10 +199,10 @@ class RecoveryResult:
                 "table": self.table(), "runs": [r.to_dict() for r in self.runs]}
 
     def save(self, out_dir: str | Path, plots: bool = True) -> Path:
-        """Write ``recover.json``, ``recover.csv`` and (with ``plots``) ``recover_dm.png``, ``recover_loss.png``."""
+        """Write ``recover.json``, ``recover.csv`` and (with ``plots``) ``recover_dm.png``, ``recover_loss.png``
+        as one run folder (the manifest last, see :class:`~declens.results.RunWriter`); an intermediate save
+        (``provenance["partial"]``) is marked partial, which readers refuse."""
         out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(out / RECOVER_FILE, self.to_dict())
         rows = self.table()
         buf = io.StringIO()
         if rows:
@@ -875,9 +211,11 @@ class RecoveryResult:
             for row in rows:
                 w.writerow({k: (json.dumps(v) if isinstance(v, list) else f"{v:.6g}" if isinstance(v, float) else v)
                             for k, v in row.items()})
-        atomic_write_text(out / RECOVER_CSV, buf.getvalue())
-        if plots:
-            plot_recovery(self, out)
+        with RunWriter(out, "recover", partial=bool(self.provenance.get("partial"))) as run:
+            run.json(RECOVER_FILE, self.to_dict())
+            run.text(RECOVER_CSV, buf.getvalue())
+            if plots:
+                run.figures(plot_recovery, self, out)
         return out
 
     @classmethod
@@ -977,7 +315,7 @@ def recover_study(
             rem = [int(i) for i in rem]
             if not rem:
                 raise DeclensError("an empty removal list is the dense model; list the layers to remove")
-            keep_positions(lm.parts, rem)  # fail early on bad ids, before any training
+            check_removal(lm.parts, rem)  # fail early on bad ids, before any training
             configs.append(PrunedConfig(tuple(rem), "remove"))
     train_data = load_training_data(train, train_split, train_samples, train_seed)
     if train_data.name == eval_data.name:
@@ -991,12 +329,10 @@ def recover_study(
     config = {
         "model": lm.spec, "task": eval_data.name, "format": fmt, **eval_data.selection, "num_layers": n_dense,
         "train": {"task": train_data.name, **train_data.selection, "fingerprint": train_data.fingerprint(),
-                  "sequences": len(seqs), "answer_tokens": sum(s.n_answer for s in seqs),
-                  "truncated": sum(s.truncated for s in seqs),
-                  "mean_length": float(np.mean([len(s.input_ids) for s in seqs])),
-                  "loss": "cross-entropy on the answer tokens only (prompt masked with -100)"},
+                  **sequence_stats(seqs), "loss": "cross-entropy on the answer tokens only (prompt masked with -100)"},
         "finetune": hp.to_dict(),
-        "configurations": [{"removed": list(c.removed), "source": c.source} for c in configs],
+        "configurations": [{"removed": list(c.removed), "source": c.source,
+                            **({"merges": list(c.merges)} if c.merges else {})} for c in configs],
         "prune": prune_info,
         "restored_definition": "no Transition Point before fine-tuning (final mean DM <= 0) and one after (final mean DM > 0)",
         "labels": list(req.labels) if isinstance(req, LetterRequests) else None,
@@ -1023,7 +359,7 @@ def recover_study(
         if progress:
             print(f"[{n + 1}/{len(configs)}] removing {k} of {n_dense} layers ({k / n_dense:.1%}): {removed}", flush=True)
         t0 = time.perf_counter()
-        pm = pruned_copy(lm, removed)
+        pm = state_copy(lm, removed, list(c.merges) if c.merges else None)
         before = analyze(pm, eval_data, fmt, **akw)
         loss_before = answer_loss(pm, seqs, hp.batch_size) if measure_train_loss else None
         t1 = time.perf_counter()
@@ -1148,7 +484,5 @@ def print_recovery(res: RecoveryResult, console=None) -> None:
     console.print("TP: Transition Point (dense layer id); restored: no TP before fine-tuning, a TP after")
 
 
-__all__ = ["DEFAULT_LR", "FinetuneConfig", "PrunedConfig", "RecoveryResult", "RecoveryRun", "TrainLog", "TrainSeq",
-           "answer_loss", "batch_groups", "configs_from_prune", "export_model", "finetune", "load_training_data",
-           "merge_lora", "original_num_layers", "plot_recovery", "print_recovery", "pruned_copy", "recover_study",
-           "run_finetune", "training_sequences", "training_split"]
+__all__ = ["PrunedConfig", "RecoveryResult", "RecoveryRun", "configs_from_prune", "plot_recovery", "print_recovery",
+           "recover_study"]

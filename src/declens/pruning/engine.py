@@ -204,16 +204,18 @@ class PruningEngine:
 
     # ---------------------------------------------------------------------------- pruned configurations
 
-    def _suffix(self, removed: Sequence[int]) -> tuple[list[int], list[int], int | None]:
-        """Kept positions, positions to run, and the position whose dense input starts the run."""
+    def _suffix(self, removed: Sequence[int], changed: Sequence[int] = ()) -> tuple[list[int], list[int], int | None]:
+        """Kept positions, positions to run, and the position whose dense input starts the run.
+
+        ``changed``: dense ids of kept layers whose weights differ from the dense model's (a merged
+        layer swapped in by a view): the dense prefix is valid only before the first removed or changed layer.
+        """
         keep = keep_positions(self.parts, removed)
-        if not removed:
-            return keep, keep, None
-        if not self.reuse:
+        if not (removed or changed) or not self.reuse:
             return keep, keep, None
         dense = self.dense_ids
-        m = min(dense.index(i) for i in removed)
-        return keep, [p for p in keep if p > m], m
+        m = min(dense.index(i) for i in [*removed, *changed])
+        return keep, [p for p in keep if p >= m], m
 
     def _run_set(self, rs: _RowSet, keep: list[int], run: list[int], m: int | None, probes_for) -> list[Tensor | None]:
         """Run the kept layers after ``m`` over every batch of a row set; return each batch's final
@@ -234,7 +236,8 @@ class PruningEngine:
             finals.append(forward(self.parts, b, probes_for(j), layers=run, start_hidden=start, defer=True))
         return finals
 
-    def evaluate(self, removed: Sequence[int], scores: bool = True, bi: bool = True, nll: bool = False) -> Evaluation:
+    def evaluate(self, removed: Sequence[int], scores: bool = True, bi: bool = True, nll: bool = False,
+                 changed: Sequence[int] = ()) -> Evaluation:
         """Evaluate the model without the layers ``removed`` (dense ids).
 
         Args:
@@ -242,14 +245,18 @@ class PruningEngine:
             scores: score the evaluation rows (per-layer DM, accuracy, OF, ...).
             bi: measure Block Influence of every kept layer on the calibration rows.
             nll: measure the mean next-token NLL on the calibration rows (SLEB's criterion).
+            changed: dense ids of kept layers whose weights the caller has swapped for new ones (a
+                merged layer, see :func:`declens.pruning.merging.merged_view`); they and everything
+                after them are recomputed.
         """
         self.run_dense()
         removed = list(removed)
-        keep, run, m = self._suffix(removed)
+        changed = list(changed)
+        keep, run, m = self._suffix(removed, changed)
         layer_ids = [self.dense_ids[p] for p in keep]
         ev = Evaluation(removed=removed, layer_ids=layer_ids)
         bi = bi and self.calib is not None
-        if not removed:  # the dense model: scores and BI are known; its NLL needs one full pass
+        if not removed and not changed:  # the dense model: scores and BI are known; its NLL needs one full pass
             ev.scores, ev.metrics, ev.bi = self.dense.scores, self.dense.metrics, self.dense.bi
             if nll and self.calib:
                 ev.nll = self._nll(keep, keep, None)

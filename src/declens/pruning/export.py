@@ -1,51 +1,181 @@
-"""Export a pruned model that plain ``AutoModelForCausalLM.from_pretrained`` loads."""
+"""Export a pruned model that plain ``AutoModelForCausalLM.from_pretrained`` loads.
+
+Every export is checked before it is published: the model is written into a temporary sibling
+folder, reloaded from there with plain ``AutoModelForCausalLM.from_pretrained`` and its logits on a
+probe prompt are compared with the in-memory model's (:func:`compare_logits`). Only when they agree
+within the dtype's tolerance (:data:`EXPORT_TOLERANCE`) is the folder renamed into place; on any
+failure the temporary folder is removed and nothing is left at ``out_dir``.
+"""
 
 from __future__ import annotations
 
+import os
+import shutil
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
+from torch import Tensor
 
-from ..errors import DeclensError
+from ..errors import DeclensError, LayerSpecError
 from ..models import LoadedModel
 from ..presets import clear_quantizer
-from ..surgery import keep_positions, layer_view, remove_layers
+from ..surgery import check_removal, dense_layer_ids, keep_positions, layer_view, remove_layers, removed_dense_ids
+
+#: Largest ``max |reloaded - in-memory|`` logit difference accepted by the export self-check, relative
+#: to the logit scale ``max(1, max |in-memory logit|)``, per dtype. The reload runs the same weights,
+#: so only kernel-level rounding may differ: ~1e-6 relative in float32; 16-bit dtypes round every
+#: matmul (float16 has a 2^-11 unit roundoff, bfloat16 2^-8), hence the looser bounds. A wrong layer
+#: set differs by O(1) of the scale. Dtypes not listed use the float32 bound.
+EXPORT_TOLERANCE: dict[torch.dtype, float] = {torch.float64: 1e-8, torch.float32: 1e-4, torch.float16: 1e-2,
+                                              torch.bfloat16: 5e-2}
+
+PROBE_TEXT = "The quick brown fox jumps over the lazy dog. Question: why?"
 
 
-def export_pruned(lm: LoadedModel, remove: Sequence[int], out_dir: str | Path, check: bool = True) -> dict:
+@dataclass(frozen=True)
+class LogitCheck:
+    """Outcome of comparing a reloaded model's logits with the in-memory model's.
+
+    Attributes:
+        max_abs_logit_diff: ``max |got - ref|`` over the probe's logits.
+        logit_scale: ``max(1, max |ref|)``.
+        rel_logit_diff: ``max_abs_logit_diff / logit_scale``.
+        tolerance: the largest accepted ``rel_logit_diff``.
+        ok: ``rel_logit_diff <= tolerance`` (and every value finite).
+    """
+
+    max_abs_logit_diff: float
+    logit_scale: float
+    rel_logit_diff: float
+    tolerance: float
+    ok: bool
+
+
+def export_tolerance(dtype: torch.dtype) -> float:
+    """The self-check tolerance (relative to the logit scale) for a model in ``dtype``."""
+    return EXPORT_TOLERANCE.get(dtype, EXPORT_TOLERANCE[torch.float32])
+
+
+def compare_logits(ref: Tensor, got: Tensor, dtype: torch.dtype, tolerance: float | None = None) -> LogitCheck:
+    """Compare ``[B, T, V]`` logits of a reloaded model (``got``) with the in-memory model's (``ref``).
+
+    Args:
+        dtype: the model's dtype (picks the tolerance, see :data:`EXPORT_TOLERANCE`).
+        tolerance: override the dtype's tolerance (relative to the logit scale).
+    """
+    tol = export_tolerance(dtype) if tolerance is None else float(tolerance)
+    if ref.shape != got.shape:
+        return LogitCheck(float("inf"), float("nan"), float("inf"), tol, False)
+    ref, got = ref.float(), got.float()
+    diff = float((got - ref).abs().max())
+    scale = max(1.0, float(ref.abs().max()))
+    rel = diff / scale
+    ok = bool(torch.isfinite(got).all()) and rel <= tol
+    return LogitCheck(diff, scale, rel, tol, ok)
+
+
+def probe_ids(lm: LoadedModel) -> Tensor:
+    """``[1, T]`` token ids of the self-check's probe prompt, on the model's device."""
+    return torch.tensor([lm.tokenizer.encode(PROBE_TEXT)]).to(lm.device)
+
+
+def check_export_dir(out_dir: str | Path) -> Path:
+    """Refuse an output folder that cannot receive an export; return it as a Path.
+
+    Raises:
+        DeclensError: ``out_dir`` is a file, or a folder that is not empty.
+    """
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise DeclensError(f"{str(out)!r} is a file; choose a new --out folder")
+    if out.is_dir() and any(out.iterdir()):
+        raise DeclensError(f"{str(out)!r} exists and is not empty; choose a new --out folder")
+    return out
+
+
+def save_verified(lm: LoadedModel, out_dir: str | Path, ref: Tensor, probe: Tensor,
+                  tolerance: float | None = None) -> LogitCheck:
+    """Save ``lm`` (model + tokenizer) to ``out_dir`` only if its reload reproduces ``ref``.
+
+    Writes into a temporary sibling folder, reloads it with plain
+    ``AutoModelForCausalLM.from_pretrained`` in ``lm.dtype``, compares its logits on ``probe``
+    (``[1, T]``) with ``ref`` (``[1, T, V]``, the in-memory model's) and renames the folder into place
+    when they agree. On any failure the temporary folder is removed and ``out_dir`` is not created.
+
+    Raises:
+        DeclensError: the reloaded model's logits differ beyond the tolerance, or the folder cannot be written.
+    """
+    from transformers import AutoModelForCausalLM
+
+    out = check_export_dir(out_dir)
+    tmp = out.parent / f".{out.name}.declens-tmp-{os.getpid()}"
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        clear_quantizer(lm.model)
+        lm.model.save_pretrained(tmp)
+        lm.tokenizer.save_pretrained(tmp)
+        back = AutoModelForCausalLM.from_pretrained(tmp, dtype=lm.dtype).to(lm.device).eval()
+        with torch.inference_mode():
+            got = back(probe).logits.float().cpu()
+        del back
+        check = compare_logits(ref, got, lm.dtype, tolerance)
+        if not check.ok:
+            raise DeclensError(
+                f"export self-check failed: the reloaded model's logits differ from the in-memory model's by "
+                f"{check.max_abs_logit_diff:.3g} ({check.rel_logit_diff:.2g} of the logit scale "
+                f"{check.logit_scale:.3g}; tolerance {check.tolerance:.2g} for {str(lm.dtype).replace('torch.', '')}); "
+                f"nothing was written to {str(out)!r}; this is a declens bug, please report it")
+        if out.is_dir():
+            out.rmdir()  # empty (checked above)
+        os.replace(tmp, out)
+    except OSError as e:
+        raise DeclensError(f"cannot write the export to {str(out)!r} ({e.strerror or e}); choose a writable --out folder") from None
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return check
+
+
+def export_pruned(lm: LoadedModel, remove: Sequence[int], out_dir: str | Path,
+                  tolerance: float | None = None) -> dict[str, Any]:
     """Remove layers (dense ids) permanently and save model + tokenizer to ``out_dir``.
 
-    The saved config is consistent (``num_hidden_layers``, per-layer lists such as ``layer_types``,
-    attention ``layer_idx``) and records the removed dense ids. With ``check``, the saved model is
-    reloaded with ``AutoModelForCausalLM.from_pretrained`` and its logits are compared with the
-    in-memory layer view of the original model.
+    ``lm`` may be a dense model or a pruned model exported earlier: ``remove`` always holds dense
+    ids, validated against the dense layer count and the layers ``lm`` still has. The saved config
+    is consistent (``num_hidden_layers``, per-layer lists such as ``layer_types``, attention
+    ``layer_idx``) and records the whole removed set in dense ids (earlier removals + ``remove``).
+    The export is self-checked (see :func:`save_verified`) against the in-memory layer view.
+
+    Args:
+        tolerance: override the dtype's self-check tolerance (see :data:`EXPORT_TOLERANCE`).
 
     Returns:
-        ``{"out_dir", "kept", "removed", "max_abs_logit_diff"}``.
+        ``{"out_dir", "removed" (this call's ids), "removed_total" (every dense id the saved model
+        lacks), "kept" (layer count), "kept_ids" (dense ids), "max_abs_logit_diff", "logit_scale",
+        "rel_logit_diff", "tolerance"}``.
+
+    Raises:
+        LayerSpecError: bad ids (out of range, repeated, already removed, every layer, none).
+        DeclensError: ``out_dir`` unusable, or the self-check failed (nothing is left at ``out_dir``).
 
     Note:
         The model object is pruned in place (its layers are dropped); load it again for dense use.
     """
-    from transformers import AutoModelForCausalLM
-
-    out = Path(out_dir)
-    if out.exists() and any(out.iterdir()):
-        raise DeclensError(f"{str(out)!r} exists and is not empty; choose a new --out folder")
+    out = check_export_dir(out_dir)
     parts = lm.parts
+    remove = check_removal(parts, remove)
+    if not remove:
+        raise LayerSpecError("nothing to remove; give the dense layer ids to remove, e.g. --remove 24,23")
     keep = keep_positions(parts, remove)
-    probe = torch.tensor([lm.tokenizer.encode("The quick brown fox jumps over the lazy dog. Question: why?")])
-    probe = probe.to(lm.device)
+    probe = probe_ids(lm)
     with torch.inference_mode(), layer_view(parts, keep):
         ref = lm.model(probe).logits.float().cpu()
-    clear_quantizer(lm.model)
-    remove_layers(parts, list(remove))
-    lm.model.save_pretrained(out)
-    lm.tokenizer.save_pretrained(out)
-    info = {"out_dir": str(out), "removed": list(remove), "kept": int(parts.num_layers), "max_abs_logit_diff": None}
-    if check:
-        back = AutoModelForCausalLM.from_pretrained(out, dtype=lm.dtype).to(lm.device).eval()
-        with torch.inference_mode():
-            got = back(probe).logits.float().cpu()
-        info["max_abs_logit_diff"] = float((got - ref).abs().max())
-    return info
+    remove_layers(parts, remove)
+    check = save_verified(lm, out, ref, probe, tolerance)
+    return {"out_dir": str(out), "removed": list(remove), "removed_total": list(removed_dense_ids(parts)),
+            "kept": int(parts.num_layers), "kept_ids": list(dense_layer_ids(parts)),
+            **{k: v for k, v in asdict(check).items() if k != "ok"}}

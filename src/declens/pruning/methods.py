@@ -12,16 +12,22 @@ removed layers, evaluated the same way (accuracy and the full per-layer decision
 - ``phase``: phase-aware pruning: like ``ip`` but only inside the current model's Decisive Phase.
 - ``replay``: remove layers in a given order (e.g. a published trajectory), measuring everything
   Iterative Pruning measures at every step, Block Influence included.
+- ``laco``, ``mka``: the layer-merging baselines (LaCo's RDSC, MKA's manifold-aligned fusion), which
+  fold layers into a kept one with new weights (:mod:`declens.pruning.merging`).
 
-SKIP-Prun (documented criterion, all thresholds configurable): a step *collapses* when the pruned
-model's accuracy falls more than ``drop`` (absolute) below its parent's. On a collapse the step is
-recorded, the greedy choice that caused it is banned at that state, and the search restarts from the
-best state found so far with the parent's number of removed layers (the best-performing pruned
-state at the last ratio that did not collapse), taking the next-lowest-BI layer. After ``max_skips``
-banned choices at one state, or ``max_restarts`` restarts in all, the best collapsed child is accepted
-and the search goes on. The record kept for every ratio is the best state found at it (highest
-accuracy, then highest final DM), so the removed set at one ratio need not contain the set at the
-ratio before.
+SKIP-Prun (every rule explicit and configurable, see :class:`SkipPrun` and docs/METHOD.md, "SKIP-Prun
+restart and collapse rules"): a step *collapses* when it meets the collapse criterion against its
+parent (``abs``: accuracy falls more than ``drop``; ``rel``: it loses more than ``rel_drop`` of the
+parent's accuracy above chance; ``tp``: the parent has a Transition Point and the step has none). The
+collapsed step is recorded, its choice is banned at its parent, and a fresh Iterative Pruning path
+starts from the restart point: by default (``restart="best_any"``, the paper's "best-performing
+pruned state discovered so far") the kept pruned state of highest accuracy at *any* ratio (ties: more
+removed layers, then higher final DM, then found earlier), with every choice already taken from it
+excluded there, so the new path branches; ``restart="parent_ratio"`` restarts from the best kept state
+at the collapsed step's parent ratio. ``max_skips`` bounds the collapsed choices banned at one state and
+the restarts from one state; after ``max_restarts`` restarts collapses are no longer flagged. The
+record kept for every ratio is the best state found at it (highest accuracy, then highest final DM),
+so the removed set at one ratio need not contain the set at the ratio before.
 """
 
 from __future__ import annotations
@@ -34,17 +40,64 @@ import numpy as np
 from ..errors import DeclensError
 from .engine import Evaluation, PruningEngine
 
-METHODS = ("ip", "shortgpt", "sleb", "angular", "last", "random", "phase", "replay")
+METHODS = ("ip", "shortgpt", "sleb", "angular", "last", "random", "phase", "replay", "laco", "mka")
+
+
+RESTART_RULES = ("best_any", "parent_ratio")
+COLLAPSE_RULES = ("abs", "rel", "tp")
 
 
 @dataclass
 class SkipPrun:
-    """SKIP-Prun restart policy (see the module docstring)."""
+    """SKIP-Prun restart policy (see the module docstring and docs/METHOD.md).
+
+    Attributes:
+        enabled: restart when a step collapses (False: plain Iterative Pruning).
+        restart: ``best_any`` (default): restart from the best kept pruned state at any ratio (highest
+            accuracy, then more removed layers, then higher final DM, then the earlier found), with every
+            choice already taken from it excluded there; ``parent_ratio``: from the best kept state at the
+            collapsed step's parent ratio (highest accuracy, then final DM, then the earlier).
+        criterion: ``abs``: accuracy falls more than ``drop`` below the parent's; ``rel``: the step loses
+            more than ``rel_drop`` of the parent's accuracy above chance; ``tp``: the parent has a
+            Transition Point and the step has none.
+        drop: threshold of ``abs`` (accuracy points, 0..1).
+        rel_drop: threshold of ``rel`` (share of the parent's accuracy above chance, 0..1).
+        max_skips: at most this many collapsed choices banned at one state (then its best collapsed child
+            is accepted), and at most this many restarts from one state.
+        max_restarts: restarts in all; later collapses are not flagged.
+    """
 
     enabled: bool = False
+    restart: str = "best_any"
+    criterion: str = "abs"
     drop: float = 0.10
+    rel_drop: float = 0.5
     max_skips: int = 3
     max_restarts: int = 20
+
+    def __post_init__(self) -> None:
+        if self.restart not in RESTART_RULES:
+            raise DeclensError(f"unknown SKIP-Prun restart rule {self.restart!r}; use --restart-from {' or '.join(RESTART_RULES)}")
+        if self.criterion not in COLLAPSE_RULES:
+            raise DeclensError(f"unknown SKIP-Prun collapse rule {self.criterion!r}; use --collapse-rule {', '.join(COLLAPSE_RULES)}")
+        if not 0 <= self.drop <= 1:
+            raise DeclensError(f"--collapse-drop is an accuracy difference between 0 and 1, got {self.drop}")
+        if not 0 < self.rel_drop <= 1:
+            raise DeclensError(f"--collapse-rel-drop is a share in (0, 1], got {self.rel_drop}")
+        if self.max_skips < 1 or self.max_restarts < 0:
+            raise DeclensError(f"--max-skips must be >= 1 and --max-restarts >= 0, got {self.max_skips} and {self.max_restarts}")
+
+    def collapse(self, parent: "PruneRecord", child: "PruneRecord") -> str:
+        """Why ``child`` (one step below ``parent``) collapsed under this criterion; "" if it did not."""
+        if self.criterion == "abs" and child.accuracy < parent.accuracy - self.drop:
+            return f"abs: accuracy {child.accuracy:.3f} < parent {parent.accuracy:.3f} - {self.drop:g}"
+        margin = parent.accuracy - parent.chance
+        if self.criterion == "rel" and margin > 0 and parent.accuracy - child.accuracy > self.rel_drop * margin:
+            return (f"rel: accuracy {child.accuracy:.3f} lost more than {self.rel_drop:g} of the parent's "
+                    f"{margin:.3f} above chance")
+        if self.criterion == "tp" and parent.transition_layer is not None and child.transition_layer is None:
+            return f"tp: Transition Point lost (parent's: layer {parent.transition_layer})"
+        return ""
 
 
 @dataclass
@@ -62,8 +115,12 @@ class PruneRecord:
         layer_ids, dm, acc_layers, kl, option_frequency: per-layer metrics of the pruned model.
         bi: dense id -> Block Influence of every layer of this state's model (when measured).
         nll: calibration next-token NLL (SLEB) when measured.
-        accepted: on the method's trajectory; collapsed: SKIP-Prun flagged this step; path: restart count.
-        note: anything worth knowing (fallbacks, candidate scores).
+        accepted: on the method's trajectory; collapsed: SKIP-Prun flagged this step; path: SKIP-Prun path
+            number (0 = the first; each restart starts the next).
+        restart_from: on the first step of a restarted path: ``index`` of the state the path started from.
+        excluded: choices barred at the parent when this step was chosen (collapsed choices banned there,
+            and on a restart the choices earlier paths took from it); None when none.
+        note: anything worth knowing (fallbacks, candidate scores, collapse reasons and restarts).
     """
 
     method: str
@@ -89,6 +146,10 @@ class PruneRecord:
     path: int = 0
     note: str = ""
     candidates: dict[int, float] | None = None
+    restart_from: int | None = None
+    excluded: list[int] | None = None
+    gold_frequency: list[float] | None = None  # [K] gold-label distribution of the evaluated rows
+    merges: list[dict] | None = None  # laco / mka: host layer, absorbed ids, coefficients (pruning/merging.py)
 
     @classmethod
     def from_eval(cls, method: str, index: int, ev: Evaluation, num_layers: int, layer: int | None, **kw) -> "PruneRecord":
@@ -99,6 +160,7 @@ class PruneRecord:
             transition_layer=m.transition_layer, chance=m.chance, layer_ids=list(m.layer_ids),
             dm=[float(x) for x in m.dm], acc_layers=[float(x) for x in m.acc], kl=[float(x) for x in m.kl],
             option_frequency=[[float(v) for v in row] for row in m.option_frequency],
+            gold_frequency=[float(v) for v in m.gold_frequency],
             accuracy_norm=None if m.acc_norm is None else float(m.acc_norm[-1]),
             bi=None if ev.bi is None else {int(k): float(v) for k, v in ev.bi.items()}, nll=ev.nll, **kw,
         )
@@ -141,10 +203,26 @@ class MethodRun:
             best[r.k] = better(best.get(r.k), r)
         return dict(sorted(best.items()))
 
+    def paths(self) -> list[dict]:
+        """SKIP-Prun bookkeeping: every path, the state it started from, the choices excluded there, its
+        steps (record indices) and its collapsed steps (the last of which, if any, ended it)."""
+        out: list[dict] = []
+        for r in self.records[1:]:
+            if not out or r.path != out[-1]["path"]:
+                start = self.records[r.restart_from if r.restart_from is not None else 0]
+                out.append({"path": r.path, "start_index": start.index, "start_removed": list(start.removed),
+                            "start_accuracy": start.accuracy, "excluded_at_start": list(r.excluded or []),
+                            "steps": [], "collapsed": []})
+            out[-1]["steps"].append(r.index)
+            if r.collapsed:
+                out[-1]["collapsed"].append(r.index)
+        return out
+
     def table(self) -> list[dict]:
         """The paper's per-ratio table: Remain, #Removed, Pruning Ratio, Removed Layer IDs (0-based)."""
         return [{"remain": self.num_layers - k, "removed_count": k, "ratio": r.ratio, "removed": r.removed,
-                 "accuracy": r.accuracy, "final_dm": r.final_dm, "transition_layer": r.transition_layer}
+                 "accuracy": r.accuracy, "final_dm": r.final_dm, "transition_layer": r.transition_layer,
+                 **({"merges": r.merges} if r.merges is not None else {})}
                 for k, r in self.best_by_k().items() if k > 0]
 
 
@@ -211,55 +289,123 @@ def _lowest(bi: dict[int, float], exclude=()) -> list[int]:
     return [l for l in sorted(bi, key=lambda l: (bi[l], l)) if l not in set(exclude)]
 
 
+def _choices(memo: Memo, method: str, current: list[int], excluded: set[int], phase_only: bool) -> tuple[list[int], str]:
+    """Layers IP may remove next from ``current``, lowest Block Influence first, and a note."""
+    cands = _lowest(memo.bi(current), excluded)
+    if not phase_only:
+        return cands, ""
+    here = memo.record(method, -1, current, None)
+    decisive = set(here.layer_ids[here.layer_ids.index(here.transition_layer):]) if here.transition_layer is not None else set()
+    decisive.discard(here.layer_ids[-1])  # never the final layer itself
+    inside = [c for c in cands if c in decisive]
+    return (inside, "") if inside else (cands, "decisive phase empty: lowest BI over all layers")
+
+
+def _add_note(rec: PruneRecord, text: str) -> None:
+    rec.note = (rec.note + "; " if rec.note else "") + text
+
+
+@dataclass
+class _Search:
+    """SKIP-Prun bookkeeping of one ``run_ip`` (keys: :meth:`Memo.key` of a state)."""
+
+    skip: SkipPrun
+    num_layers: int
+    max_removed: int
+    kept: dict[str, PruneRecord] = field(default_factory=dict)  # kept states (first record of each set)
+    banned: dict[str, set[int]] = field(default_factory=dict)  # collapsed choices banned at a state
+    collapsed: dict[str, list[PruneRecord]] = field(default_factory=dict)  # collapsed children of a state
+    taken: dict[str, list[int]] = field(default_factory=dict)  # kept choices taken from a state
+    branched: dict[str, int] = field(default_factory=dict)  # restarts from a state
+
+    def keep(self, key: str, rec: PruneRecord) -> None:
+        if rec.layer is not None:
+            self.taken.setdefault(key, []).append(rec.layer)
+        self.kept.setdefault(Memo.key(rec.removed), rec)
+
+    def restart_point(self, parent_k: int) -> tuple[PruneRecord, set[int]] | None:
+        """The state a new path starts from and the choices excluded there (None: no state left)."""
+        states = [r for r in self.kept.values() if not r.collapsed]
+        if self.skip.restart == "parent_ratio":
+            at = [r for r in states if r.k == parent_k]
+            best = max(at, key=lambda r: (r.accuracy, r.final_dm, -r.index))
+            return best, set()
+        ok = []
+        for r in states:
+            key = Memo.key(r.removed)
+            used = self.banned.get(key, set()) | set(self.taken.get(key, ()))
+            if (r.k < self.max_removed and len(self.banned.get(key, ())) < self.skip.max_skips
+                    and self.branched.get(key, 0) < self.skip.max_skips and self.num_layers - r.k - len(used) > 0):
+                ok.append((r, set(self.taken.get(key, ()))))
+        pool = [x for x in ok if x[0].k > 0] or ok  # a pruned state; the dense model only if none is left
+        if not pool:
+            return None
+        return max(pool, key=lambda x: (x[0].accuracy, x[0].k, x[0].final_dm, -x[0].index))
+
+
 def run_ip(memo: Memo, max_removed: int, skip: SkipPrun | None = None, phase_only: bool = False,
            method: str = "ip") -> MethodRun:
-    """Iterative Pruning (optionally SKIP-Prun; ``phase_only`` restricts choices to the Decisive Phase)."""
+    """Iterative Pruning (optionally SKIP-Prun; ``phase_only`` restricts choices to the Decisive Phase).
+
+    Every evaluated step is a record (collapsed ones included), with its path number, the choices excluded
+    at its parent and, on a path's first step, the state the path started from (:meth:`MethodRun.paths`).
+    """
     skip = skip or SkipPrun()
     L = memo.engine.num_layers
     run = MethodRun(method, L)
     recs = run.records
     recs.append(memo.record(method, 0, [], None, bi=True))
-    best: dict[int, PruneRecord] = {0: recs[0]}
-    banned: dict[str, set[int]] = {}
-    children: dict[str, list[PruneRecord]] = {}
+    search = _Search(skip, L, max_removed)
+    search.keep("", recs[0])
     current: list[int] = []
-    restarts = 0
+    restarts = path = 0
+    start: tuple[PruneRecord, set[int]] | None = None  # where a fresh path starts, and what it excludes there
     while len(current) < max_removed:
         key = Memo.key(current)
-        bi = memo.bi(current)
-        note = ""
-        cands = _lowest(bi, banned.get(key, ()))
-        if phase_only:
-            here = memo.record(method, -1, current, None)
-            decisive = set(here.layer_ids[here.layer_ids.index(here.transition_layer):]) if here.transition_layer is not None else set()
-            decisive.discard(here.layer_ids[-1])  # never the final layer itself
-            inside = [c for c in cands if c in decisive]
-            if inside:
-                cands = inside
-            else:
-                note = "decisive phase empty: lowest BI over all layers"
-        if not cands or (skip.enabled and len(banned.get(key, ())) >= skip.max_skips):
-            child = max(children[key], key=lambda r: (r.accuracy, r.final_dm))
+        excluded = set(search.banned.get(key, ()))
+        origin, start = start, None
+        if origin is not None:
+            excluded |= origin[1]
+        cands, note = _choices(memo, method, current, excluded, phase_only)
+        stuck = skip.enabled and len(search.banned.get(key, ())) >= skip.max_skips
+        if (not cands or stuck) and search.collapsed.get(key):
+            child = max(search.collapsed[key], key=lambda r: (r.accuracy, r.final_dm))
             child.accepted = True
-            child.note = (child.note + "; " if child.note else "") + "accepted after all alternatives collapsed"
+            _add_note(child, "accepted after all alternatives collapsed")
+            search.keep(key, child)
             current = list(child.removed)
             continue
+        if not cands:
+            break  # nothing left to remove (cannot happen below L - 1 removed layers)
         layer = cands[0]
         new = current + [layer]
-        rec = memo.record(method, len(recs), new, layer, bi=True, path=restarts, note=note)
+        rec = memo.record(method, len(recs), new, layer, bi=True, path=path, note=note,
+                          excluded=sorted(excluded) or None,
+                          restart_from=None if origin is None else origin[0].index)
+        if origin is not None:
+            _add_note(rec, f"path {path} starts from #{origin[0].index} {origin[0].removed} "
+                           f"(accuracy {origin[0].accuracy:.3f}), excluding {sorted(excluded)} there")
         recs.append(rec)
-        k = len(new)
-        parent_acc = memo.record(method, -1, current, None).accuracy
-        if skip.enabled and restarts < skip.max_restarts and rec.accuracy < parent_acc - skip.drop:
-            rec.collapsed, rec.accepted = True, False
-            banned.setdefault(key, set()).add(layer)
-            children.setdefault(key, []).append(rec)
-            restarts += 1
-            best[k] = better(best.get(k), rec)
-            current = list(best[len(current)].removed)  # restart from the best state at the parent's ratio
+        parent = memo.record(method, -1, current, None)
+        reason = skip.collapse(parent, rec) if skip.enabled and restarts < skip.max_restarts else ""
+        if not reason:
+            search.keep(key, rec)
+            current = new
             continue
-        best[k] = better(best.get(k), rec)
-        current = new
+        rec.collapsed, rec.accepted = True, False
+        search.banned.setdefault(key, set()).add(layer)
+        search.collapsed.setdefault(key, []).append(rec)
+        restarts += 1
+        start = search.restart_point(len(current))
+        if start is None:
+            _add_note(rec, f"collapse ({reason}); banned at its parent; no restart point left: the search stays there")
+            continue
+        path += 1
+        skey = Memo.key(start[0].removed)
+        search.branched[skey] = search.branched.get(skey, 0) + 1
+        _add_note(rec, f"collapse ({reason}); banned at its parent; restart {restarts}: path {path} "
+                       f"from #{start[0].index} {start[0].removed}")
+        current = list(start[0].removed)
     return run
 
 
@@ -287,7 +433,7 @@ def run_angular(memo: Memo, max_removed: int) -> MethodRun:
     for k in range(1, max_removed + 1):
         starts = [l for l in range(eng.num_layers - k + 1)]
         l_star = min(starts, key=lambda l: (D[l, k], l))
-        removed = ids[l_star : l_star + k]
+        removed = list(ids[l_star : l_star + k])  # positions l_star.. hold these dense ids
         run.records.append(memo.record("angular", k, removed, None, note=f"block start {ids[l_star]}, distance {D[l_star, k]:.4f}"))
     return run
 
@@ -310,15 +456,20 @@ def run_sleb(memo: Memo, max_removed: int) -> MethodRun:
 
 
 def run_method(memo: Memo, method: str, max_removed: int, skip: SkipPrun | None = None, seed: int = 0,
-               order: list[int] | None = None) -> MethodRun:
-    """Run one method up to ``max_removed`` removed layers (``order``: the removal order of ``replay``)."""
+               order: list[int] | None = None, merge=None) -> MethodRun:
+    """Run one method up to ``max_removed`` removed layers (``order``: the removal order of ``replay``;
+    ``merge``: a :class:`~declens.pruning.merging.MergeConfig` for ``laco`` / ``mka``)."""
     ids = memo.engine.dense_ids
+    if method in ("laco", "mka"):
+        from .merging import run_merging
+
+        return run_merging(memo, method, max_removed, merge)
     if method == "replay":
         if not order:
             raise DeclensError("method 'replay' needs a removal order (--order 24,23,25,...)")
-        from ..surgery import validate_removal
+        from ..surgery import check_removal
 
-        validate_removal(order, len(ids))
+        check_removal(memo.engine.parts, order)  # dense ids, also on an already-pruned model
         if len(order) < max_removed:
             raise DeclensError(f"the replay order has {len(order)} layers but {max_removed} removals were asked for")
         return run_order(memo, "replay", list(order), max_removed, bi=True)

@@ -18,13 +18,16 @@ from ..analyses.decision import prepare
 from ..errors import DeclensError
 from ..formats import FORMATS
 from ..models import LoadedModel
-from ..results import atomic_write_json, atomic_write_text, config_key, provenance, read_result_file
+from ..results import RunWriter, atomic_write_json, check_run_folder_kind, config_key, provenance, read_result_file
 from ..tasks import TaskData, load_task, subsample
 from .engine import PruningEngine, calibration_sequences
+from .merging import MERGE_METHODS, MergeConfig
 from .methods import METHODS, Memo, MethodRun, PruneRecord, SkipPrun, critical_ratio, run_method
 
 PRUNE_FILE = "prune.json"
 STATE_FILE = ".prune-state.json"
+#: config entries that steer the search but do not change any evaluation (left out of the resume key)
+_SEARCH_ONLY = ("methods", "max_ratio", "max_removed", "skip_prun", "collapse_keep", "order")
 
 
 def max_removed_for(ratio: float, num_layers: int) -> int:
@@ -54,7 +57,8 @@ class PruneResult:
             "provenance": self.provenance,
             "critical_ratio": self.critical,
             "work": self.work,
-            "methods": {m: {"table": r.table(), "records": [x.to_dict() for x in r.records]} for m, r in self.runs.items()},
+            "methods": {m: {"table": r.table(), "paths": r.paths(), "records": [x.to_dict() for x in r.records]}
+                        for m, r in self.runs.items()},
         }
 
     @classmethod
@@ -67,19 +71,20 @@ class PruneResult:
         return cls(config=d["config"], provenance=d["provenance"], runs=runs, critical=d["critical_ratio"],
                    work=d.get("work", {}))
 
-    def save(self, out_dir: str | Path) -> Path:
+    def save(self, out_dir: str | Path, plots: bool = False) -> Path:
+        """Write ``prune.json``, ``table.csv``, ``steps.csv`` and (with ``plots``) the figures into ``out_dir``
+        as one run folder (see :class:`~declens.results.RunWriter`: the manifest is written last)."""
         out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(out / PRUNE_FILE, self.to_dict())
         buf = io.StringIO()
         w = csv.writer(buf)
         w.writerow(["method", "remain", "removed_count", "pruning_ratio", "accuracy", "final_dm", "transition_layer",
-                    "removed_layer_ids"])
+                    "removed_layer_ids", "merges"])
         for m, r in self.runs.items():
             for row in r.table():
                 w.writerow([m, row["remain"], row["removed_count"], f"{row['ratio']:.4f}", f"{row['accuracy']:.4f}",
-                            f"{row['final_dm']:.4f}", row["transition_layer"], json.dumps(row["removed"])])
-        atomic_write_text(out / "table.csv", buf.getvalue())
+                            f"{row['final_dm']:.4f}", row["transition_layer"], json.dumps(row["removed"]),
+                            json.dumps(row["merges"]) if "merges" in row else ""])
+        table = buf.getvalue()
         buf = io.StringIO()
         w = csv.writer(buf)
         w.writerow(["method", "index", "k", "ratio", "layer", "accuracy", "final_dm", "transition_layer", "accepted",
@@ -88,20 +93,66 @@ class PruneResult:
             for x in r.records:
                 w.writerow([m, x.index, x.k, f"{x.ratio:.4f}", x.layer, f"{x.accuracy:.4f}", f"{x.final_dm:.4f}",
                             x.transition_layer, x.accepted, x.collapsed, x.path, json.dumps(x.removed), x.note])
-        atomic_write_text(out / "steps.csv", buf.getvalue())
+        with RunWriter(out, "prune") as run:  # also removes the resume state (.prune-state.json)
+            run.json(PRUNE_FILE, self.to_dict())
+            run.text("table.csv", table)
+            run.text("steps.csv", buf.getvalue())
+            if plots:
+                from ..plots import plot_prune
+
+                run.figures(plot_prune, self, out)
         return out
 
 
+#: the paper's Block Influence rows: "256 randomly sampled instances from ARC-Challenge", whatever the
+#: evaluated task; declens draws them from ARC-Challenge's train split (never an evaluated row)
+CALIB_TASK = "arc_challenge"
+
+
+def _other_split(spec, evaluated: tuple[str, str]) -> str | None:
+    """A split of ``spec`` that holds no evaluated row: its few-shot split, then train, validation, dev,
+    then any other; None when the task's only split is the evaluated one."""
+    order = [spec.fewshot_split, "train", "validation", "dev", *spec.splits]
+    for s in order:
+        if s and s in spec.splits and (spec.name, s) != evaluated:
+            return s
+    return None
+
+
 def calibration_data(data: TaskData, calib_task: str | None, calib_split: str | None, n: int, seed: int) -> TaskData:
-    """Calibration rows: ``n`` rows of ``calib_task`` (default: the evaluated task) from ``calib_split``
-    (default: the task's training / few-shot split when it has one, else the evaluated split)."""
+    """Calibration rows for Block Influence / perplexity / angular distance; never the evaluated rows.
+
+    ``n`` rows drawn with ``seed`` from ``calib_task`` (default :data:`CALIB_TASK`, the paper's choice)
+    and ``calib_split`` (default: that task's few-shot/train split, else another split that is not the
+    evaluated one). A task whose only split is the evaluated one falls back to ARC-Challenge train. The
+    rule applied is recorded in ``selection["calibration"]`` (``prune`` writes it into its config).
+    Evaluated rows are used only through ``prune(calib_from_eval=True)``.
+
+    Raises:
+        DeclensError: ``calib_split`` is the evaluated split of the evaluated task, or ``n`` is not positive.
+    """
     if n <= 0:
         raise DeclensError(f"--calib-samples must be positive, got {n}")
-    spec = data.spec if calib_task is None else calib_task
-    if calib_split is None:
-        base = data.spec if calib_task is None else load_task(calib_task, limit=1).spec
-        calib_split = base.fewshot_split or base.default_split
-    return load_task(spec, split=calib_split, limit=n, seed=seed)
+    evaluated = (data.spec.name, data.split)
+    name = calib_task or CALIB_TASK
+    source = data.spec if name == data.spec.name else name  # a name keeps e.g. mmlu:astronomy's subjects
+    spec = data.spec if name == data.spec.name else load_task(name, limit=1).spec
+    if calib_split is not None:
+        if (spec.name, calib_split) == evaluated:
+            raise DeclensError(f"--calib-split {calib_split!r} is the evaluated split of {spec.name!r}; calibrate on "
+                               f"another split or task, or pass --calib-from-eval to use the evaluated rows on purpose")
+        rule = f"{spec.name} split {calib_split!r} (as asked)"
+    else:
+        calib_split = _other_split(spec, evaluated)
+        rule = f"{spec.name} split {calib_split!r}" + (" (default: the paper's ARC-Challenge)" if calib_task is None else "")
+        if calib_split is None:
+            source = CALIB_TASK
+            spec = load_task(CALIB_TASK, limit=1).spec
+            calib_split = _other_split(spec, evaluated)
+            rule = (f"{spec.name} split {calib_split!r}: fallback, {name} has no split besides the evaluated "
+                    f"{evaluated[1]!r} (--calib-from-eval calibrates on evaluated rows)")
+    calib = load_task(source, split=calib_split, limit=n, seed=seed)
+    return replace(calib, selection={**calib.selection, "calibration": rule})
 
 
 def prune(
@@ -125,6 +176,7 @@ def prune(
     plots: bool = True,
     order: Sequence[int] | None = None,
     calib_from_eval: bool = False,
+    merge: MergeConfig | None = None,
 ) -> PruneResult:
     """Run pruning methods and evaluate every pruned state.
 
@@ -132,7 +184,8 @@ def prune(
         lm: the dense model.
         data: evaluation rows.
         fmt: ``letter`` or ``cloze``.
-        methods: any of ``ip``, ``shortgpt``, ``sleb``, ``angular``, ``last``, ``random``, ``phase``.
+        methods: any of ``ip``, ``shortgpt``, ``sleb``, ``angular``, ``last``, ``random``, ``phase``,
+            ``replay``, ``laco``, ``mka``.
         max_ratio: prune up to this share of the layers (strictly between 0 and 1).
         calib_samples: calibration rows for Block Influence / perplexity / angular distance.
         calib_task, calib_split: where calibration rows come from (see :func:`calibration_data`).
@@ -148,6 +201,7 @@ def prune(
         order: removal order for the ``replay`` method (dense ids).
         calib_from_eval: draw the calibration rows from the evaluated rows themselves (then Block
             Influence comes from the evaluation pass at no extra cost), as the paper's 256 ARC-Challenge samples.
+        merge: settings of the layer-merging methods ``laco`` and ``mka`` (see :mod:`declens.pruning.merging`).
     """
     if fmt not in FORMATS:
         raise DeclensError(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
@@ -155,6 +209,10 @@ def prune(
     if bad or not methods:
         raise DeclensError(f"unknown pruning method(s) {bad}; use any of {', '.join(METHODS)}")
     skip = skip or SkipPrun()
+    merging = [m for m in methods if m in MERGE_METHODS]
+    merge = merge or MergeConfig()
+    if merging:
+        merge.validate()
     L = lm.num_layers
     K = max_removed_for(max_ratio, L)
     req = prepare(lm, data, fmt)
@@ -173,11 +231,16 @@ def prune(
         "calibration": {"task": calib.name, **calib.selection, "fingerprint": calib.fingerprint()},
         "skip_prun": asdict(skip), "seed": seed, "order": list(order) if order else None, "collapse_keep": collapse_keep, "decision_score": decision_score,
         "dtype": str(lm.dtype).replace("torch.", ""), "device": str(lm.device),
+        **({"merging": asdict(merge)} if merging else {}),
     }
-    key = config_key({k: v for k, v in config.items() if k != "methods"}, lm.fingerprint(), data.fingerprint())
+    # the stored evaluations depend on the model, the rows and how they are scored, not on the search:
+    # a run with other methods, SKIP-Prun rules or a larger --max-ratio reuses them
+    key = config_key({k: v for k, v in config.items() if k not in _SEARCH_ONLY}, lm.fingerprint(), data.fingerprint())
     stored: dict = {}
     if not distributed.is_main():
         out_dir = None  # every rank computes the same numbers; rank 0 writes them
+    if out_dir is not None:
+        check_run_folder_kind(out_dir, "prune")  # before the work, not after it
     state_path = Path(out_dir) / STATE_FILE if out_dir is not None else None
     if state_path is not None and state_path.is_file():
         try:
@@ -186,6 +249,8 @@ def prune(
                 stored = st["evaluations"]
         except (json.JSONDecodeError, KeyError):
             stored = {}
+    if distributed.active():  # every rank replays the same stored evaluations, so all run the same collectives
+        stored = distributed.gather_objects(stored if distributed.is_main() else None)[0]
     engine = PruningEngine(lm, req, calib_seqs, max_tokens=max_tokens, reuse=reuse, decision_score=decision_score,
                            progress=progress)
     memo = Memo(engine, stored)
@@ -206,19 +271,16 @@ def prune(
     for m in methods:
         if talk:
             print(f"pruning with {m} up to {K} of {L} layers ...", flush=True)
-        runs[m] = run_method(memo, m, K, skip=skip, seed=seed, order=list(order) if order else None)
+        runs[m] = run_method(memo, m, K, skip=skip, seed=seed, order=list(order) if order else None, merge=merge)
     elapsed = time.perf_counter() - t0
     total = engine.total_work()
     work = {"reuse": reuse, "layer_tokens_run": total["run"], "layer_tokens_full": total["full"],
             "share_saved": round(engine.work_saved(), 4), "evaluations": len(memo.data),
             "resumed_evaluations": len(stored), "ranks": distributed.world()}
-    prov = provenance(lm, data, timing={"prune_s": round(elapsed, 2)})
+    prov = provenance(lm, data, timing={"prune_s": round(elapsed, 2), "evaluations_run": len(memo.data) - len(stored),
+                                        "evaluations_restored": len(stored)})
     res = PruneResult(config=config, provenance=prov, runs=runs,
                       critical={m: critical_ratio(r, collapse_keep) for m, r in runs.items()}, work=work)
     if out_dir is not None:
-        res.save(out_dir)
-        if plots:
-            from ..plots import plot_prune
-
-            plot_prune(res, out_dir)
+        res.save(out_dir, plots=plots)
     return res

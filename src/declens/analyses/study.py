@@ -1,0 +1,458 @@
+"""The paper's study of one model, as one resumable pipeline.
+
+``run_study`` runs, for one model over its tasks, every analysis of the paper into one folder:
+
+====================  =====================================================================
+stage                 what it writes (one run folder each, complete or recognisably not)
+====================  =====================================================================
+``analysis``          ``analysis/<task>_<format>/``: the layer-wise decision analysis
+``prune``             ``prune/<task>_<format>/``: Iterative Pruning (SKIP-Prun) to ``ip_max_ratio``
+``baselines``         ``baselines/<task>_<format>/``: every baseline to ``baseline_ratio``
+``cka``               ``cka/``: the ``cka_ratio`` IP model against the dense one (first task)
+``noise``             ``noise/``: noise at every layer and scale (first task)
+``ablate``            ``ablate/``: single layers and pairs around the Transition Point, all tasks
+``recover``           ``recover/``: fine-tuning recovery of IP's best sets at ``recover_ratios``
+``correlate``         ``correlate/``: Transition Point against critical ratio over the tasks
+====================  =====================================================================
+
+A stage whose folder verifies (its manifest is complete) is loaded instead of rerun, so a killed
+study resumes where it stopped; each stage resumes inside itself where its command does (analysis
+checkpoints, the prune state). Compute only: progress and summaries go to the ``on_event`` callback.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from ..errors import DeclensError
+from ..models import LoadedModel
+from ..results import RunWriter, provenance, verify_run_folder
+from ..tasks import load_task
+
+STAGES = ("analysis", "prune", "baselines", "cka", "noise", "ablate", "recover", "correlate")
+DEFAULT_BASELINES = ("shortgpt", "sleb", "angular", "last", "random")
+
+
+@dataclass
+class StudyConfig:
+    """What a study runs (every value recorded in ``study.json``).
+
+    Attributes:
+        tasks: tasks to analyse, prune and ablate on (the first one also gets CKA, noise and recovery).
+        formats: formats of the analyses; pruning, CKA, noise and recovery use the first.
+        limit: evaluated rows per task (None: all); seed: row selection and every seeded draw.
+        ip_max_ratio: Iterative Pruning (with SKIP-Prun) goes up to this share of the layers.
+        baselines: baseline methods, pruned up to ``baseline_ratio``.
+        calib_samples: Block Influence calibration rows (ARC-Challenge train, as the paper).
+        cka_ratio: the IP state (best at this ratio) compared with the dense model by CKA; cka_rows: rows.
+        noise_scales, noise_repeats: the noise study's scales and draws.
+        ablate_window: layers on each side of the Transition Point.
+        recover_ratios: ratios whose best IP set is fine-tuned (empty: no fine-tuning).
+        finetune: fine-tuning recipe overrides (``declens.finetune.FinetuneConfig`` fields).
+        stages: the stages to run (default all).
+    """
+
+    tasks: list[str]
+    formats: list[str] = field(default_factory=lambda: ["letter"])
+    limit: int | None = None
+    seed: int = 0
+    ip_max_ratio: float = 0.6
+    baselines: list[str] = field(default_factory=lambda: list(DEFAULT_BASELINES))
+    baseline_ratio: float = 0.5
+    calib_samples: int = 256
+    cka_ratio: float = 0.5
+    cka_rows: int = 500
+    noise_scales: list[float] = field(default_factory=lambda: [0.0, 0.1, 0.5, 1.0, 2.0])
+    noise_repeats: int = 1
+    ablate_window: int = 2
+    recover_ratios: list[float] = field(default_factory=lambda: [0.25, 0.5])
+    finetune: dict = field(default_factory=dict)
+    stages: list[str] = field(default_factory=lambda: list(STAGES))
+
+    def check(self) -> None:
+        """Refuse impossible settings before any model work (one clear line each)."""
+        if not self.tasks:
+            raise DeclensError("a study needs at least one task; pass --tasks arc_challenge,arc_easy,...")
+        bad = [s for s in self.stages if s not in STAGES]
+        if bad:
+            raise DeclensError(f"unknown study stage(s) {bad}; use some of {', '.join(STAGES)}")
+        for name in ("ip_max_ratio", "baseline_ratio", "cka_ratio"):
+            v = getattr(self, name)
+            if not 0 < v < 1:
+                raise DeclensError(f"{name.replace('_', '-')} must be strictly between 0 and 1, not {v}")
+        if any(not 0 < r < 1 for r in self.recover_ratios):
+            raise DeclensError(f"recover ratios must be strictly between 0 and 1, not {self.recover_ratios}")
+        if self.cka_ratio > self.ip_max_ratio:
+            raise DeclensError(f"cka-ratio {self.cka_ratio} is beyond ip-max-ratio {self.ip_max_ratio}; raise the latter")
+        if any(r > self.ip_max_ratio for r in self.recover_ratios):
+            raise DeclensError(f"recover ratios {self.recover_ratios} go beyond ip-max-ratio {self.ip_max_ratio}")
+
+
+@dataclass
+class StageEvent:
+    """What ``on_event`` receives: a stage starting, skipped (already complete) or done."""
+
+    stage: str
+    key: str
+    status: str  # "start" | "skip" (complete, reused) | "done" | "omit" (cannot run here; summary says why)
+    summary: str = ""
+    seconds: float = 0.0
+
+
+@dataclass
+class Study:
+    """Everything one study produced, keyed by stage and then by ``<task>_<format>`` (or ``main``)."""
+
+    config: StudyConfig
+    folder: Path
+    results: dict[str, dict[str, Any]] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def get(self, stage: str, key: str = "main") -> Any:
+        return self.results.get(stage, {}).get(key)
+
+
+def _key(task: str, fmt: str) -> str:
+    return f"{task}_{fmt}"
+
+
+class _Runner:
+    """Runs or reloads one stage folder at a time, reporting through ``on_event``."""
+
+    def __init__(self, study: Study, on_event: Callable[[StageEvent], None] | None):
+        self.study, self.on_event = study, on_event or (lambda e: None)
+
+    def stage(self, stage: str, key: str, folder: Path, run: Callable[[], Any], load: Callable[[Path], Any],
+              summary: Callable[[Any], str]) -> Any:
+        done = False
+        try:
+            verify_run_folder(folder)
+            done = True
+        except DeclensError:
+            done = False
+        if done:
+            res = load(folder)
+            self.on_event(StageEvent(stage, key, "skip", summary(res)))
+        else:
+            self.on_event(StageEvent(stage, key, "start"))
+            t = time.perf_counter()
+            res = run()
+            dt = time.perf_counter() - t
+            self.study.timings[f"{stage}/{key}"] = dt
+            self.on_event(StageEvent(stage, key, "done", summary(res), dt))
+        self.study.results.setdefault(stage, {})[key] = res
+        return res
+
+
+def run_study(lm: LoadedModel, cfg: StudyConfig, out_dir: str | Path,
+              on_event: Callable[[StageEvent], None] | None = None, progress: bool = True) -> Study:
+    """Run (or resume) the study of ``lm`` into ``out_dir``.
+
+    Args:
+        lm: the dense model.
+        cfg: what to run.
+        out_dir: the study folder (created; stage folders inside).
+        on_event: called when a stage starts, is skipped as complete, or ends.
+        progress: progress bars of the stages.
+
+    Returns:
+        The :class:`Study` (results of every stage that ran or was reloaded).
+    """
+    from ..pruning import SkipPrun, prune
+    from ..pruning.run import PruneResult
+    from ..results import AnalysisResult
+    from .decision import analyze
+
+    cfg.check()
+    out = Path(out_dir)
+    study = Study(cfg, out)
+    r = _Runner(study, on_event)
+    main_task, main_fmt = cfg.tasks[0], cfg.formats[0]
+    data = {t: load_task(t, limit=cfg.limit, seed=cfg.seed) for t in cfg.tasks}
+
+    if "analysis" in cfg.stages or _needs_dense(cfg):
+        for t in cfg.tasks:
+            for f in cfg.formats:
+                folder = out / "analysis" / _key(t, f)
+                r.stage("analysis", _key(t, f), folder,
+                        lambda t=t, f=f, folder=folder: analyze(lm, data[t], f, seed=cfg.seed, out_dir=folder,
+                                                                progress=progress),
+                        AnalysisResult.load, _analysis_line)
+
+    if "prune" in cfg.stages:
+        for t in cfg.tasks:
+            folder = out / "prune" / _key(t, main_fmt)
+            r.stage("prune", _key(t, main_fmt), folder,
+                    lambda t=t, folder=folder: prune(lm, data[t], main_fmt, ["ip", "phase"], max_ratio=cfg.ip_max_ratio,
+                                                     calib_samples=cfg.calib_samples, seed=cfg.seed,
+                                                     skip=SkipPrun(enabled=True), out_dir=folder, progress=progress),
+                    PruneResult.load, _prune_line)
+
+    if "baselines" in cfg.stages and cfg.baselines:
+        for t in cfg.tasks:
+            folder = out / "baselines" / _key(t, main_fmt)
+            r.stage("baselines", _key(t, main_fmt), folder,
+                    lambda t=t, folder=folder: prune(lm, data[t], main_fmt, list(cfg.baselines),
+                                                     max_ratio=cfg.baseline_ratio, calib_samples=cfg.calib_samples,
+                                                     seed=cfg.seed, out_dir=folder, progress=progress),
+                    PruneResult.load, _prune_line)
+
+    if "cka" in cfg.stages:
+        _cka_stage(lm, cfg, study, r, data[main_task], progress)
+    if "noise" in cfg.stages:
+        _noise_stage(lm, cfg, r, data[main_task], out, progress)
+    if "ablate" in cfg.stages:
+        _ablate_stage(lm, cfg, study, r, out, progress)
+    if "recover" in cfg.stages and cfg.recover_ratios:
+        _recover_stage(lm, cfg, study, r, data[main_task], out, progress)
+    if "correlate" in cfg.stages:
+        _correlate_stage(cfg, study, r, out)
+
+    write_study(study, provenance(lm))
+    return study
+
+
+def stage_folders(study: Study) -> list[Path]:
+    """Every stage folder of a study, in stage order."""
+    out = []
+    for stage in STAGES:
+        for key in sorted(study.results.get(stage, {})):
+            out.append(study.folder / stage / key if stage in ("analysis", "prune", "baselines") else study.folder / stage)
+    return out
+
+
+def write_study(study: Study, prov: dict, findings=None) -> None:
+    """Write ``study.json``, ``findings.json``, ``findings.md`` and ``report.html`` into the study folder
+    (one run folder: the manifest last), the findings computed from the study's results when not given."""
+    import tempfile
+
+    from ..report import build_report
+
+    findings = findings or study_findings([study])
+    out = study.folder
+    with tempfile.TemporaryDirectory() as tmp:
+        page = build_report(stage_folders(study), Path(tmp) / "report.html",
+                            title=f"declens study: {prov.get('model', {}).get('spec', '')}", preface=findings.html())
+        html = page.read_bytes()
+    with RunWriter(out, "study") as w:
+        w.json("study.json", {"kind": "study", "config": asdict(study.config), "provenance": prov,
+                              "timings_s": study.timings,
+                              "stages": {s: sorted(v) for s, v in study.results.items()}})
+        w.json("findings.json", findings.to_dict())
+        w.text("findings.md", findings.markdown())
+        w.bytes("report.html", html)
+
+
+def _needs_dense(cfg: StudyConfig) -> bool:
+    return any(s in cfg.stages for s in ("cka", "noise", "ablate"))
+
+
+def _best_removed(prune_result, ratio: float, method: str = "ip") -> list[int]:
+    """The removed set of ``method``'s best state with the largest ratio not above ``ratio``."""
+    best = prune_result.runs[method].best_by_k()
+    ks = [k for k, rec in best.items() if rec.ratio <= ratio + 1e-9]
+    return list(best[max(ks)].removed)
+
+
+def _cka_stage(lm, cfg, study, r, data, progress) -> None:
+    from .cka import CKAResult, cka_study
+
+    pr = study.get("prune", _key(cfg.tasks[0], cfg.formats[0]))
+    if pr is None:
+        raise DeclensError("the cka stage needs the prune stage of the first task; add 'prune' to --stages")
+    remove = _best_removed(pr, cfg.cka_ratio)
+    folder = study.folder / "cka"
+
+    def run():
+        res = cka_study(lm, data, remove, cfg.formats[0], n_samples=cfg.cka_rows, seed=cfg.seed, progress=progress)
+        res.save(folder)
+        return res
+
+    r.stage("cka", "main", folder, run, CKAResult.load,
+            lambda x: f"{len(x.pruned_ids)} of {len(x.dense_ids)} layers; final layer's decision state best matches "
+                      f"dense layer {x.best_decision[-1]}")
+
+
+def _noise_stage(lm, cfg, r, data, out, progress) -> None:
+    from .noise import NoiseResult, noise_study
+
+    folder = out / "noise"
+
+    def run():
+        res = noise_study(lm, data, cfg.formats[0], scales=cfg.noise_scales, seed=cfg.seed, repeats=cfg.noise_repeats,
+                          progress=progress)
+        res.save(folder)
+        return res
+
+    def line(x) -> str:
+        ps = x.phase_summary()
+        fmt = lambda v: "-" if v is None else f"{v[-1]:+.3f}"  # noqa: E731
+        return f"DM drop at scale {x.scales[-1]}: silent {fmt(ps['silent']['dm_drop'])}, decisive {fmt(ps['decisive']['dm_drop'])}"
+
+    r.stage("noise", "main", folder, run, NoiseResult.load, line)
+
+
+def _ablate_stage(lm, cfg, study, r, out, progress) -> None:
+    from .ablation import AblationResult, ablate
+
+    dense = study.get("analysis", _key(cfg.tasks[0], cfg.formats[0]))
+    tp = None if dense is None else dense.metrics.transition_layer
+    folder = out / "ablate"
+    if tp is None:  # nothing to ablate around (the findings say so)
+        r.on_event(StageEvent("ablate", "main", "omit", f"the dense model has no Transition Point on {cfg.tasks[0]}"))
+        return
+    r.stage("ablate", "main", folder,
+            lambda: ablate(lm, cfg.tasks[0], cfg.tasks, cfg.formats[0], window=cfg.ablate_window, tp=tp,
+                           limit=cfg.limit, seed=cfg.seed, out_dir=folder, progress=progress),
+            AblationResult.load, lambda x: f"around layer {x.transition_layer} on {len(x.eval.tasks)} task(s)")
+
+
+def _recover_stage(lm, cfg, study, r, data, out, progress) -> None:
+    from .recovery import RecoveryResult, recover_study
+
+    pr = study.get("prune", _key(cfg.tasks[0], cfg.formats[0]))
+    if pr is None:
+        raise DeclensError("the recover stage needs the prune stage of the first task; add 'prune' to --stages")
+    folder = out / "recover"
+    ratios = _recover_ratios(pr, cfg.recover_ratios)
+    if not ratios:
+        raise DeclensError(f"no Iterative Pruning state at or below the recover ratios {cfg.recover_ratios} "
+                           f"(one layer of {pr.runs['ip'].num_layers} is {1 / pr.runs['ip'].num_layers:.1%}); raise --recover-ratios")
+    r.stage("recover", "main", folder,
+            lambda: recover_study(lm, data, cfg.tasks[0], prune=pr, ratios=ratios,
+                                  fmt=cfg.formats[0], train_seed=cfg.seed, out_dir=folder, progress=progress,
+                                  **cfg.finetune),
+            RecoveryResult.load,
+            lambda x: "; ".join(f"{run.ratio:.0%}: DM {run.before['final_dm']:+.2f} -> {run.after['final_dm']:+.2f}"
+                                for run in x.runs))
+
+
+def _recover_ratios(prune_result, wanted: Sequence[float], method: str = "ip") -> list[float]:
+    """The ratios of ``method``'s best states closest to each wanted ratio from below."""
+    best = prune_result.runs[method].best_by_k()
+    out = []
+    for w in wanted:
+        ks = [k for k, rec in best.items() if 0 < k and rec.ratio <= w + 1e-9]
+        if ks:
+            out.append(best[max(ks)].ratio)
+    return sorted(set(out))
+
+
+def _correlate_stage(cfg, study, r, out) -> None:
+    from .correlation import CorrelationResult, correlate
+
+    dirs = [out / stage / key for stage in ("analysis", "prune") for key in sorted(study.results.get(stage, {}))]
+    n = len(study.results.get("prune", {}))
+    if n < 3:
+        return  # the correlation needs >= 3 model/task pairs: across studies, `declens findings` combines them
+    folder = out / "correlate"
+    try:
+        verify_run_folder(folder)
+    except DeclensError:
+        try:
+            correlate(dirs)  # cheap (reads result files): refuse here, not as a failed stage
+        except DeclensError as e:
+            r.on_event(StageEvent("correlate", "main", "omit", str(e).split(". Missing")[0]))
+            return
+
+    def run():
+        res = correlate(dirs)
+        res.save(folder)
+        return res
+
+    r.stage("correlate", "main", folder, run, CorrelationResult.load,
+            lambda x: f"r = {x.stats['fraction'].get('r')} over {len(x.pairs)} pairs")
+
+
+def _analysis_line(res) -> str:
+    s = res.metrics.summary()
+    tp = s["transition_layer"]
+    return (f"{len(res.item_ids)} rows, accuracy {s['final_accuracy']:.3f} (chance {s['chance']:.2f}), final DM "
+            f"{s['final_dm']:+.3f}, Transition Point {'none' if tp is None else tp}")
+
+
+def _prune_line(res) -> str:
+    parts = []
+    for m in res.runs:
+        c = res.critical.get(m)
+        parts.append(f"{m}: critical ratio {'not reached' if c is None else format(c, '.1%')}")
+    return "; ".join(parts)
+
+
+def study_findings(studies: Sequence[Study], cfg=None, compare_table: dict | None = None):
+    """The findings of one or more studies: claims 1-8 and 10 per study (first task), 9 across all pairs."""
+    from .findings import (Findings, FindingsConfig, claim_ablation, claim_cka, claim_collapse_in_silent,
+                           claim_correlation, claim_decisive_first, claim_noise, claim_option_dynamics,
+                           claim_recovery, claim_sharp_transition, claim_table5, idea_phase_aware, idea_safe_margin)
+
+    cfg = cfg or FindingsConfig()
+    found = []
+    for st in studies:
+        key = _key(st.config.tasks[0], st.config.formats[0])
+        dense, pr = st.get("analysis", key), st.get("prune", key)
+        if dense is None:
+            continue
+        fs = [claim_sharp_transition(dense, cfg), claim_option_dynamics(dense, cfg),
+              claim_decisive_first(dense, pr, cfg), claim_collapse_in_silent(dense, pr, cfg),
+              claim_cka(st.get("cka"), cfg), claim_noise(st.get("noise"), cfg, analysis=dense),
+              claim_ablation(st.get("ablate"), cfg), claim_recovery(st.get("recover"), cfg)]
+        for f in fs:
+            f.source = f"{st.folder.name}:{key}"
+        found += fs
+    corr = _correlation_over(studies)
+    prunes = [p for st in studies for stage in ("prune", "baselines") for p in st.results.get(stage, {}).values()]
+    found += [claim_correlation(corr, cfg), claim_table5(compare_table, cfg), idea_safe_margin(corr, cfg),
+              idea_phase_aware(prunes, cfg)]
+    return Findings({"findings": asdict(cfg), "studies": [str(s.folder) for s in studies]}, found)
+
+
+def _correlation_over(studies: Sequence[Study]):
+    """Transition Point against critical ratio over every analysed and pruned pair of the studies (None if < 3)."""
+    from .correlation import correlate
+
+    dirs = [st.folder / stage / key for st in studies for stage in ("analysis", "prune")
+            for key in st.results.get(stage, {})]
+    n = sum(len(st.results.get("prune", {})) for st in studies)
+    if n < 3:
+        return None
+    try:
+        return correlate(dirs)
+    except DeclensError:
+        return None
+
+
+def _loaders() -> dict[str, Callable[[Path], Any]]:
+    from ..pruning.run import PruneResult
+    from ..results import AnalysisResult
+    from .ablation import AblationResult
+    from .cka import CKAResult
+    from .correlation import CorrelationResult
+    from .noise import NoiseResult
+    from .recovery import RecoveryResult
+
+    return {"analysis": AnalysisResult.load, "prune": PruneResult.load, "baselines": PruneResult.load,
+            "cka": CKAResult.load, "noise": NoiseResult.load, "ablate": AblationResult.load,
+            "recover": RecoveryResult.load, "correlate": CorrelationResult.load}
+
+
+def load_study(folder: str | Path) -> Study:
+    """Reload a study folder written by :func:`run_study` (every complete stage folder in it).
+
+    Raises:
+        DeclensError: the folder holds no complete study (``study.json`` missing or unverified).
+    """
+    from ..results import read_result_file
+
+    folder = Path(folder)
+    _, d = read_result_file(folder, "study.json", "study")
+    cfg = StudyConfig(**d["config"])
+    study = Study(cfg, folder, timings=d.get("timings_s", {}))
+    load = _loaders()
+    for stage, keys in d.get("stages", {}).items():
+        for key in keys:
+            sub = folder / stage / key if stage in ("analysis", "prune", "baselines") else folder / stage
+            study.results.setdefault(stage, {})[key] = load[stage](sub)
+    return study

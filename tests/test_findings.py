@@ -1,0 +1,66 @@
+"""Findings: each criterion on scores built to meet it or to miss it (the criteria's own logic)."""
+
+import numpy as np
+import pytest
+
+from declens.analyses.findings import (FAILS, HOLDS, UNTESTABLE, FindingsConfig, Findings, claim_option_dynamics,
+                                       claim_sharp_transition, interval, rise_width)
+from declens.results import AnalysisResult
+from declens.scoring import LayerScores
+
+
+def analysis_with(dm_profile, n=400, k=4, seed=0, collapse_until=None):
+    """An analysis whose per-layer option scores give, per layer, a gold lead of ``dm_profile[l]`` on average
+    (noisy per item); before ``collapse_until`` every item's best rival is option 0 (OF collapsed)."""
+    rng = np.random.default_rng(seed)
+    L = len(dm_profile)
+    gold = rng.integers(0, k, n)
+    gold[gold == 0] = 1  # option 0 is never gold, so a collapse onto it is wrong everywhere
+    scores = rng.normal(0, 0.1, (L, n, k)).astype(np.float32)
+    for l, d in enumerate(dm_profile):
+        lead = d + rng.normal(0, 0.3, n)
+        scores[l, np.arange(n), gold] = lead
+        if collapse_until is not None and l < collapse_until:
+            scores[l, :, 0] = np.maximum(lead, 0) + 1.0  # option 0 leads every item
+    s = LayerScores(layer_ids=list(range(L)), scores=scores, gold=gold, n_options=np.full(n, k), kind="logit")
+    return AnalysisResult.from_scores(s, {"model": "synthetic"}, {}, [str(i) for i in range(n)], list("ABCD"))
+
+
+CFG = FindingsConfig(bootstrap=200)
+
+
+def test_sharp_transition_holds_for_a_step_and_not_for_a_ramp():
+    step = [-1.0] * 12 + [2.0] * 8
+    f = claim_sharp_transition(analysis_with(step), CFG)
+    assert f.verdict == HOLDS and f.numbers["transition_layer"] == 12 and f.numbers["rise_width_layers"] == 1
+    assert f.ci["transition_layer"] == [12.0, 12.0] and f.support == 1.0
+    ramp = list(np.linspace(-1.0, 2.0, 20))  # crosses zero at layer 7, reaches half its top only at layer 13
+    g = claim_sharp_transition(analysis_with(ramp), CFG)
+    assert g.verdict == FAILS and g.numbers["rise_width_layers"] > g.numbers["width_limit"]
+
+
+def test_no_transition_point_cannot_be_tested():
+    f = claim_sharp_transition(analysis_with([-1.0] * 10), CFG)
+    assert f.verdict == UNTESTABLE and "no Transition Point" in f.note
+
+
+def test_option_collapse_then_diversification():
+    dm = [-1.0] * 10 + [3.0] * 6
+    collapsed = claim_option_dynamics(analysis_with(dm, collapse_until=6), CFG)
+    assert collapsed.numbers["silent_max_top_share"] == pytest.approx(1.0)
+    assert collapsed.verdict == HOLDS, collapsed.numbers
+    flat = claim_option_dynamics(analysis_with(dm), CFG)  # no layer puts 80% on one option
+    assert flat.verdict == FAILS and flat.numbers["silent_max_top_share"] < 0.8
+
+
+def test_rise_width_and_interval_helpers():
+    assert rise_width(np.array([-1, -1, 0.1, 0.2, 2.0]), CFG) == 3  # from layer 1 to layer 4 (>= 1.0)
+    assert rise_width(np.array([-1.0, -0.5]), CFG) is None
+    assert interval([1, 2, 3, None, float("nan")]) == [pytest.approx(1.05), pytest.approx(2.95)]
+
+
+def test_findings_markdown_lists_every_claim():
+    fs = Findings({}, [claim_sharp_transition(analysis_with([-1.0] * 5 + [1.0] * 5), CFG),
+                       claim_option_dynamics(analysis_with([-1.0] * 10), CFG)])
+    md = fs.markdown()
+    assert md.count("### Claim") == 2 and "**holds**" in md and UNTESTABLE in md
