@@ -107,3 +107,15 @@ def test_cli_refuses_bad_input(model_dir):
     assert r.exit_code == 2 and "bad --ratios" in r.output
     r = runner.invoke(app, ["compare", "--model", str(model_dir), "--lr", "1e-3", "--lr-candidates", "1e-3,2e-3"])
     assert r.exit_code == 2 and "not both" in r.output
+
+
+def test_compare_takes_a_merging_baseline(model_dir, tmp_path):
+    """MKA merges layers (new weights): its state is rebuilt, fine-tuned and evaluated like a dropped-layer state."""
+    out = tmp_path / "cmp_mka"
+    r = runner.invoke(app, ["compare", "--model", str(model_dir), "--methods", "mka", "--ratios", "0.25", *FLAGS,
+                            "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    d = json.loads((out / "compare.json").read_text())
+    cell = next(c for c in d["cells"] if c["method"] == "mka")
+    assert cell["k"] == 1 and len(cell["removed"]) == 1 and isinstance(cell["merges"], list), cell
+    assert set(cell["accuracy"]) == set(TASKS) and 0 <= cell["average"] <= 1

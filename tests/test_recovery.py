@@ -268,7 +268,7 @@ def test_recover_from_a_prune_run(eval_rows, tmp_path):
     cfgs = configs_from_prune(tmp_path / "p", [0.25, 0.5], "last", num_layers=4)
     assert [list(c.removed) for c in cfgs] == [best[1].removed, best[2].removed] and cfgs[0].source == "prune:last"
     assert len(configs_from_prune(tmp_path / "p", None, "last")) == 2
-    with pytest.raises(DeclensError, match="not in the prune run"):
+    with pytest.raises(DeclensError, match="has no state with 3 of 4 layers"):
         configs_from_prune(tmp_path / "p", [0.75], "last")
     with pytest.raises(DeclensError, match="no method 'ip'"):
         configs_from_prune(tmp_path / "p", None, "ip")

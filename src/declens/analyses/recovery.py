@@ -76,29 +76,10 @@ def configs_from_prune(prune: Any, ratios: Sequence[float] | None = None, method
         method: which method's states (``ip``, ``shortgpt``, ...).
         num_layers: the model's dense layer count, checked against the run's.
     """
-    from ..pruning.run import PruneResult, max_removed_for
+    from ..pruning.run import best_states
 
-    res = prune if isinstance(prune, PruneResult) else PruneResult.load(prune)
-    if method not in res.runs:
-        raise DeclensError(f"the prune run has no method {method!r}; it ran: {', '.join(res.runs)}")
-    L = int(res.config["num_layers"])
-    if num_layers is not None and num_layers != L:
-        raise DeclensError(f"the prune run is of a {L}-layer model but this model has {num_layers} layers; "
-                           "recover with the model that was pruned")
-    best = {k: r for k, r in res.runs[method].best_by_k().items() if k > 0}
-    if ratios is None:
-        ks = list(best)
-    else:
-        ks = []
-        for r in ratios:
-            k = max_removed_for(float(r), L)
-            if k not in best:
-                avail = ", ".join(f"{kk / L:.3f} ({kk} layers)" for kk in best) or "none"
-                raise DeclensError(f"ratio {r} ({k} of {L} layers) is not in the prune run; its ratios: {avail}")
-            if k not in ks:
-                ks.append(k)
-    if not ks:
-        raise DeclensError("the prune run holds no pruned state (k > 0); run 'declens prune' with a larger --max-ratio")
+    _, best = best_states(prune, method, num_layers, ratios)
+    ks = list(best)
     return [PrunedConfig(tuple(int(i) for i in best[k].removed), f"prune:{method}",
                          tuple(getattr(best[k], "merges", None) or ()) or None) for k in ks]
 

@@ -633,20 +633,8 @@ def state_from_prune(prune, method: str, ratio: float | None = None, num_layers:
         ratio: mapped to ``floor(ratio x L)`` removed layers.
         num_layers: the model's dense layer count, checked against the run's.
     """
-    from .run import PruneResult, max_removed_for
+    from .run import best_states
 
-    res = prune if isinstance(prune, PruneResult) else PruneResult.load(prune)
-    if method not in res.runs:
-        raise DeclensError(f"the prune run has no method {method!r}; it ran: {', '.join(res.runs)}")
-    L = int(res.config["num_layers"])
-    if num_layers is not None and num_layers != L:
-        raise DeclensError(f"the prune run is of a {L}-layer model but this model has {num_layers} layers; "
-                           "use the model that was pruned")
-    best = {k: r for k, r in res.runs[method].best_by_k().items() if k > 0}
-    if not best:
-        raise DeclensError(f"the prune run holds no pruned state of {method}; run 'declens prune' with a larger --max-ratio")
-    k = max(best) if ratio is None else max_removed_for(float(ratio), L)
-    if k not in best:
-        avail = ", ".join(f"{kk / L:.3f} ({kk} layers)" for kk in best)
-        raise DeclensError(f"{method} has no state with {k} of {L} layers removed (ratio {ratio}); its ratios: {avail}")
+    L, best = best_states(prune, method, num_layers, None if ratio is None else [ratio])
+    k = max(best)
     return spec_from_record(best[k]), best[k]

@@ -104,6 +104,45 @@ class PruneResult:
         return out
 
 
+def best_states(prune: "PruneResult | str | Path", method: str, num_layers: int | None = None,
+                ratios: Sequence[float] | None = None) -> tuple[int, dict[int, PruneRecord]]:
+    """The best pruned state per number of removed layers of one method of a ``declens prune`` run.
+
+    Args:
+        prune: a prune folder / ``prune.json`` or a loaded :class:`PruneResult`.
+        method: the method whose states to take.
+        num_layers: the model's dense layer count, checked against the run's.
+        ratios: keep only these ratios (each mapped to ``floor(ratio x L)`` removed layers; each must exist);
+            None keeps every ratio.
+
+    Returns:
+        ``(L, {k: record})`` with ``k > 0``, in order of ``k``.
+
+    Raises:
+        DeclensError: no such method, another model's run, a ratio the run lacks, or no pruned state.
+    """
+    res = prune if isinstance(prune, PruneResult) else PruneResult.load(prune)
+    if method not in res.runs:
+        raise DeclensError(f"the prune run has no method {method!r}; it ran: {', '.join(res.runs)}")
+    L = int(res.config["num_layers"])
+    if num_layers is not None and num_layers != L:
+        raise DeclensError(f"the prune run is of a {L}-layer model but this model has {num_layers} layers; "
+                           "use the model that was pruned")
+    best = {k: r for k, r in res.runs[method].best_by_k().items() if k > 0}
+    if not best:
+        raise DeclensError(f"the prune run holds no pruned state of {method}; run 'declens prune' with a larger --max-ratio")
+    if ratios is not None:
+        keep: dict[int, PruneRecord] = {}
+        for r in ratios:
+            k = max_removed_for(float(r), L)
+            if k not in best:
+                avail = ", ".join(f"{kk / L:.3f} ({kk} layers)" for kk in best)
+                raise DeclensError(f"{method} has no state with {k} of {L} layers removed (ratio {r}); its ratios: {avail}")
+            keep[k] = best[k]
+        best = dict(sorted(keep.items()))
+    return L, best
+
+
 #: the paper's Block Influence rows: "256 randomly sampled instances from ARC-Challenge", whatever the
 #: evaluated task; declens draws them from ARC-Challenge's train split (never an evaluated row)
 CALIB_TASK = "arc_challenge"
