@@ -164,7 +164,7 @@ def test_a_file_of_an_earlier_run_is_refused_by_every_reader(folders, tmp_path, 
     shutil.copyfile(folders / "a8" / "dm.png", stale_fig / "dm.png")
     stale_prune = _copy(folders / "p", tmp_path / "stale_prune")
     with open(stale_prune / "steps.csv", "a") as f:
-        f.write("last,99,1,0.2500,3,0.1,0.1,,True,False,,[3],\n")
+        f.write("last,99,1,0.2500,3,0.1,0.1,,True,False,,,,[3],\n")
     for bad, name in ((stale_npz, "scores.npz"), (stale_fig, "dm.png")):
         with pytest.raises(DeclensError, match=f"incomplete or was modified.*{name}"):
             AnalysisResult.load(bad)

@@ -144,6 +144,9 @@ def test_restart_bookkeeping_in_prune_json_and_steps_csv(tmp_path):
     start = [r for r in rows if r["path"] == "1"][0]
     assert json.loads(start["removed"]) == [24, 23, 25] and "starts from #2 [24, 23]" in start["note"]
     assert "excluding [22]" in start["note"]
+    # the same bookkeeping as columns: the state each path started from and the choices barred there
+    assert start["restart_from"] == "2" and 22 in json.loads(start["excluded"])
+    assert all(r["restart_from"] == "" for r in rows if r["path"] == "0")
 
 
 def test_cli_skip_prun_end_to_end_on_a_tiny_model(tmp_path):

@@ -88,11 +88,13 @@ class PruneResult:
         buf = io.StringIO()
         w = csv.writer(buf)
         w.writerow(["method", "index", "k", "ratio", "layer", "accuracy", "final_dm", "transition_layer", "accepted",
-                    "collapsed", "path", "removed", "note"])
+                    "collapsed", "path", "restart_from", "excluded", "removed", "note"])
         for m, r in self.runs.items():
             for x in r.records:
                 w.writerow([m, x.index, x.k, f"{x.ratio:.4f}", x.layer, f"{x.accuracy:.4f}", f"{x.final_dm:.4f}",
-                            x.transition_layer, x.accepted, x.collapsed, x.path, json.dumps(x.removed), x.note])
+                            x.transition_layer, x.accepted, x.collapsed, x.path,
+                            "" if x.restart_from is None else x.restart_from,
+                            json.dumps(x.excluded) if x.excluded else "", json.dumps(x.removed), x.note])
         with RunWriter(out, "prune") as run:  # also removes the resume state (.prune-state.json)
             run.json(PRUNE_FILE, self.to_dict())
             run.text("table.csv", table)
