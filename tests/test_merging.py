@@ -208,6 +208,18 @@ def test_prune_laco_mka_export_analyze_commands(model_dir, tmp_path):
     res = json.loads((tmp_path / "a" / "result.json").read_text())
     kept = [i for i in range(4) if i not in d["methods"]["mka"]["table"][-1]["removed"]]
     assert [row["layer"] for row in res["layers"]] == kept  # the exported model reports its layers in dense ids
+    # every other command takes the merged model as a model, in dense ids
+    for cmd, extra, name, check in (
+            ("eval", ["--tasks", "arc_easy", "--remove", str(kept[0])], "eval.json", None),
+            ("cka", ["--task", "arc_easy", "--remove", str(kept[0])], "cka.json", "pruned_layer_ids"),
+            ("noise", ["--task", "arc_easy", "--scales", "0,1"], "noise.json", "layer_ids")):
+        r = runner.invoke(app, [cmd, "--model", str(tmp_path / "x"), "--limit", "4", *extra, "--out", str(tmp_path / cmd)])
+        assert r.exit_code == 0, (cmd, r.output)
+        got = json.loads((tmp_path / cmd / name).read_text())
+        if check == "pruned_layer_ids":
+            assert got[check] == kept[1:]
+        elif check:
+            assert got[check] == kept
     r = runner.invoke(app, ["export", "--model", str(model_dir), "--from-prune", str(tmp_path / "p"),
                             "--out", str(tmp_path / "y")])
     assert r.exit_code == 2 and "--method" in r.output
