@@ -94,16 +94,3 @@ class Lens:
         soft-capping and accumulates in float32) without a float32 copy of every logit.
         """
         return self.head(self.norm(h.to(self.head.weight.device)))
-
-    def token_logprobs(self, h: Tensor, targets: Tensor) -> Tensor:
-        """Log-probability of ``targets`` under the lens distribution at each position.
-
-        Args:
-            h: hidden states ``[T, d]`` at the positions that predict the targets.
-            targets: token ids ``[T]``.
-
-        Returns:
-            ``[T]`` float32 log-probabilities.
-        """
-        z = self.logits(h)
-        return torch.log_softmax(z, dim=-1).gather(-1, targets.to(z.device).unsqueeze(-1)).squeeze(-1)

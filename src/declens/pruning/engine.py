@@ -10,7 +10,6 @@ No weight is copied and the model is never reloaded: layers are dropped through 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -321,12 +320,3 @@ def calibration_sequences(lm: LoadedModel, req: LetterRequests | ClozeRequests) 
     if isinstance(req, LetterRequests):
         return [list(p) for p in req.prompts]
     return [list(ctxs[g]) + list(cs[g]) for ctxs, cs, g in zip(req.contexts, req.continuations, req.gold)]
-
-
-def text_sequences(lm: LoadedModel, text: str, n: int, length: int = 256) -> list[list[int]]:
-    """``n`` calibration sequences of ``length`` tokens cut from raw text."""
-    ids = encoder_for(lm).encode(text)
-    if len(ids) < length:
-        length = len(ids)
-    count = min(n, math.ceil(len(ids) / length))
-    return [encoder_for(lm).prefix + ids[i * length : (i + 1) * length] for i in range(count)]

@@ -21,12 +21,6 @@ from .. import distributed
 from ..runner import Batch, Probe, to_device
 
 
-def real_token_mask(batch: Batch) -> Tensor:
-    """``[B, T]`` True at the real (non-padding) tokens of a batch."""
-    T = batch.input_ids.shape[1]
-    return torch.arange(T, device=batch.input_ids.device)[None, :] < batch.lengths[:, None]
-
-
 class InfluenceProbe(Probe):
     """Accumulates Block Influence of every layer run, and optionally last-token states.
 
