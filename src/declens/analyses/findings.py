@@ -518,10 +518,12 @@ def idea_phase_aware(prune_results: Sequence, cfg: FindingsConfig) -> Finding:
             continue
         for m, run in pr.runs.items():
             for k, rec in run.best_by_k().items():
-                if k > 0:
+                # a phase-aware step taken with no Decisive Phase left falls back to plain IP: not phase-aware
+                if k > 0 and not (m == "phase" and "decisive phase empty" in (rec.note or "")):
                     best.setdefault(m, {})[round(rec.ratio, 6)] = rec.accuracy
     if "phase" not in best:
-        return untestable("phase-aware", st, crit, "no phase-aware pruning run ('phase' method)")
+        return untestable("phase-aware", st, crit, "no phase-aware pruning state (no 'phase' run, or every step fell "
+                          "back to plain IP because the model had no Decisive Phase)")
     diffs = {}
     for m, accs in best.items():
         if m == "phase":
