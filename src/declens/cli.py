@@ -36,6 +36,16 @@ DeviceOpt = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N.")
 DeviceMapOpt = typer.Option(None, "--device-map", help="auto (or balanced, sequential): shard the layers over all GPUs of this host with accelerate; overrides --device.")
 MaxMemOpt = typer.Option(None, "--max-memory", help="With --device-map: the most memory to use per GPU, e.g. 20GiB.")
 MaxTokOpt = typer.Option(None, "--max-tokens", help="Padded tokens per batch (default: sized to the device).")
+#: fine-tuning options shared by recover and compare (one declaration each)
+EpochsOpt = typer.Option(3, "--epochs", help="Passes over the training rows (the paper: 3).")
+LoraROpt = typer.Option(16, "--lora-r", help="LoRA rank.")
+LoraAlphaOpt = typer.Option(32, "--lora-alpha", help="LoRA alpha (scale = alpha / rank).")
+ScheduleOpt = typer.Option("linear", "--schedule", help="Learning rate after warm-up: linear (to 0), cosine (to 0) or constant.")
+WarmupOpt = typer.Option(0.0, "--warmup-ratio", help="Share of the steps with a linear warm-up.")
+BatchSizeOpt = typer.Option(8, "--batch-size", help="Training rows per forward pass per device.")
+GradAccumOpt = typer.Option(1, "--grad-accum", help="Forward passes per optimizer step (effective batch = batch size x this x devices; the paper: 8).")
+MaxStepsOpt = typer.Option(None, "--max-steps", help="Stop each fine-tuning after this many optimizer steps (default: all epochs).")
+MaxLengthOpt = typer.Option(512, "--max-length", help="Training rows longer than this lose the start of their prompt (the paper: 512).")
 TruncOpt = typer.Option(False, "--allow-truncation", help="Cut the start of prompts longer than the model's context window (as lm-evaluation-harness does) instead of refusing them; the count is printed and recorded in the results' provenance.")
 
 
@@ -616,16 +626,16 @@ def recover(
     train_task: Optional[str] = typer.Option(None, "--train-task", help="Task whose training split is fine-tuned on (default: --task)."),
     train_split: Optional[str] = typer.Option(None, "--train-split", help="Split to fine-tune on (default: the task's train / few-shot split)."),
     train_samples: Optional[int] = typer.Option(None, "--train-samples", help="Training rows, drawn with --seed (default: the whole split)."),
-    epochs: int = typer.Option(3, "--epochs", help="Passes over the training rows (the paper: 3)."),
+    epochs: int = EpochsOpt,
     lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate (default: 2e-4 for lora, 2e-5 for full)."),
-    batch_size: int = typer.Option(8, "--batch-size", help="Training rows per forward pass."),
-    grad_accum: int = typer.Option(1, "--grad-accum", help="Forward passes per optimizer step (effective batch = batch size x this)."),
-    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after this many optimizer steps (default: all epochs)."),
-    lora_r: int = typer.Option(16, "--lora-r", help="LoRA rank."),
-    lora_alpha: int = typer.Option(32, "--lora-alpha", help="LoRA alpha (scale = alpha / rank)."),
-    schedule: str = typer.Option("linear", "--schedule", help="Learning rate after warm-up: linear (to 0), cosine (to 0) or constant."),
-    warmup_ratio: float = typer.Option(0.0, "--warmup-ratio", help="Share of the steps with a linear warm-up."),
-    max_length: int = typer.Option(512, "--max-length", help="Training rows longer than this lose the start of their prompt."),
+    batch_size: int = BatchSizeOpt,
+    grad_accum: int = GradAccumOpt,
+    max_steps: Optional[int] = MaxStepsOpt,
+    lora_r: int = LoraROpt,
+    lora_alpha: int = LoraAlphaOpt,
+    schedule: str = ScheduleOpt,
+    warmup_ratio: float = WarmupOpt,
+    max_length: int = MaxLengthOpt,
     export_dir: Optional[Path] = typer.Option(None, "--export-dir", help="Save every recovered model here, one from_pretrained-ready folder each."),
     fmt: Optional[str] = typer.Option(None, "--format", "-f", help="letter (decision token) or cloze, for evaluation and training alike (default: the prune run's, else letter)."),
     split: Optional[str] = SplitOpt,
@@ -716,23 +726,23 @@ def compare(
     train_tasks: Optional[str] = typer.Option(None, "--train-tasks", help="Tasks whose training splits are fine-tuned on (default: every task with one: arc_challenge,arc_easy,mmlu)."),
     train_samples: Optional[int] = typer.Option(None, "--train-samples", help="Training rows per training task, drawn with --seed (default: the whole split)."),
     ft_method: str = typer.Option("lora", "--ft-method", help="Fine-tuning: lora (peft adapters, merged afterwards) or full."),
-    epochs: int = typer.Option(3, "--epochs", help="Passes over the training rows (the paper: 3)."),
+    epochs: int = EpochsOpt,
     lr: Optional[float] = typer.Option(None, "--lr", help="A fixed peak learning rate (default: selected from --lr-candidates)."),
     lr_candidates: Optional[str] = typer.Option(None, "--lr-candidates", help="The set the learning rate is selected from per model (default: 1e-4,2e-4,5e-4 for lora; 1e-5,2e-5,5e-5 for full)."),
     lr_heldout: float = typer.Option(0.1, "--lr-heldout", help="Share of the training rows held out to score the learning-rate candidates."),
     lr_search_steps: int = typer.Option(20, "--lr-search-steps", help="Optimizer steps of each candidate's short run."),
-    batch_size: int = typer.Option(8, "--batch-size", help="Training rows per forward pass per device."),
-    grad_accum: int = typer.Option(1, "--grad-accum", help="Forward passes per optimizer step (effective batch = batch size x this x devices; the paper: 8)."),
-    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop each fine-tuning after this many optimizer steps (default: all epochs)."),
-    lora_r: int = typer.Option(16, "--lora-r", help="LoRA rank."),
-    lora_alpha: int = typer.Option(32, "--lora-alpha", help="LoRA alpha (scale = alpha / rank)."),
+    batch_size: int = BatchSizeOpt,
+    grad_accum: int = GradAccumOpt,
+    max_steps: Optional[int] = MaxStepsOpt,
+    lora_r: int = LoraROpt,
+    lora_alpha: int = LoraAlphaOpt,
     lora_dropout: float = typer.Option(0.05, "--lora-dropout", help="LoRA dropout."),
     target_modules: str = typer.Option("all-linear", "--target-modules", help="LoRA targets: all-linear or module names, e.g. q_proj,v_proj."),
     weight_decay: float = typer.Option(0.0, "--weight-decay", help="AdamW weight decay."),
-    schedule: str = typer.Option("linear", "--schedule", help="Learning rate after warm-up: linear (to 0), cosine (to 0) or constant."),
-    warmup_ratio: float = typer.Option(0.0, "--warmup-ratio", help="Share of the steps with a linear warm-up."),
+    schedule: str = ScheduleOpt,
+    warmup_ratio: float = WarmupOpt,
     max_grad_norm: float = typer.Option(1.0, "--max-grad-norm", help="Clip the gradient norm to this (0: no clipping)."),
-    max_length: int = typer.Option(512, "--max-length", help="Training rows longer than this lose the start of their prompt (the paper: 512)."),
+    max_length: int = MaxLengthOpt,
     eval_before: bool = typer.Option(False, "--eval-before", help="Also evaluate every pruned model before fine-tuning."),
     fmt: str = FormatOpt,
     limit: Optional[int] = LimitOpt,

@@ -207,15 +207,6 @@ def claim_option_dynamics(analysis, cfg: FindingsConfig) -> Finding:
 # Claims on pruning trajectories
 
 
-def ip_trajectory(prune_result, method: str = "ip") -> list:
-    """The accepted records of a method, in removal order (the dense state first)."""
-    run = prune_result.runs.get(method)
-    if run is None:
-        return []
-    recs = [r for r in run.records if getattr(r, "accepted", True)]
-    return sorted(recs, key=lambda r: (r.k, r.index))
-
-
 def claim_decisive_first(analysis, prune_result, cfg: FindingsConfig) -> Finding:
     """Claim 3: Iterative Pruning first removes Decisive-Phase layers."""
     st = "Iterative Pruning first removes Decisive-Phase layers"
