@@ -34,6 +34,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
 from declens.analyses.decision import analyze, encoder_for, prepare, score  # noqa: E402
+from declens.execution import ExecutionOptions  # noqa: E402
 from declens.models import LoadedModel  # noqa: E402
 from declens.pruning import prune  # noqa: E402
 from declens.runner import collate, plan_batches  # noqa: E402
@@ -161,18 +162,18 @@ def run_model(name, shape, args, device, tok, peak):
 
     row["bare_forward_s"] = round(min(bare_forward(lm, req.prompts, enc.pad_id) for _ in range(2)), 3)
     row["naive_lens_s"] = round(min(naive_lens(lm, req.prompts, enc.pad_id, req.option_ids) for _ in range(2)), 3)
-    variants = [("generic-64k-c1024", {"DECLENS_FASTPATH": "off", "DECLENS_BATCH_COST": "1024"}, 65536)]
-    variants += [(f"fast-{mt // 1024}k-c{c}", {"DECLENS_FASTPATH": "on", "DECLENS_BATCH_COST": str(c)}, mt)
+    variants = [("generic-64k-c1024", ExecutionOptions(fastpath="off", batch_cost=1024), 65536)]
+    variants += [(f"fast-{mt // 1024}k-c{c}", ExecutionOptions(fastpath="auto", batch_cost=c), mt)
                  for mt, c in ((32768, 256), (65536, 512))]
     if args.compile:
-        variants += [(f"compile-{mt // 1024}k-c{c}", {"DECLENS_FASTPATH": "compile", "DECLENS_BATCH_COST": str(c)}, mt)
+        variants += [(f"compile-{mt // 1024}k-c{c}", ExecutionOptions(fastpath="compile", batch_cost=c), mt)
                      for mt, c in ((32768, 256), (65536, 512))]
     if args.only:
         variants = [v for v in variants if v[0] in args.only.split(",")]
     best = None
     row["variants"] = {}
-    for vname, env, mt in variants:
-        os.environ.update(env)
+    for vname, options, mt in variants:
+        lm.options = options
         sync()
         t = time.perf_counter()
         res = analyze(lm, data, "letter", progress=False, max_tokens=mt)  # first call: includes any compilation
@@ -200,9 +201,9 @@ def run_model(name, shape, args, device, tok, peak):
         row["variants"][vname] = v
         print(name, vname, json.dumps(v), flush=True)
         if best is None or v["best_s"] < row["variants"][best[0]]["best_s"]:
-            best = (vname, env, mt)
+            best = (vname, options, mt)
     row["best_variant"] = best[0]
-    os.environ.update(best[1])
+    lm.options = best[1]
     row["declens_dense_s"] = row["variants"][best[0]]["best_s"]
     row["declens_mfu"] = row["variants"][best[0]]["mfu"]
     row["bare_forward_mfu"] = round(total_flops / row["bare_forward_s"] / peak, 3) if peak == peak else None

@@ -15,6 +15,7 @@ Run on the device machine (BENCHMARKS.md has the exact command)::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -25,6 +26,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
 from declens.analyses.decision import analyze, prepare  # noqa: E402
+from declens.execution import FASTPATH_MODES, ExecutionOptions  # noqa: E402
 from declens.models import LoadedModel  # noqa: E402
 from declens.tasks import load_task  # noqa: E402
 
@@ -61,6 +63,7 @@ def main() -> None:
     ap.add_argument("--profile", type=int, default=0, help="also profile a run over this many rows")
     ap.add_argument("--profile-lens", default="all", help="lens read-out of the profiled run: all or last")
     ap.add_argument("--check", type=int, default=200, help="rows scored with the fused and the plain log-normaliser, compared")
+    ap.add_argument("--fastpath", default="auto", choices=FASTPATH_MODES, help="the lean decoder loop: auto, off or compile")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
     from transformers import AutoTokenizer
@@ -70,6 +73,7 @@ def main() -> None:
     peak = matmul_peak(device)
     model = build(LLAMA3_8B, device, tiny=False)
     lm = LoadedModel(model=model, tokenizer=tok, spec="llama3-8b-random", source={"kind": "random-config"})
+    lm.options = ExecutionOptions(fastpath=args.fastpath)
     data = load_task("hellaswag", limit=args.limit, seed=0)
     t = time.perf_counter()
     req = prepare(lm, data, "cloze")
@@ -78,14 +82,13 @@ def main() -> None:
     warm = load_task("hellaswag", limit=64, seed=1)
     analyze(lm, warm, "cloze", progress=False)
     if args.check:
-        from declens import kernels
-
         sub = load_task("hellaswag", limit=args.check, seed=3)
         sreq = prepare(lm, sub, "cloze")
         fused = analyze(lm, sub, "cloze", requests=sreq, progress=False).scores.scores
-        saved, kernels._fused["fn"] = kernels._fused.get("fn"), None
+        options = lm.options
+        lm.options = dataclasses.replace(options, fused_lse="off")  # the plain float32 log-normaliser
         plain = analyze(lm, sub, "cloze", requests=sreq, progress=False).scores.scores
-        kernels._fused["fn"] = saved
+        lm.options = options
         diff = abs(fused - plain)
         row["fused_vs_plain"] = {"rows": args.check, "max_abs_diff": float(diff.max()),
                                  "same_final_answers": int((fused[-1].argmax(-1) == plain[-1].argmax(-1)).sum())}

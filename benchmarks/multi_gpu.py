@@ -36,6 +36,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 from declens import distributed  # noqa: E402
 from declens.analyses.decision import analyze  # noqa: E402
+from declens.execution import ExecutionOptions  # noqa: E402
 from declens.metrics import margins, predictions  # noqa: E402
 from declens.models import LoadedModel  # noqa: E402
 from declens.pruning import prune  # noqa: E402
@@ -112,7 +113,7 @@ def main():
     # shard: reference through the model's own forward on one GPU, then split over all GPUs
     from accelerate import dispatch_model, infer_auto_device_map
 
-    os.environ["DECLENS_FASTPATH"] = "off"
+    lm.options = ExecutionOptions(fastpath="off")
     ref, t_ref = timed(lambda: analyze(lm, data, "letter", progress=False, max_tokens=MT))
     n = torch.cuda.device_count()
     dmap = infer_auto_device_map(model, max_memory={i: a.cap for i in range(n)},

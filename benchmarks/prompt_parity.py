@@ -131,6 +131,18 @@ class StockTasks:
         key = (name, *key)
         if key in self._cache:
             return self._cache[key]
+        task, dsd = self.build(name, splits)
+        proc = task.config.process_docs
+        processed = {s: list(proc(dsd[s])) if proc else list(dsd[s]) for s in splits}
+        self._cache[key] = (task, processed)
+        return task, processed
+
+    def build(self, name: str, splits: dict[str, list[dict]]):
+        """lm-eval's stock task ``name`` as a ``ConfigurableTask`` reading ``splits`` (not cached).
+
+        Returns:
+            (task, dataset) where ``dataset`` is the ``datasets.DatasetDict`` the task reads.
+        """
         import datasets
         from lm_eval.api.task import ConfigurableTask
 
@@ -144,11 +156,7 @@ class StockTasks:
         for split_key in ("training_split", "validation_split", "test_split", "fewshot_split"):
             if cfg.get(split_key) is not None and cfg[split_key] not in splits:
                 cfg[split_key] = have
-        task = ConfigurableTask(config=cfg)
-        proc = task.config.process_docs
-        processed = {s: list(proc(dsd[s])) if proc else list(dsd[s]) for s in splits}
-        self._cache[key] = (task, processed)
-        return task, processed
+        return ConfigurableTask(config=cfg), dsd
 
 
 def lmeval_requests(task, doc: dict, num_fewshot: int, shots: list[dict] | None = None) -> tuple[list[tuple[str, str]], int]:

@@ -15,69 +15,10 @@ import numpy as np
 import pytest
 from scipy.stats import pearsonr
 
-from conftest import make_tiny
-from declens.analyses.correlation import correlate, dense_decisions, find_run_files, gather
+from conftest import CHANCE, make_analysis, make_prune, make_tiny
+from declens.analyses.correlation import correlate, dense_decisions, gather
 from declens.errors import DeclensError
-from declens.pruning.methods import MethodRun, PruneRecord, critical_ratio
-from declens.pruning.run import PruneResult
-from declens.results import AnalysisResult
-from declens.scoring import LayerScores
-
-CHANCE = 0.5
-
-
-def _prov(model: str, L: int) -> dict:
-    return {"versions": {"declens": "test"}, "created": "2026-01-01T00:00:00+0000",
-            "model": {"spec": model, "family": "synthetic", "num_layers": L, "dtype": "float32", "device": "cpu",
-                      "fingerprint": f"fp-{model}"},
-            "data": {"task": "t", "split": "test", "fingerprint": "fp-data"}}
-
-
-def make_analysis(out: Path, model: str, task: str, L: int, tp: int | None, rows: int = 8, fmt: str = "cloze",
-                  remove: list[int] | None = None) -> Path:
-    """An analysis folder whose mean Decision Margin turns positive for good at layer ``tp`` (None: never)."""
-    gold = np.zeros(rows, dtype=np.int64)
-    scores = np.zeros((L, rows, 2), dtype=np.float32)
-    for layer in range(L):
-        scores[layer, :, 0] = 1.0 if tp is not None and layer >= tp else -1.0  # gold option 0 ahead from tp on
-    s = LayerScores(layer_ids=list(range(L)), scores=scores, gold=gold, n_options=np.full(rows, 2), kind="loglik")
-    config = {"model": model, "task": task, "format": fmt, "split": "test", "limit": rows, "seed": 0,
-              "rows_selected": rows, "remove": remove or [], "lens_layers": None}
-    res = AnalysisResult.from_scores(s, config, _prov(model, L), [f"i{n}" for n in range(rows)], ["0", "1"])
-    assert res.metrics.transition_layer == tp
-    res.save(out)
-    return out
-
-
-def _record(method: str, k: int, L: int, acc: float, tp: int | None) -> PruneRecord:
-    kept = list(range(L - 1 - k)) + [L - 1]  # "last"-style removal: the deepest layers before the final one
-    removed = list(range(L - 2, L - 2 - k, -1))
-    dm = [1.0 if tp is not None and i >= tp else -1.0 for i in kept]
-    return PruneRecord(method=method, index=k, removed=removed, layer=removed[-1] if removed else None, k=k,
-                       ratio=k / L, accuracy=acc, final_dm=dm[-1], transition_layer=tp if k == 0 else None,
-                       chance=CHANCE, layer_ids=kept, dm=dm, acc_layers=[acc] * len(kept), kl=[0.0] * len(kept),
-                       option_frequency=[[0.5, 0.5]] * len(kept))
-
-
-def make_prune(out: Path, model: str, task: str, L: int, tp: int | None, collapse_k: int | None, max_k: int,
-               methods: tuple[str, ...] = ("ip",), rows: int = 8, fmt: str = "cloze", dense_acc: float = 0.9) -> Path:
-    """A prune folder whose dense record has TP ``tp`` and whose accuracy (``dense_acc`` before) falls to
-    chance at ``collapse_k`` removed layers (None: never)."""
-    runs = {}
-    for m in methods:
-        recs = [_record(m, k, L, dense_acc if collapse_k is None or k < collapse_k else CHANCE, tp)
-                for k in range(max_k + 1)]
-        runs[m] = MethodRun(m, L, recs)
-    config = {"model": model, "task": task, "format": fmt, "split": "test", "limit": rows, "seed": 0,
-              "rows_selected": rows, "methods": list(methods), "max_ratio": max_k / L, "max_removed": max_k,
-              "num_layers": L, "collapse_keep": 0.25, "skip_prun": {"enabled": False}}
-    res = PruneResult(config=config, provenance=_prov(model, L), runs=runs,
-                      critical={m: critical_ratio(r, 0.25) for m, r in runs.items()})
-    if collapse_k is not None:
-        assert res.critical[methods[0]] == collapse_k / L
-    res.save(out)
-    return out
-
+from declens.results import find_runs
 
 # (model, layers, Transition Point, layers removed at collapse)
 CASES = [("m-a", 8, 3, 4), ("m-b", 10, 6, 2), ("m-c", 12, 5, 5), ("m-d", 16, 12, 3), ("m-e", 20, 9, 9)]
@@ -209,8 +150,8 @@ def test_real_result_files_are_read_like_the_objects(tmp_path):
     a = analyze(lm, data, "cloze", out_dir=tmp_path / "a", progress=False, plots=False)
     p = prune(lm, data, "cloze", ["ip", "last"], max_ratio=0.5, calib_samples=4, out_dir=tmp_path / "p",
               progress=False, plots=False)
-    (da,) = dense_decisions(find_run_files(tmp_path / "a")[0])
-    (dp,) = dense_decisions(find_run_files(tmp_path / "p")[0])
+    (da,) = dense_decisions(find_runs(tmp_path / "a")[0])
+    (dp,) = dense_decisions(find_runs(tmp_path / "p")[0])
     assert da.transition_layer == a.metrics.transition_layer == dp.transition_layer
     assert dp.transition_layer == p.runs["ip"].best_by_k()[0].transition_layer
     assert da.decisive_fraction == pytest.approx(a.summary["decisive_fraction"]) == pytest.approx(dp.decisive_fraction)

@@ -62,5 +62,27 @@ def test_rise_width_and_interval_helpers():
 def test_findings_markdown_lists_every_claim():
     fs = Findings({}, [claim_sharp_transition(analysis_with([-1.0] * 5 + [1.0] * 5), CFG),
                        claim_option_dynamics(analysis_with([-1.0] * 10), CFG)])
+    fs.findings[0].source = "study_a:arc_easy_cloze"
     md = fs.markdown()
     assert md.count("### Claim") == 2 and "**holds**" in md and UNTESTABLE in md
+    # which study and task each verdict comes from is in the table and the heading
+    assert "| study_a:arc_easy_cloze |" in md and "### Claim 1 (study_a:arc_easy_cloze)" in md
+    assert "| all studies |" in md
+
+
+def test_phase_aware_compares_methods_only_on_the_same_task(tmp_path):
+    """Phase-aware pruning on one task is never compared with a baseline run on another task."""
+    from conftest import make_prune
+
+    from declens.analyses.findings import idea_phase_aware
+    from declens.pruning.run import PruneResult
+
+    # phase-aware keeps accuracy on task A; the baseline collapses on task B: different rows, no comparison
+    a = PruneResult.load(make_prune(tmp_path / "a", "m", "arc_easy", 8, 4, None, 3, methods=("ip", "phase")))
+    b = PruneResult.load(make_prune(tmp_path / "b", "m", "piqa", 8, 4, 1, 3, methods=("shortgpt",)))
+    f = idea_phase_aware([a, b], CFG)
+    assert set(f.numbers) == {"ip"} and f.numbers["ip"]["ratios"] == 3
+    # the same baseline on task A's rows is compared
+    c = PruneResult.load(make_prune(tmp_path / "c", "m", "arc_easy", 8, 4, 1, 3, methods=("shortgpt",)))
+    f = idea_phase_aware([a, b, c], CFG)
+    assert set(f.numbers) == {"ip", "shortgpt"} and f.numbers["shortgpt"]["mean_difference"] > 0

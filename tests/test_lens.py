@@ -138,20 +138,20 @@ def test_batching_does_not_change_scores(tiny):
 
 @pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3"])
 @pytest.mark.parametrize("fmt", ["letter", "cloze"])
-def test_fast_path_equals_the_models_own_forward(arch, fmt, monkeypatch):
+def test_fast_path_equals_the_models_own_forward(arch, fmt):
     """The lean decoder loop computes what the model's own forward (through hooks) computes."""
     from conftest import make_tiny
 
     from declens import fastpath
+    from declens.execution import ExecutionOptions
 
     lm = make_tiny(arch, layers=3)
     data = load_task("arc_easy", limit=6, seed=5)
     req = prepare(lm, data, fmt)
     pad = encoder_for(lm).pad_id
-    monkeypatch.setenv("DECLENS_FASTPATH", "on")
-    assert fastpath.supported(lm.parts, 64)
+    assert fastpath.supported(lm.parts, 64)  # the default options: auto
     fast = (score_letter if fmt == "letter" else score_cloze)(lm.parts, req, pad, progress=None)
-    monkeypatch.setenv("DECLENS_FASTPATH", "off")
+    lm.options = ExecutionOptions(fastpath="off")
     assert not fastpath.supported(lm.parts, 64)
     slow = (score_letter if fmt == "letter" else score_cloze)(lm.parts, req, pad, progress=None)
     np.testing.assert_allclose(fast.scores, slow.scores, rtol=1e-4, atol=1e-4)

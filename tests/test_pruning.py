@@ -42,6 +42,34 @@ def test_prefix_reuse_equals_full_recompute_and_analyze(tiny, fmt):
     assert eng.work_saved() > 0.1 and plain.work_saved() == 0.0
 
 
+def test_sleb_reuses_the_current_states_prefix_with_identical_choices():
+    """SLEB's candidates start from the current pruned state's prefix (``PruningEngine.hold``): the
+    same removed layers and perplexities as full recomputation, with less layer work, recorded."""
+    lm = make_tiny("llama", layers=8)
+    data = load_task("arc_easy", limit=6)
+    held, full = (prune(lm, data, methods=["sleb"], max_ratio=0.5, calib_samples=6, reuse=r, progress=False, plots=False)
+                  for r in (True, False))
+    a, b = held.runs["sleb"].records, full.runs["sleb"].records
+    assert [r.removed for r in a] == [r.removed for r in b] and len(a) == 5
+    for ra, rb in zip(a[1:], b[1:]):
+        assert ra.candidates.keys() == rb.candidates.keys()
+        np.testing.assert_allclose(list(ra.candidates.values()), list(rb.candidates.values()), rtol=1e-5)
+        assert ra.accuracy == rb.accuracy
+    wh, wf = held.work["methods"]["sleb"], full.work["methods"]["sleb"]
+    assert wf["share_saved"] == 0.0 and wf["layer_tokens_run"] == wf["layer_tokens_full"] == wh["layer_tokens_full"]
+    assert held.work["share_saved"] == wh["share_saved"] > 0.3
+
+    # a state that removed an early layer: its candidates after it reuse its prefix, not just the dense one
+    engs = {name: _engine(lm, n=6, calib=6, reuse=name != "full")[0] for name in ("held", "dense", "full")}
+    engs["held"].hold([1])
+    nll = {name: [e.evaluate([1, l], scores=False, bi=False, nll=True).nll for l in (0, 2, 3, 4, 5, 6, 7)]
+           for name, e in engs.items()}
+    np.testing.assert_allclose(nll["held"], nll["full"], rtol=1e-5)
+    np.testing.assert_allclose(nll["dense"], nll["full"], rtol=1e-5)
+    run = {name: e.work["run"] for name, e in engs.items()}
+    assert run["held"] < run["dense"] < run["full"]
+
+
 def test_block_influence_of_an_identity_layer_is_zero():
     lm = make_tiny("llama", layers=4)
     layer = lm.parts.layers[1]
@@ -284,3 +312,36 @@ def test_calibration_rows_inside_the_evaluation_rows_share_its_pass():
     assert shared.work["run"] < separate.work["run"]  # the calibration rows never ran on their own
     nll = shared.evaluate([2], scores=False, bi=False, nll=True).nll
     assert nll == pytest.approx(separate.evaluate([2], scores=False, bi=False, nll=True).nll, rel=1e-5)
+
+
+def test_methods_are_a_registry_known_to_prune_the_checks_and_the_cli_help():
+    import re
+
+    from typer.testing import CliRunner
+
+    from declens.checks import check_methods
+    from declens.cli import app
+    from declens.pruning import METHODS, register_method
+    from declens.pruning.methods import run_order
+
+    assert list(METHODS) == ["ip", "shortgpt", "sleb", "angular", "last", "random", "phase", "replay", "laco", "mka"]
+    with pytest.raises(DeclensError, match="already registered"):
+        register_method("ip", METHODS["ip"].run, "again")
+    with pytest.raises(DeclensError, match="lower-case"):
+        register_method("My,Method", METHODS["ip"].run, "a name --method cannot take")
+    helptext = " ".join(re.sub("[│╭╮╰╯─]", " ", CliRunner().invoke(app, ["prune", "--help"]).output).split())
+    assert ", ".join(METHODS) in helptext
+    lm = make_tiny("llama", layers=6)
+    data = load_task("piqa", limit=6)
+    register_method("first", lambda memo, k, opts: run_order(memo, "first", list(memo.engine.dense_ids[1:]), k),
+                    "the shallowest layers after the first")
+    try:
+        check_methods(["first", "last"], None)
+        res = prune(lm, data, methods=["first", "last"], max_ratio=0.5, calib_samples=4, progress=False, plots=False)
+    finally:
+        del METHODS["first"]
+    assert [r.removed for r in res.runs["first"].records] == [[], [1], [1, 2], [1, 2, 3]]
+    assert [r.removed for r in res.runs["last"].records] == [[], [4], [4, 3], [4, 3, 2]]
+    assert res.runs["first"].records[0].accuracy == res.runs["last"].records[0].accuracy  # one dense state
+    with pytest.raises(DeclensError, match="unknown pruning method"):
+        check_methods(["first"], None)

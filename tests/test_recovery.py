@@ -256,6 +256,12 @@ def test_recover_study_writes_results_and_models(train_rows, eval_rows, tmp_path
     assert len(d["dense"]["dm"]) == 4 and len(d["runs"][0]["train"]["losses"]) == 6
     back = RecoveryResult.load(tmp_path / "run")
     assert back.table() == res.table()
+    # the findings step reads the dense reference of a real recovery result (claim 8 is testable)
+    from declens.analyses.findings import UNTESTABLE, FindingsConfig, claim_recovery
+
+    f8 = claim_recovery(back, FindingsConfig())
+    assert f8.verdict != UNTESTABLE and f8.numbers["dense_final_dm"] == pytest.approx(d["dense"]["summary"]["final_dm"])
+    assert f8.numbers["dm_before"] == [r.before["final_dm"]]
 
 
 def test_recover_from_a_prune_run(eval_rows, tmp_path):

@@ -16,10 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import make_tiny
+from conftest import make_analysis, make_prune, make_tiny
 from declens.errors import DeclensError
 from declens.report import build_report
-from test_correlation import make_analysis, make_prune
 
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 

@@ -216,9 +216,9 @@ def test_a_save_killed_between_files_leaves_an_incomplete_folder_and_a_rerun_com
     """A real failed write: ``dm.png`` cannot be replaced (a directory took its name) after the new run's
     result.json and scores.npz were written, next to the old run's figures: exactly the folder of a kill
     during the final writes. Every reader refuses it; a rerun completes it and removes leftovers."""
-    from declens.analyses.correlation import find_run_files
     from declens.errors import DeclensError
     from declens.report import build_report
+    from declens.results import find_runs, load_result
 
     lm = make_tiny("qwen3")
     folder = tmp_path / "run"
@@ -231,7 +231,7 @@ def test_a_save_killed_between_files_leaves_an_incomplete_folder_and_a_rerun_com
     assert json.loads((folder / "result.json").read_text())["config"]["limit"] == 6  # new result, old figures
     assert (folder / "overview.png").exists() and not (folder / "manifest.json").exists()
     assert not list(folder.glob(".*.tmp"))  # the failed atomic write removed its temp file
-    for read in (AnalysisResult.load, find_run_files, lambda f: build_report([f], tmp_path / "r.html")):
+    for read in (AnalysisResult.load, load_result, find_runs, lambda f: build_report([f], tmp_path / "r.html")):
         with pytest.raises(DeclensError, match="has no manifest.json"):
             read(folder)
     # a SIGKILL leaves temp files behind; the rerun removes them

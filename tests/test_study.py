@@ -47,7 +47,34 @@ def test_study_runs_every_stage_and_resumes(tmp_path, model_dir):
 
 def test_study_refuses_bad_options_before_loading(tmp_path):
     for bad, word in ((["--tasks", "nope"], "nope"), (["--ip-max-ratio", "1.5"], "ip-max-ratio"),
-                      (["--recover-ratios", "0.7"], "recover ratios"), (["--stages", "prune,zzz"], "zzz")):
+                      (["--recover-ratios", "0.7"], "recover ratios"), (["--stages", "prune,zzz"], "zzz"),
+                      (["--ip-order", "3,1,3"], "repeats layer(s) [3]"), (["--ip-order", "3,x"], "bad layer id")):
         r = runner.invoke(app, ["study", "--model", str(tmp_path / "no-model"), *bad, "--out", str(tmp_path / "s")])
         assert r.exit_code == 2 and word in r.output and "Traceback" not in r.output, r.output
         assert not (tmp_path / "s").exists()
+
+
+def test_study_replays_a_given_ip_order(tmp_path, model_dir):
+    """--ip-order: the prune stage replays the order (no Block Influence choice), study.json records it,
+    later stages use the replayed states and the findings say IP was replayed."""
+    out = tmp_path / "study"
+    args = ["--tasks", "arc_easy", "--limit", "10", "--ip-max-ratio", "0.5", "--cka-ratio", "0.5", "--calib-samples", "8",
+            "--cka-rows", "8", "--recover-ratios", "", "--stages", "analysis,prune,cka", "--dtype", "float32"]
+    r = runner.invoke(app, ["study", "--model", str(model_dir), *args, "--ip-order", "2,1", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "IP replayed from the given removal order" in " ".join(r.output.split())
+    st = json.loads((out / "study.json").read_text())
+    assert st["config"]["ip_order"] == [2, 1]
+    pr = json.loads((out / "prune" / "arc_easy_letter" / "prune.json").read_text())
+    assert list(pr["methods"]) == ["replay"] and pr["config"]["order"] == [2, 1]
+    assert [x["removed"] for x in pr["methods"]["replay"]["records"]] == [[], [2], [2, 1]]
+    cka = json.loads((out / "cka" / "cka.json").read_text())
+    assert 1 not in cka["pruned_layer_ids"] and 2 not in cka["pruned_layer_ids"] and 3 in cka["pruned_layer_ids"]
+    f = {x["claim"]: x for x in json.loads((out / "findings.json").read_text())["findings"]}
+    assert f[3]["verdict"] == "cannot be tested here" and "replayed" in f[3]["note"]
+    assert "replayed" in f[4]["note"] and "replayed" in f[5]["note"]
+
+    # ids outside the model: one clear line after loading, before any stage ran
+    bad = runner.invoke(app, ["study", "--model", str(model_dir), *args, "--ip-order", "2,9", "--out", str(tmp_path / "b")])
+    assert bad.exit_code == 2 and "outside 0..3" in bad.output and "Traceback" not in bad.output, bad.output
+    assert not (tmp_path / "b" / "analysis").exists()

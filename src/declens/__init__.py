@@ -9,21 +9,50 @@ Quick start::
     print(res.metrics.transition_layer, res.metrics.dm)
 """
 
-__version__ = "0.1.0"
+from ._version import __version__  # noqa: F401 (re-exported)
 
 from .analyses.decision import analyze, prepare
 from .errors import DeclensError
+from .execution import ExecutionOptions
 from .lens import Lens
 from .metrics import LayerMetrics, compute_metrics, transition_point
 from .models import LoadedModel, decoder_parts, load_model
-from .results import AnalysisResult
+from .results import AnalysisResult, find_runs, load_result
+from .results import set_figure_drawers as _set_figure_drawers
+from .results import set_result_importer as _set_result_importer
 from .scoring import LayerScores
 from .surgery import DenseIds, Positions, dense_layer_ids, keep_positions, layer_view, positions_of, remove_layers
 from .tasks import Item, TaskData, TaskSpec, load_task
 
+
+def _figure_drawer(kind: str):
+    """The figure drawer of a result kind, from :data:`declens.plots.FIGURES` (matplotlib is imported at the
+    first figure drawn), or its page renderer from :data:`declens.report.PAGES`. Installed below, so compute
+    code asks for figures and pages by kind and never imports the presentation layer."""
+    from .report import PAGES
+
+    if kind in PAGES:
+        return PAGES[kind]
+    from .plots import FIGURES
+
+    return FIGURES[kind]
+
+
+_set_figure_drawers(_figure_drawer)
+
+
+def _import_result_kinds() -> None:
+    """Import every module that registers a result kind (:func:`declens.results.register_result`); installed
+    below, so :func:`load_result` knows every kind without the results layer importing the analyses."""
+    from .analyses import ablation, cka, compare, correlation, evaluate, findings, noise, recovery, study  # noqa: F401
+    from .pruning import run  # noqa: F401
+
+
+_set_result_importer(_import_result_kinds)
+
 __all__ = [
-    "AnalysisResult", "DeclensError", "Item", "LayerMetrics", "LayerScores", "Lens", "LoadedModel",
+    "AnalysisResult", "DeclensError", "find_runs", "load_result", "Item", "LayerMetrics", "LayerScores", "Lens", "LoadedModel",
     "TaskData", "TaskSpec", "analyze", "compute_metrics", "decoder_parts", "layer_view", "load_model",
     "load_task", "prepare", "remove_layers", "transition_point",
-    "DenseIds", "Positions", "dense_layer_ids", "keep_positions", "positions_of",
+    "DenseIds", "Positions", "dense_layer_ids", "keep_positions", "positions_of", "ExecutionOptions",
 ]

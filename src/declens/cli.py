@@ -6,6 +6,7 @@ Every command prints a short summary and writes a results folder. Bad input ends
 
 from __future__ import annotations
 
+import logging
 import re
 import sys
 from pathlib import Path
@@ -17,11 +18,27 @@ from rich.markup import escape
 from rich.table import Table
 
 from .errors import DeclensError
+from .pruning.methods import METHODS as PRUNING_METHODS  # the registry: --method lists its names
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Decision-centric analysis of layer pruning in LLMs.")
 console = Console(stderr=False)
 err_console = Console(stderr=True)
+
+
+class _ProgressLines(logging.Handler):
+    """The stage lines of long runs (``prune``, ``recover``: the ``declens`` logger at INFO) on standard
+    output, written when they happen; the compute modules log them and never print."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(self.format(record), flush=True)  # the current sys.stdout (also under typer's test runner)
+
+
+_progress_log = logging.getLogger("declens")
+_progress_log.setLevel(logging.INFO)
+_progress_log.propagate = False
+if not any(isinstance(h, _ProgressLines) for h in _progress_log.handlers):
+    _progress_log.addHandler(_ProgressLines())
 
 ModelOpt = typer.Option(..., "--model", "-m", help="Preset name, Hugging Face directory, .gguf file or hub id.")
 FormatOpt = typer.Option("letter", "--format", "-f", help="letter (decision token) or cloze (continuation log-likelihood).")
@@ -46,6 +63,12 @@ BatchSizeOpt = typer.Option(8, "--batch-size", help="Training rows per forward p
 GradAccumOpt = typer.Option(1, "--grad-accum", help="Forward passes per optimizer step (effective batch = batch size x this x devices; the paper: 8).")
 MaxStepsOpt = typer.Option(None, "--max-steps", help="Stop each fine-tuning after this many optimizer steps (default: all epochs).")
 MaxLengthOpt = typer.Option(512, "--max-length", help="Training rows longer than this lose the start of their prompt (the paper: 512).")
+#: execution options (declens.execution.ExecutionOptions), shared by every command that runs a model;
+#: None: the default (or the deprecated DECLENS_* environment variable of the same name)
+FastpathOpt = typer.Option(None, "--fastpath", help="Lean decoder loop for Llama-family layers: auto (where it applies; default), off (transformers' own layers) or compile (torch.compile, ~15 s once). Recorded in provenance.execution.")
+BatchCostOpt = typer.Option(None, "--batch-cost", help="Batch planner: padded tokens charged per batch (default: max tokens / 64).")
+CheckpointEveryOpt = typer.Option(None, "--checkpoint-every", help="Seconds between checkpoint writes of partial scores (default: 30).")
+FusedLseOpt = typer.Option(None, "--fused-lse", help="Compiled log-normaliser of the cloze lens: auto (CUDA and large vocabularies; default), on or off.")
 TruncOpt = typer.Option(False, "--allow-truncation", help="Cut the start of prompts longer than the model's context window (as lm-evaluation-harness does) instead of refusing them; the count is printed and recorded in the results' provenance.")
 
 
@@ -53,12 +76,23 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(text).name or text).strip("-")
 
 
+def _execution(fastpath: Optional[str], batch_cost: Optional[int], checkpoint_every: Optional[float],
+               fused_lse: Optional[str]):
+    """The execution options of the command line (options not given: the deprecated environment, else defaults)."""
+    from .execution import ExecutionOptions
+
+    return ExecutionOptions.from_environment(fastpath=fastpath, batch_cost=batch_cost,
+                                             checkpoint_every=checkpoint_every, fused_lse=fused_lse)
+
+
 def _load(model: str, dtype: str, device: str, device_map: Optional[str], max_memory: Optional[str],
-          allow_truncation: bool = False):
-    """Load the model (every option has been checked by then); set its prompt-truncation policy."""
+          allow_truncation: bool = False, execution=None):
+    """Load the model (every option has been checked by then); set its prompt-truncation policy and
+    execution options (None: :func:`_execution` defaults)."""
     from .models import load_model
 
-    lm = load_model(model, dtype=dtype, device=device, device_map=device_map, max_memory=max_memory)
+    lm = load_model(model, dtype=dtype, device=device, device_map=device_map, max_memory=max_memory,
+                    options=execution)
     lm.truncate = allow_truncation
     return lm
 
@@ -140,7 +174,7 @@ def print_summary(res, title: str = "") -> None:
 
 def _analyze(model, task, fmt, split, limit, seed, num_fewshot, subjects, fields, dtype, device, device_map, max_memory,
              remove, decision_score, labels, label_prefix, max_tokens, out, lens_layers=None, quiet=False,
-             allow_truncation=False, include_embeddings=False):
+             allow_truncation=False, include_embeddings=False, execution=None):
     from .analyses.decision import analyze
     from .checks import check_format_options, check_options, check_task_fields
     from .surgery import parse_layer_ids
@@ -154,7 +188,7 @@ def _analyze(model, task, fmt, split, limit, seed, num_fewshot, subjects, fields
     data = load_task(task, split=split, limit=limit, seed=seed, subjects=_split_list(subjects), fields=fields)
     check_format_options(fmt, labels, decision_score, data)
     out = _ready(Path(out) if out else Path("runs") / f"{_slug(model)}_{_slug(data.name)}_{fmt}", data, num_fewshot)
-    lm = _load(model, dtype, device, device_map, max_memory, allow_truncation)
+    lm = _load(model, dtype, device, device_map, max_memory, allow_truncation, execution=execution)
     res = analyze(lm, data, fmt, num_fewshot=num_fewshot, seed=seed, remove=parse_layer_ids(remove),
                   labels=_split_list(labels) or LETTERS, label_prefix=label_prefix, decision_score=decision_score,
                   max_tokens=max_tokens, out_dir=out, lens_layers=lens_layers, include_embeddings=include_embeddings)
@@ -184,6 +218,10 @@ def analyze(
     device: str = DeviceOpt,
     device_map: Optional[str] = DeviceMapOpt,
     max_memory: Optional[str] = MaxMemOpt,
+    fastpath: Optional[str] = FastpathOpt,
+    batch_cost: Optional[int] = BatchCostOpt,
+    checkpoint_every: Optional[float] = CheckpointEveryOpt,
+    fused_lse: Optional[str] = FusedLseOpt,
     remove: Optional[str] = typer.Option(None, "--remove", help="Analyse a pruned view: original layer ids to remove, e.g. 24,23,22."),
     decision_score: str = typer.Option("raw", "--decision-score", help="cloze: base DM/OF on raw log-likelihood or per-character 'norm'."),
     labels: Optional[str] = typer.Option(None, "--labels", help="letter: option labels, comma-separated (default A,B,C,...)."),
@@ -197,14 +235,15 @@ def analyze(
     """Layer-wise Decision Margin, accuracy, Option Frequency and Transition Point of a model on a task."""
     _run(lambda: _analyze(model, task, fmt, split, limit, seed, num_fewshot, subjects, fields, dtype, device, device_map,
                           max_memory, remove, decision_score, labels, label_prefix, max_tokens, out, lens_layers,
-                          allow_truncation=allow_truncation, include_embeddings=include_embeddings))
+                          allow_truncation=allow_truncation, include_embeddings=include_embeddings,
+                          execution=_execution(fastpath, batch_cost, checkpoint_every, fused_lse)))
 
 
 @app.command()
 def prune(
     model: str = ModelOpt,
     task: str = typer.Option("arc_challenge", "--task", "-t", help="Task evaluated after every step."),
-    method: str = typer.Option("ip", "--method", help="ip, shortgpt, sleb, angular, last, random, phase, replay, laco, mka; comma-separate several to compare."),
+    method: str = typer.Option("ip", "--method", help=f"{', '.join(PRUNING_METHODS)}; comma-separate several to compare."),
     skip_prun: bool = typer.Option(False, "--skip-prun", help="ip/phase: restart from the best state when a step collapses."),
     restart_from: str = typer.Option("best_any", "--restart-from", help="SKIP-Prun restart point: best_any (best kept pruned state at any ratio, the paper's) or parent_ratio (best kept state at the collapsed step's parent ratio)."),
     collapse_rule: str = typer.Option("abs", "--collapse-rule", help="SKIP-Prun collapse criterion: abs (accuracy drop > --collapse-drop), rel (loses > --collapse-rel-drop of the parent's accuracy above chance), tp (Transition Point lost)."),
@@ -236,6 +275,10 @@ def prune(
     device: str = DeviceOpt,
     device_map: Optional[str] = DeviceMapOpt,
     max_memory: Optional[str] = MaxMemOpt,
+    fastpath: Optional[str] = FastpathOpt,
+    batch_cost: Optional[int] = BatchCostOpt,
+    checkpoint_every: Optional[float] = CheckpointEveryOpt,
+    fused_lse: Optional[str] = FusedLseOpt,
     max_tokens: Optional[int] = MaxTokOpt,
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Results folder (default runs/prune_<model>_<task>)."),
     fields: Optional[str] = FieldsOpt,
@@ -269,7 +312,8 @@ def prune(
         if not calib_from_eval:  # refuses calibrating on the evaluated rows before the model loads
             calibration_data(data, calib_task, calib_split, calib_samples, seed)
         folder = _ready(Path(out) if out else Path("runs") / f"prune_{_slug(model)}_{_slug(data.name)}")
-        lm = _load(model, dtype, device, device_map, max_memory, allow_truncation)
+        lm = _load(model, dtype, device, device_map, max_memory, allow_truncation,
+                   execution=_execution(fastpath, batch_cost, checkpoint_every, fused_lse))
         res = run_prune(lm, data, fmt, _split_list(method) or ["ip"], max_ratio=max_ratio, calib_samples=calib_samples,
                         calib_task=calib_task, calib_split=calib_split, seed=seed, reuse=not no_reuse,
                         skip=skip,
@@ -326,6 +370,10 @@ def eval_cmd(
     device: str = DeviceOpt,
     device_map: Optional[str] = DeviceMapOpt,
     max_memory: Optional[str] = MaxMemOpt,
+    fastpath: Optional[str] = FastpathOpt,
+    batch_cost: Optional[int] = BatchCostOpt,
+    checkpoint_every: Optional[float] = CheckpointEveryOpt,
+    fused_lse: Optional[str] = FusedLseOpt,
     max_tokens: Optional[int] = MaxTokOpt,
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Results folder (default runs/eval_<model>)."),
     allow_truncation: bool = TruncOpt,
@@ -333,7 +381,8 @@ def eval_cmd(
     """Accuracy of pruned configurations on many tasks, as a table like the paper's Table 1."""
 
     def go():
-        from .analyses.evaluate import evaluate_configs, print_eval
+        from .analyses.evaluate import evaluate_configs
+        from .cli_tables import print_eval
         from .checks import check_distinct_configs, check_formats, check_options, check_task_names
         from .surgery import parse_layer_ids
 
@@ -345,7 +394,8 @@ def eval_cmd(
             raise DeclensError("nothing to evaluate: give --remove at least once, or keep --dense")
         check_distinct_configs(configs)
         folder = _ready(Path(out) if out else Path("runs") / f"eval_{_slug(model)}")
-        lm = _load(model, dtype, device, device_map, max_memory, allow_truncation)
+        lm = _load(model, dtype, device, device_map, max_memory, allow_truncation,
+                   execution=_execution(fastpath, batch_cost, checkpoint_every, fused_lse))
         res = evaluate_configs(lm, names, configs, check_formats(formats), limit=limit, seed=seed,
                                max_tokens=max_tokens, out_dir=folder)
         print_eval(res, console)
@@ -370,6 +420,10 @@ def ablate(
     device: str = DeviceOpt,
     device_map: Optional[str] = DeviceMapOpt,
     max_memory: Optional[str] = MaxMemOpt,
+    fastpath: Optional[str] = FastpathOpt,
+    batch_cost: Optional[int] = BatchCostOpt,
+    checkpoint_every: Optional[float] = CheckpointEveryOpt,
+    fused_lse: Optional[str] = FusedLseOpt,
     max_tokens: Optional[int] = MaxTokOpt,
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Results folder (default runs/ablate_<model>_<task>)."),
     allow_truncation: bool = TruncOpt,
@@ -378,7 +432,7 @@ def ablate(
 
     def go():
         from .analyses.ablation import ablate as run_ablate
-        from .analyses.evaluate import print_eval
+        from .cli_tables import print_eval
         from .checks import check_options, check_task_names
 
         check_options(fmt=fmt, seed=seed, limit=limit, max_tokens=max_tokens, dtype=dtype, window=window, tp=tp,
@@ -386,7 +440,8 @@ def ablate(
         check_task_names(task, "--task", allow_all=False)
         names = check_task_names(tasks)
         folder = _ready(Path(out) if out else Path("runs") / f"ablate_{_slug(model)}_{_slug(task)}")
-        lm = _load(model, dtype, device, device_map, max_memory, allow_truncation)
+        lm = _load(model, dtype, device, device_map, max_memory, allow_truncation,
+                   execution=_execution(fastpath, batch_cost, checkpoint_every, fused_lse))
         res = run_ablate(lm, task, names, fmt, window=window, tp=tp, limit=limit, seed=seed, pairs=pairs,
                          max_tokens=max_tokens, out_dir=folder)
         console.print(f"Transition Point: layer {res.transition_layer} ({task}, {fmt})")
@@ -414,9 +469,9 @@ def export(
 
     def go():
         from .models import load_model
-        from .pruning import PruneResult
         from .pruning.export import check_export_dir
         from .pruning.merging import MergeSpec, export_merged, state_from_prune
+        from .results import load_result
         from .surgery import parse_layer_ids
 
         from .checks import check_options
@@ -429,7 +484,7 @@ def export(
         check_export_dir(out)  # before loading anything
         _ready(Path(out), empty=True)  # and writable
         if from_prune is not None:
-            pres = PruneResult.load(from_prune)
+            pres = load_result(from_prune, kind="prune")
             meth = prune_method or (next(iter(pres.runs)) if len(pres.runs) == 1 else None)
             if meth is None:
                 raise DeclensError(f"the prune run holds several methods ({', '.join(pres.runs)}); pick one with --method")
@@ -492,6 +547,10 @@ def cka(
     device: str = DeviceOpt,
     device_map: Optional[str] = DeviceMapOpt,
     max_memory: Optional[str] = MaxMemOpt,
+    fastpath: Optional[str] = FastpathOpt,
+    batch_cost: Optional[int] = BatchCostOpt,
+    checkpoint_every: Optional[float] = CheckpointEveryOpt,
+    fused_lse: Optional[str] = FusedLseOpt,
     max_tokens: Optional[int] = MaxTokOpt,
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Results folder (default runs/cka_<model>_<task>_<format>)."),
     fields: Optional[str] = FieldsOpt,
@@ -508,9 +567,9 @@ def cka(
         pruned = None
         drop = remove
         if prune_run is not None:  # read before anything loads: a bad folder or ratio fails at once
-            from .pruning.run import PruneResult
+            from .results import load_result
 
-            pruned = PruneResult.load(prune_run)
+            pruned = load_result(prune_run, kind="prune")
             state = state_from_prune(pruned, prune_method, ratio)
             if drop is None:
                 drop = ",".join(map(str, state.removed))
@@ -525,7 +584,8 @@ def cka(
         check_rows(len(data.items), f"the selection from {data.name!r} holds only {len(data.items)} rows; use a larger task or split")
         folder = _ready(Path(out) if out else Path("runs") / f"cka_{_slug(model)}_{_slug(data.name)}_{fmt}", data,
                         num_fewshot)
-        lm = _load(model, dtype, device, device_map, max_memory, allow_truncation)
+        lm = _load(model, dtype, device, device_map, max_memory, allow_truncation,
+                   execution=_execution(fastpath, batch_cost, checkpoint_every, fused_lse))
         res = cka_study(lm, data, parse_layer_ids(drop), fmt, n_samples=None, seed=seed, max_tokens=max_tokens,
                         num_fewshot=num_fewshot, include_embeddings=include_embeddings)
         if pruned is not None:
@@ -579,6 +639,10 @@ def noise(
     device: str = DeviceOpt,
     device_map: Optional[str] = DeviceMapOpt,
     max_memory: Optional[str] = MaxMemOpt,
+    fastpath: Optional[str] = FastpathOpt,
+    batch_cost: Optional[int] = BatchCostOpt,
+    checkpoint_every: Optional[float] = CheckpointEveryOpt,
+    fused_lse: Optional[str] = FusedLseOpt,
     max_tokens: Optional[int] = MaxTokOpt,
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Results folder (default runs/noise_<model>_<task>_<format>)."),
     fields: Optional[str] = FieldsOpt,
@@ -602,7 +666,8 @@ def noise(
         data = load_task(task, split=split, limit=limit, seed=seed, subjects=_split_list(subjects), fields=fields)
         folder = _ready(Path(out) if out else Path("runs") / f"noise_{_slug(model)}_{_slug(data.name)}_{fmt}", data,
                         num_fewshot)
-        lm = _load(model, dtype, device, device_map, max_memory, allow_truncation)
+        lm = _load(model, dtype, device, device_map, max_memory, allow_truncation,
+                   execution=_execution(fastpath, batch_cost, checkpoint_every, fused_lse))
         res = noise_study(lm, data, fmt, scales=a, layers=parse_layer_ids(layers) or None, seed=seed, repeats=repeats,
                           max_tokens=max_tokens, num_fewshot=num_fewshot, decision_score=decision_score, sigma=sigma)
         res.save(folder)
@@ -645,6 +710,10 @@ def recover(
     device: str = DeviceOpt,
     device_map: Optional[str] = DeviceMapOpt,
     max_memory: Optional[str] = MaxMemOpt,
+    fastpath: Optional[str] = FastpathOpt,
+    batch_cost: Optional[int] = BatchCostOpt,
+    checkpoint_every: Optional[float] = CheckpointEveryOpt,
+    fused_lse: Optional[str] = FusedLseOpt,
     max_tokens: Optional[int] = MaxTokOpt,
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Results folder (default runs/recover_<model>_<task>_<method>)."),
     allow_truncation: bool = TruncOpt,
@@ -652,10 +721,10 @@ def recover(
     """Fine-tune pruned models (LoRA or full) and compare their Decision Margin and Transition Point before and after."""
 
     def go():
-        from .analyses.recovery import FinetuneConfig, print_recovery, recover_study
+        from .analyses.recovery import FinetuneConfig, recover_study
+        from .cli_tables import print_recovery
         from .checks import check_distinct_configs, check_methods, check_options, check_task_names, check_train_split
-        from .pruning import PruneResult
-        from .results import check_output_dir
+        from .results import check_output_dir, load_result
         from .surgery import parse_layer_ids
         from .tasks import load_task
 
@@ -686,7 +755,7 @@ def recover(
             check_options(ratio=r)
         t, f, sp, lim, sd = task, fmt, split, limit, seed
         if from_prune is not None:
-            pc = PruneResult.load(from_prune).config
+            pc = load_result(from_prune, kind="prune").config
             if t is None:  # evaluate exactly the rows the prune run evaluated
                 t, sp, lim, sd = pc["task"], sp or pc.get("split"), lim if lim is not None else pc.get("limit"), pc.get("seed", sd)
             f = f or pc.get("format")
@@ -694,7 +763,8 @@ def recover(
         check_train_split(train_task or t, train_split)
         data = load_task(t, split=sp, limit=lim, seed=sd)
         folder = _ready(Path(out) if out else Path("runs") / f"recover_{_slug(model)}_{_slug(data.name)}_{method}")
-        lm = _load(model, dtype, device, device_map, max_memory, allow_truncation)
+        lm = _load(model, dtype, device, device_map, max_memory, allow_truncation,
+                   execution=_execution(fastpath, batch_cost, checkpoint_every, fused_lse))
         res = recover_study(
             lm, data, train_task or t, [parse_layer_ids(r) for r in remove] if remove else None,
             prune=from_prune, ratios=ratio_list, prune_method=prune_method,
@@ -751,13 +821,18 @@ def compare(
     device: str = DeviceOpt,
     device_map: Optional[str] = DeviceMapOpt,
     max_memory: Optional[str] = MaxMemOpt,
+    fastpath: Optional[str] = FastpathOpt,
+    batch_cost: Optional[int] = BatchCostOpt,
+    checkpoint_every: Optional[float] = CheckpointEveryOpt,
+    fused_lse: Optional[str] = FusedLseOpt,
     max_tokens: Optional[int] = MaxTokOpt,
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder (default runs/compare_<model>); a rerun reuses every finished cell."),
 ):
     """The paper's Table 5: prune with each method at each ratio, fine-tune every pruned model with one recipe, evaluate all tasks."""
 
     def go():
-        from .analyses.compare import CompareConfig, compare as run_compare, print_compare
+        from .analyses.compare import CompareConfig, compare as run_compare
+        from .cli_tables import print_compare
         from .finetune import DEFAULT_LR_CANDIDATES, FinetuneConfig, TrainData, parse_floats
         from .tasks import ALL_TASKS
 
@@ -783,7 +858,8 @@ def compare(
                             calib_samples=calib_samples, skip_prun=skip_prun, train=train, finetune=ft,
                             eval_before=eval_before, max_tokens=max_tokens)
         folder = Path(out) if out else Path("runs") / f"compare_{_slug(model)}"
-        lm = _load(model, dtype, device, device_map, max_memory, False)
+        lm = _load(model, dtype, device, device_map, max_memory, False,
+                   execution=_execution(fastpath, batch_cost, checkpoint_every, fused_lse))
         def say(cell):
             if cell["method"] == "dense":
                 console.print(f"dense: average accuracy {cell['average']:.3f}" + (" (reused)" if cell["reused"] else ""))
@@ -807,7 +883,7 @@ def compare(
 @app.command()
 def correlate(
     run_dirs: list[Path] = typer.Argument(..., metavar="RUN_DIR...", help="Folders of 'declens analyze' and 'declens prune' (eval too) for at least 3 model/task pairs."),
-    method: str = typer.Option("ip", "--method", help="Pruning method whose critical ratio is used: ip, shortgpt, sleb, angular, last, random, phase."),
+    method: str = typer.Option("ip", "--method", help=f"Pruning method whose critical ratio is used (one the prune runs ran: {', '.join(PRUNING_METHODS)})."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Results folder (default runs/correlate_<method>)."),
 ):
     """Pearson correlation of the Transition Point with the critical pruning ratio across model-task pairs."""
@@ -883,12 +959,17 @@ def study(
     epochs: int = typer.Option(3, "--epochs", help="Fine-tuning epochs (the paper: 3)."),
     train_samples: Optional[int] = typer.Option(None, "--train-samples", help="Fine-tuning rows (default: the whole training split)."),
     stages: str = typer.Option(",".join(("analysis", "prune", "baselines", "cka", "noise", "ablate", "recover", "correlate")), "--stages", help="Stages to run, comma-separated."),
+    ip_order: Optional[str] = typer.Option(None, "--ip-order", help="Replay this removal order (dense layer ids, e.g. 24,23,25,...) instead of choosing by Block Influence; the findings say IP was replayed."),
     limit: Optional[int] = LimitOpt,
     seed: int = SeedOpt,
     dtype: str = DtypeOpt,
     device: str = DeviceOpt,
     device_map: Optional[str] = DeviceMapOpt,
     max_memory: Optional[str] = MaxMemOpt,
+    fastpath: Optional[str] = FastpathOpt,
+    batch_cost: Optional[int] = BatchCostOpt,
+    checkpoint_every: Optional[float] = CheckpointEveryOpt,
+    fused_lse: Optional[str] = FusedLseOpt,
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Study folder (default runs/study_<model>); a rerun skips every finished stage."),
 ):
     """The paper's whole study of one model: analyses, pruning, CKA, noise, ablation, recovery, findings, one HTML page."""
@@ -896,6 +977,7 @@ def study(
     def go():
         from .analyses.study import StageEvent, StudyConfig, run_study
         from .checks import check_formats, check_methods, check_options, check_task_names
+        from .surgery import parse_layer_ids
 
         check_options(seed=seed, limit=limit, dtype=dtype, device=device, device_map=device_map, max_memory=max_memory)
         task_list = check_task_names(tasks)
@@ -914,11 +996,13 @@ def study(
                           ip_max_ratio=ip_max_ratio, baselines=_split_list(baselines) or [],
                           baseline_ratio=baseline_ratio, calib_samples=calib_samples, cka_ratio=cka_ratio,
                           cka_rows=cka_rows, noise_scales=scales, ablate_window=ablate_window, recover_ratios=rr,
-                          finetune=ft, stages=_split_list(stages) or [])
+                          finetune=ft, stages=_split_list(stages) or [],
+                          ip_order=parse_layer_ids(ip_order) if ip_order else None)
         cfg.check()
         folder = Path(out) if out else Path("runs") / f"study_{_slug(model)}"
         _ready(folder)
-        lm = _load(model, dtype, device, device_map, max_memory)
+        lm = _load(model, dtype, device, device_map, max_memory, False,
+                   execution=_execution(fastpath, batch_cost, checkpoint_every, fused_lse))
 
         def say(ev: StageEvent) -> None:
             if ev.status == "start":

@@ -6,13 +6,13 @@ one fused ``F.rms_norm`` kernel per norm instead of six elementwise ones, the ca
 SDPA with grouped-query attention (no repeated key/value tensors), probes called directly (no hooks),
 and optionally the per-layer function compiled with ``torch.compile`` (elementwise work fused).
 
-It is used automatically where it applies (:func:`supported`) and can be switched with
-``DECLENS_FASTPATH=off|on|compile``; tests check it against the model's own forward.
+It is used automatically where it applies (:func:`supported`) and is switched by the model's execution
+options (``ExecutionOptions.fastpath``: ``auto``, ``off`` or ``compile``; the ``--fastpath`` option of
+the command line); tests check it against the model's own forward.
 """
 
 from __future__ import annotations
 
-import os
 from typing import Callable, Sequence
 
 import torch
@@ -22,14 +22,15 @@ from torch import Tensor
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 
 
-def mode() -> str:
-    """``auto`` (default: on where supported), ``off``, ``on`` or ``compile``."""
-    return os.environ.get("DECLENS_FASTPATH", "auto").lower()
+def mode(parts) -> str:
+    """The model's fast-path mode: ``auto`` (default: on where supported), ``off`` or ``compile``."""
+    options = getattr(parts, "options", None)
+    return options.fastpath if options is not None else "auto"
 
 
 def supported(parts, seq_len: int) -> bool:
-    """Whether the lean loop reproduces this model's forward for rows of ``seq_len`` tokens."""
-    if mode() == "off":
+    """Whether the lean loop runs (not switched off) and reproduces this model's forward for rows of ``seq_len`` tokens."""
+    if mode(parts) == "off":
         return False
     model = parts.model
     cfg = parts.config
@@ -117,8 +118,8 @@ def last_position_layer(layer, h: Tensor, cos: Tensor, sin: Tensor, last: Tensor
 _compiled: dict[str, Callable] = {}
 
 
-def _layer_fn() -> Callable:
-    if mode() != "compile":
+def _layer_fn(parts) -> Callable:
+    if mode(parts) != "compile":
         return layer_forward
     if "fn" not in _compiled:
         _compiled["fn"] = torch.compile(layer_forward, dynamic=True)
@@ -126,10 +127,11 @@ def _layer_fn() -> Callable:
 
 
 def run(parts, batch, probes: Sequence, ids: Sequence[int], dense: Sequence[int],
-        start_hidden: Tensor | None = None) -> Tensor:
+        start_hidden: Tensor | None = None, trim_final: bool = True) -> Tensor:
     """Run the layers at positions ``ids`` over ``batch``, calling ``probes`` after each; return the
-    final normalised hidden states (what the LM head reads; only the last positions are computed at
-    the final layer when every probe says ``last_position_only``)."""
+    final normalised hidden states (what the LM head reads). With ``trim_final``, when every probe
+    declares ``last_position_only`` (see :class:`declens.runner.Probe`), the final layer computes only
+    each row's last position; ``trim_final=False`` computes every position (rounds like a full pass)."""
     dec = parts.decoder
     T = batch.input_ids.shape[1]
     h = dec.embed_tokens(batch.input_ids) if start_hidden is None else start_hidden
@@ -139,10 +141,10 @@ def run(parts, batch, probes: Sequence, ids: Sequence[int], dense: Sequence[int]
     cos, sin = dec.rotary_emb(h, pos)
     cos, sin = cos[:, None].to(h.dtype), sin[:, None].to(h.dtype)
     mask = batch.mask4d
-    fn = _layer_fn()
+    fn = _layer_fn(parts)
     # every probe reads only each row's last position (the letter format's decision token): the
     # final layer then computes nothing else
-    trim = bool(probes) and mask is None and all(getattr(p, "last_position_only", False) for p in probes)
+    trim = trim_final and bool(probes) and mask is None and all(getattr(p, "last_position_only", False) for p in probes)
     for p in probes:
         p.start(batch)
     for pos_i, idx in enumerate(ids):

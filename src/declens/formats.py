@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
-from .errors import TaskError, TokenizationError
+from .errors import DeclensError, TaskError, TokenizationError
 from .tasks import LETTERS, Item, TaskData, TaskSpec, check_fewshot
+
+if TYPE_CHECKING:
+    from .models import LoadedModel
 
 FORMATS = ("letter", "cloze")
 
@@ -302,3 +305,28 @@ def build_cloze(data: TaskData, enc: Encoder, num_fewshot: int = 0, seed: int = 
         n_options=np.array([len(it.choices) for it in data.items]),
         gold=np.array([it.gold for it in data.items]), texts=texts, truncated=enc.truncated - cut0,
     )
+
+
+Requests = LetterRequests | ClozeRequests
+
+
+def encoder_for(lm: "LoadedModel") -> Encoder:
+    """A tokenizer wrapper for the model's context window: longer prompts are refused, or cut at their
+    start when ``lm.truncate`` is set (see :class:`Encoder`)."""
+    return Encoder(lm.tokenizer, max_length=getattr(lm.model.config, "max_position_embeddings", None),
+                   truncate=getattr(lm, "truncate", False))
+
+
+def prepare(lm: "LoadedModel", data: TaskData, fmt: str = "letter", num_fewshot: int = 0, seed: int = 0,
+            labels: str | Sequence[str] = LETTERS, label_prefix: str = " ") -> Requests:
+    """Tokenized requests of a task in a format (reusable across pruned configurations); the analyses,
+    pruning and fine-tuning all build their requests here."""
+    if fmt not in FORMATS:
+        raise DeclensError(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
+    enc = encoder_for(lm)
+    if fmt == "letter":
+        req = build_letter(data, enc, num_fewshot=num_fewshot, seed=seed, labels=labels, label_prefix=label_prefix)
+    else:
+        req = build_cloze(data, enc, num_fewshot=num_fewshot, seed=seed)
+    lm.truncated = getattr(lm, "truncated", 0) + req.truncated  # reported in provenance and on the console
+    return req

@@ -1,8 +1,13 @@
 """The logit lens: read any layer's hidden state through the model's own final norm and LM head.
 
-``z_l = softcap(W_U · norm(h_l))`` with ``h_l`` the raw residual stream after decoder layer
-``l`` (captured by hooks, never transformers' ``hidden_states[-1]``, which is already normalised).
-At the last layer this is exactly the model's own logits.
+``z_l = T(W_U · norm(h_l))`` with ``h_l`` the raw residual stream after decoder layer ``l``
+(captured by hooks, never transformers' ``hidden_states[-1]``, which is already normalised) and
+``T`` the output layer's own transform, declared per family in :mod:`declens.architectures`:
+``T(z) = softcap(scale * z, cap)`` (Cohere's ``logit_scale``, Granite's ``1 / logits_scaling``,
+Gemma-2/3's final-logit soft-capping; the identity for most families). ``T`` is applied on every
+path that makes logits: option rows (letter), full vocabulary, and the fused log-normaliser (cloze).
+At the last layer this is exactly the model's own logits, which :func:`declens.models.check_lens`
+verifies on a few tokens when a model is loaded.
 
 The lens only ever computes what a metric needs: the rows of ``W_U`` of the option tokens for the
 letter format, the full vocabulary only at continuation positions for the cloze format.
@@ -20,10 +25,9 @@ continuation log-probabilities are computed in float32.
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
 from torch import Tensor
 
+from .kernels import log_normalizer
 from .models import DecoderParts
 
 #: Layer id of the embedding output (the residual stream entering the first decoder layer) when it is
@@ -38,37 +42,34 @@ def layer_label(layer_id: int) -> str:
 
 
 class Lens:
-    """Final norm + LM head (+ Gemma soft-capping) of a model, applied to hidden states.
+    """Final norm + LM head + output transform (logit scaling, soft-capping) of a model, applied to hidden states.
 
     Args:
         parts: the model's decoder parts.
     """
 
     def __init__(self, parts: DecoderParts):
+        self.parts = parts
         self.norm = parts.norm
         self.head = parts.head
-        self.softcap = parts.softcap
+        self.transform = parts.logit_transform
         self._rows_cache: dict[tuple, tuple[Tensor, Tensor | None]] = {}
 
-    def _cap(self, z: Tensor) -> Tensor:
-        if self.softcap:
-            z = torch.tanh(z / self.softcap) * self.softcap
-        return z
+    @property
+    def softcap(self) -> float | None:
+        """The final-logit soft-capping value (Gemma-2/3), or None."""
+        return self.transform.cap
 
     def _head_rows(self, rows: Tensor) -> tuple[Tensor, Tensor | None]:
         key = (rows.device, tuple(rows.tolist()))
         hit = self._rows_cache.get(key)
         if hit is None or hit[0].device != self.head.weight.device:
-            sel = rows.to(self.head.weight.device)
-            w = self.head.weight[sel].float()  # [K, d] float32 (see the module docstring)
-            bias = getattr(self.head, "bias", None)
-            b = bias[sel].float() if bias is not None else None
-            hit = (w, b)
+            hit = self.parts.head_rows(rows)  # [K, d] float32 (see the module docstring)
             self._rows_cache[key] = hit
         return hit
 
     def logits(self, h: Tensor, rows: Tensor | None = None) -> Tensor:
-        """Lens logits in float32.
+        """Lens logits in float32 (:meth:`declens.models.DecoderParts.lens_logits`).
 
         Args:
             h: hidden states ``[..., d]`` (raw residual stream, model dtype).
@@ -79,18 +80,20 @@ class Lens:
             in float32 (no ties from rounding); without, it is the head's own product in the model's
             dtype, cast to float32.
         """
-        x = self.norm(h.to(self.head.weight.device))
-        if rows is None:
-            z = self.head(x)
-        else:
-            w, b = self._head_rows(rows)
-            z = F.linear(x.float(), w, b)
-        return self._cap(z.float())
+        return self.parts.lens_logits(h, None if rows is None else self._head_rows(rows))
 
     def vocab_logits(self, h: Tensor) -> Tensor:
-        """Full-vocabulary lens logits in the head's dtype, before soft-capping (``[..., V]``).
+        """Full-vocabulary head outputs in the head's dtype, before the output transform (``[..., V]``).
 
-        For reductions over the vocabulary (:func:`declens.kernels.log_normalizer` applies the
-        soft-capping and accumulates in float32) without a float32 copy of every logit.
+        For reductions over the vocabulary (:meth:`log_normalizer` applies the transform and
+        accumulates in float32) without a float32 copy of every logit.
         """
-        return self.head(self.norm(h.to(self.head.weight.device)))
+        return self.parts.head_outputs(h)
+
+    def finish(self, z: Tensor) -> Tensor:
+        """Float32 lens logits from (selected) head outputs of :meth:`vocab_logits` (``[...]`` -> ``[...]``)."""
+        return self.transform(z.float())
+
+    def log_normalizer(self, z: Tensor) -> Tensor:
+        """``[U]`` float32 ``logsumexp`` of the lens logits, from ``[U, V]`` head outputs of :meth:`vocab_logits`."""
+        return log_normalizer(z, self.transform.cap, self.transform.scale, fused=self.parts.options.fused_lse)

@@ -2,8 +2,9 @@
 
 ``load_model`` accepts a named preset (see :mod:`declens.presets`), a local Hugging Face
 directory, a ``.gguf`` file, or a hub id. :func:`decoder_parts` finds the decoder layer list, the
-final norm and the LM head of the architectures declens supports (Llama, Mistral, Qwen2, Qwen3,
-Gemma, Gemma2, Gemma3, Phi3 and others that follow the same layout).
+final norm, the LM head and the output transform (logit scaling, soft-capping) of the families
+declared in :mod:`declens.architectures` (Llama, Mistral, Qwen2, Qwen3, Phi3, Gemma, Gemma2, Gemma3
+text, Cohere, Granite); other model types are refused.
 """
 
 from __future__ import annotations
@@ -16,21 +17,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 from . import presets
+from .architectures import ArchitectureAdapter, adapter_for, resolve_module
 from .errors import ModelError
-
-#: Model families whose layout has been verified by the test-suite on tiny random configs.
-TESTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3")
-
-_NORM_NAMES = ("norm", "final_layernorm", "ln_f", "final_norm")
-_LAYER_LIST_NAMES = ("layers", "h", "blocks")
-
+from .execution import ExecutionOptions
+from .kernels import LogitTransform, log_normalizer
 
 @dataclass
 class DecoderParts:
-    """Architecture-independent handles on a causal LM.
+    """Architecture-independent handles on a causal LM (found through its family's adapter).
 
     Attributes:
         model: the ``*ForCausalLM`` module.
@@ -38,7 +36,10 @@ class DecoderParts:
         layers_attr: attribute name of the decoder's layer ``nn.ModuleList``.
         norm: the final normalisation applied before the LM head.
         head: the LM head (``nn.Linear``; rows are vocabulary entries).
-        softcap: Gemma-2/3 final logit soft-capping value, or None.
+        logit_transform: what the output layer does to the head's product (logit scaling,
+            final-logit soft-capping), see :class:`declens.kernels.LogitTransform`.
+        adapter: the family's :class:`~declens.architectures.ArchitectureAdapter`.
+        options: how the execution layer runs the model (:class:`~declens.execution.ExecutionOptions`).
     """
 
     model: nn.Module
@@ -46,7 +47,40 @@ class DecoderParts:
     layers_attr: str
     norm: nn.Module
     head: nn.Module
-    softcap: float | None
+    logit_transform: LogitTransform
+    adapter: ArchitectureAdapter
+    options: ExecutionOptions = field(default_factory=ExecutionOptions)
+
+    @property
+    def softcap(self) -> float | None:
+        """Gemma-2/3 final logit soft-capping value, or None."""
+        return self.logit_transform.cap
+
+    def head_outputs(self, h: Tensor) -> Tensor:
+        """``W_U · norm(h)`` in the head's dtype, before the output transform: ``[..., d]`` -> ``[..., V]``."""
+        return self.head(self.norm(h.to(self.head.weight.device)))
+
+    def head_rows(self, rows: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Float32 copies of the LM head's rows ``rows`` (``[K]``): weight ``[K, d]`` and bias ``[K]`` (or None)."""
+        sel = rows.to(self.head.weight.device)
+        bias = getattr(self.head, "bias", None)
+        return self.head.weight[sel].float(), (bias[sel].float() if bias is not None else None)
+
+    def lens_logits(self, h: Tensor, rows: tuple[Tensor, Tensor | None] | None = None) -> Tensor:
+        """The logit lens: ``T(W_U · norm(h))`` in float32, ``T`` the output transform.
+
+        Args:
+            h: ``[..., d]`` raw residual stream (model dtype).
+            rows: :meth:`head_rows` of the vocabulary entries to keep (the product is then computed in
+                float32); None: the whole vocabulary (the head's own product, in its dtype).
+
+        Returns:
+            ``[..., K]`` or ``[..., V]`` float32.
+        """
+        if rows is None:
+            return self.logit_transform(self.head_outputs(h).float())
+        x = self.norm(h.to(self.head.weight.device))
+        return self.logit_transform(F.linear(x.float(), *rows))
 
     @property
     def layers(self) -> nn.ModuleList:
@@ -62,37 +96,84 @@ class DecoderParts:
 
 
 def decoder_parts(model: nn.Module) -> DecoderParts:
-    """Find decoder, layer list, final norm and LM head of a causal LM.
+    """Decoder, layer list, final norm, LM head and output transform of a causal LM, as its family's
+    adapter (:mod:`declens.architectures`) declares them.
 
     Raises:
-        ModelError: for a model that is not a decoder-only causal LM of a known layout.
+        ModelError: a model whose ``model_type`` has no adapter, or that lacks a part its adapter names.
     """
-    model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
-    get_decoder = getattr(model, "get_decoder", None)
-    decoder = get_decoder() if callable(get_decoder) else None
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    layers_attr = None
-    if decoder is not None:
-        for name in _LAYER_LIST_NAMES:
-            if isinstance(getattr(decoder, name, None), nn.ModuleList):
-                layers_attr = name
-                break
-    norm = None
-    if decoder is not None:
-        for name in _NORM_NAMES:
-            if isinstance(getattr(decoder, name, None), nn.Module):
-                norm = getattr(decoder, name)
-                break
-    missing = [n for n, v in (("decoder", decoder), ("layer list", layers_attr), ("final norm", norm), ("LM head", head)) if v is None]
+    get_base = getattr(model, "get_base_model", None)  # a peft wrapper: its transformers model
+    lm = get_base() if callable(get_base) else model
+    config = getattr(lm, "config", None)
+    model_type = getattr(config, "model_type", None)
+    adapter = adapter_for(model_type)
+    decoder = resolve_module(lm, adapter.decoder)
+    layers = getattr(decoder, adapter.layers, None) if decoder is not None else None
+    norm = resolve_module(decoder, adapter.norm) if decoder is not None else None
+    head = resolve_module(lm, adapter.head)
+    found = (("decoder", adapter.decoder, decoder), ("layer list", f"{adapter.decoder}.{adapter.layers}",
+             layers if isinstance(layers, nn.ModuleList) else None),
+             ("final norm", f"{adapter.decoder}.{adapter.norm}", norm),
+             ("LM head", adapter.head, head if isinstance(getattr(head, "weight", None), torch.Tensor) else None))
+    missing = [f"{what} ({where})" for what, where, got in found if got is None]
     if missing:
         raise ModelError(
-            f"declens cannot handle this model ({type(model).__name__}, model_type={model_type!r}): "
-            f"no {', '.join(missing)} found. declens supports decoder-only causal LMs laid out like "
-            f"transformers' Llama ({', '.join(TESTED_FAMILIES)} are tested); load the text-only "
-            "*ForCausalLM class of your model."
-        )
-    softcap = getattr(model.config, "final_logit_softcapping", None)
-    return DecoderParts(model=model, decoder=decoder, layers_attr=layers_attr, norm=norm, head=head, softcap=softcap)
+            f"declens cannot handle this model ({type(lm).__name__}, model_type={model_type!r}): its {model_type} "
+            f"adapter names {', '.join(missing)}, which it lacks; load the text-only *ForCausalLM class of the model")
+    return DecoderParts(model=model, decoder=decoder, layers_attr=adapter.layers, norm=norm, head=head,
+                        logit_transform=adapter.logit_transform(config), adapter=adapter)
+
+
+#: Largest ``max |got - ref|`` logit difference accepted when two computations of a model's logits are
+#: compared (the export self-check, the load-time lens check), relative to the logit scale
+#: ``max(1, max |ref|)``, per dtype. Both sides run the same weights, so only kernel-level rounding may
+#: differ: ~1e-6 relative in float32; 16-bit dtypes round every matmul (float16 has a 2^-11 unit
+#: roundoff, bfloat16 2^-8), hence the looser bounds. A wrong layer set or a missing logit scale
+#: differs by O(1) of the scale. Dtypes not listed use the float32 bound.
+LOGIT_TOLERANCE: dict[torch.dtype, float] = {torch.float64: 1e-8, torch.float32: 1e-4, torch.float16: 1e-2,
+                                             torch.bfloat16: 5e-2}
+
+
+@dataclass(frozen=True)
+class LogitCheck:
+    """Outcome of comparing logits ``got`` with reference logits ``ref``.
+
+    Attributes:
+        max_abs_logit_diff: ``max |got - ref|``.
+        logit_scale: ``max(1, max |ref|)``.
+        rel_logit_diff: ``max_abs_logit_diff / logit_scale``.
+        tolerance: the largest accepted ``rel_logit_diff``.
+        ok: ``rel_logit_diff <= tolerance`` (and every value finite).
+    """
+
+    max_abs_logit_diff: float
+    logit_scale: float
+    rel_logit_diff: float
+    tolerance: float
+    ok: bool
+
+
+def logit_tolerance(dtype: torch.dtype) -> float:
+    """The tolerance (relative to the logit scale) for logits of a model in ``dtype`` (:data:`LOGIT_TOLERANCE`)."""
+    return LOGIT_TOLERANCE.get(dtype, LOGIT_TOLERANCE[torch.float32])
+
+
+def compare_logits(ref: Tensor, got: Tensor, dtype: torch.dtype, tolerance: float | None = None) -> LogitCheck:
+    """Compare logits ``got`` with reference logits ``ref`` (same shape, e.g. ``[B, T, V]``).
+
+    Args:
+        dtype: the model's dtype (picks the tolerance, see :data:`LOGIT_TOLERANCE`).
+        tolerance: override the dtype's tolerance (relative to the logit scale).
+    """
+    tol = logit_tolerance(dtype) if tolerance is None else float(tolerance)
+    if ref.shape != got.shape:
+        return LogitCheck(float("inf"), float("nan"), float("inf"), tol, False)
+    ref, got = ref.float(), got.float()
+    diff = float((got - ref).abs().max())
+    scale = max(1.0, float(ref.abs().max()))
+    rel = diff / scale
+    ok = bool(torch.isfinite(got).all()) and rel <= tol
+    return LogitCheck(diff, scale, rel, tol, ok)
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
@@ -203,6 +284,17 @@ class LoadedModel:
         return self.parts.num_layers
 
     @property
+    def options(self) -> ExecutionOptions:
+        """How the execution layer runs this model (kept on :attr:`parts`; recorded in results' provenance)."""
+        return self.parts.options
+
+    @options.setter
+    def options(self, value: ExecutionOptions) -> None:
+        if not isinstance(value, ExecutionOptions):
+            raise TypeError(f"options must be an ExecutionOptions, not {type(value).__name__}")
+        self.parts.options = value
+
+    @property
     def device(self) -> torch.device:
         return self.parts.head.weight.device
 
@@ -249,6 +341,72 @@ def model_fingerprint(model: nn.Module, samples_per_tensor: int = 4096) -> str:
     return h.hexdigest()[:16]
 
 
+#: Text run through a freshly loaded model by :func:`check_lens` (a few tokens).
+LENS_CHECK_TEXT = "The capital of France is Paris."
+#: Most tokens of :data:`LENS_CHECK_TEXT` that :func:`check_lens` runs.
+LENS_CHECK_TOKENS = 16
+
+
+def _last_layer_and_logits(parts: DecoderParts, ids: Tensor) -> tuple[Tensor, Tensor]:
+    """``([1, T, d] raw output of the last decoder layer, [1, T, V] the model's own logits)``."""
+    got: list[Tensor] = []
+
+    def keep(module, args, output):
+        got.append(output[0] if isinstance(output, (tuple, list)) else output)
+
+    handle = parts.layers[-1].register_forward_hook(keep)
+    try:
+        with torch.inference_mode():
+            logits = parts.model(input_ids=ids, use_cache=False).logits
+    finally:
+        handle.remove()
+    return got[-1], logits
+
+
+def check_lens(lm: LoadedModel, text: str = LENS_CHECK_TEXT) -> dict[str, LogitCheck]:
+    """Verify on a few tokens that the lens at the last layer reproduces the model's own logits.
+
+    Checks each way the lens makes logits (:meth:`DecoderParts.lens_logits`, which
+    :class:`declens.lens.Lens` applies): the full vocabulary, option rows in float32 (the letter
+    format), and log-probabilities through the log-normaliser (the cloze format, fused on a GPU),
+    against the model's own forward pass. The tolerance is the export self-check's: relative to the
+    logit scale, set by the model's dtype (:func:`compare_logits`). Costs one forward of at most
+    :data:`LENS_CHECK_TOKENS` tokens.
+
+    Returns:
+        ``{"logits" | "option-row logits" | "log-probabilities": LogitCheck}``, all ``ok``.
+
+    Raises:
+        ModelError: the lens disagrees with the model (its family's adapter does not describe it).
+    """
+    parts = lm.parts
+    ids = lm.tokenizer.encode(text)[:LENS_CHECK_TOKENS]
+    if not ids:
+        raise ModelError("the lens check needs a probe text that tokenizes to at least one token")
+    ids_t = torch.tensor([ids], device=lm.model.get_input_embeddings().weight.device)
+    h, ref = _last_layer_and_logits(parts, ids_t)
+    ref = ref[0].float().to(parts.head.weight.device)  # [T, V]
+    t = parts.logit_transform
+    sel = torch.tensor(sorted(set(ids)))
+    with torch.inference_mode():
+        z = parts.head_outputs(h[0])  # [T, V] head dtype
+        pairs = {
+            "logits": (ref, parts.lens_logits(h[0])),
+            "option-row logits": (ref[:, sel.to(ref.device)], parts.lens_logits(h[0], parts.head_rows(sel))),
+            "log-probabilities": (torch.log_softmax(ref, -1), t(z.float()) - log_normalizer(z, t.cap, t.scale, fused=parts.options.fused_lse)[:, None]),
+        }
+    checks = {what: compare_logits(want.cpu(), have.cpu(), lm.dtype) for what, (want, have) in pairs.items()}
+    for what, chk in checks.items():
+        if not chk.ok:
+            raise ModelError(
+                f"the lens at the last layer does not reproduce the {parts.adapter.model_type} model's own {what} "
+                f"(max difference {chk.max_abs_logit_diff:.3g} = {chk.rel_logit_diff:.2g} of the logit scale "
+                f"{chk.logit_scale:.3g}; tolerance {chk.tolerance:.2g} for {str(lm.dtype).replace('torch.', '')}): its "
+                f"adapter (output transform scale={t.scale:g}, softcap={t.cap}) does not describe this model's output "
+                "layer; declare a matching one with declens.architectures.register_architecture(..., replace=True)")
+    return checks
+
+
 def hub_reachable(timeout: float = 3.0) -> bool:
     """Whether the Hugging Face hub (``$HF_ENDPOINT``) answers a TCP connection within ``timeout`` seconds."""
     import os
@@ -282,6 +440,7 @@ def load_model(
     max_memory: str | dict | None = None,
     attn_implementation: str | None = None,
     progress: bool = True,
+    options: ExecutionOptions | None = None,
 ) -> LoadedModel:
     """Load a causal LM and its tokenizer.
 
@@ -295,13 +454,18 @@ def load_model(
         attn_implementation: attention kernel (default: transformers' choice, SDPA where the
             architecture supports it, else eager).
         progress: show download / conversion progress bars.
+        options: execution options (None: defaults, with the deprecated ``DECLENS_*`` environment
+            variables read here, once; see :mod:`declens.execution`).
 
     Raises:
-        ModelError: for an unknown preset, a missing path, an unreachable hub or an unsupported model.
+        ModelError: for an unknown preset, a missing path, an unreachable hub, a model type without an
+            architecture adapter (:mod:`declens.architectures`), or a model whose lens at the last layer
+            does not reproduce its own logits (:func:`check_lens`).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     check_placement(device, device_map, max_memory)
+    options = options if options is not None else ExecutionOptions.from_environment()
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     kwargs: dict[str, Any] = {"dtype": torch_dtype}
@@ -370,4 +534,6 @@ def load_model(
     model.eval()
     loaded = LoadedModel(model=model, tokenizer=tokenizer, spec=spec, source=source)
     loaded.parts  # fail early, with a clear message, on an unsupported architecture
+    loaded.options = options
+    check_lens(loaded)  # ... and on one whose lens would not reproduce its own logits
     return loaded

@@ -10,21 +10,33 @@ Of a prune run (:func:`plot_prune`): ``accuracy_vs_ratio.png``, ``final_dm_vs_ra
 Figure 12) and per method ``pruning_<m>.png``, ``option_dynamics_<m>.png`` (Figures 13-14: KL per layer
 at every step, Option Frequency bars of selected steps) and ``option_radar_<m>.png`` (Figures 15-17).
 With a CKA result, :func:`plot_accuracy_cka` draws the paper's Figure 2.
+
+The figures of the other commands (``cka``, ``noise``, ``correlate``, ``compare``, ``recover``,
+``ablate``) live here too: compute modules never draw. :data:`FIGURES` maps each result kind to its drawer.
 """
 
 from __future__ import annotations
 
 import io
+import math
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.colors import TwoSlopeNorm  # noqa: E402
 
 from .metrics import LayerMetrics  # noqa: E402
+
+if TYPE_CHECKING:
+    from .analyses.cka import CKAResult
+    from .analyses.compare import CompareResult
+    from .analyses.correlation import CorrelationResult
+    from .analyses.noise import NoiseResult
+    from .analyses.recovery import RecoveryResult
 
 SILENT = "#d9d9d9"
 DECISIVE = "#c7e9c0"
@@ -465,8 +477,6 @@ def plot_accuracy_cka(prune_res, cka_res, path: str | Path, method: str | None =
     """The paper's Figure 2: accuracy against pruning ratio (top, every method of ``prune_res``, the
     CKA model's ratio marked) and the CKA of that pruned model with the dense model (bottom: token-
     averaged hidden states and decision-token states)."""
-    from .analyses.cka import plot_cka_heatmap
-
     removed = sorted(cka_res.config.get("remove") or [])
     ratio = len(removed) / int(cka_res.config.get("num_layers") or len(cka_res.dense_ids))
     fig = plt.figure(figsize=(13, 9.5))
@@ -513,3 +523,342 @@ def plot_ablation(res, out_dir: str | Path, task: str) -> list[Path]:
     a2.set_title("Accuracy by removed layer(s)")
     fig.tight_layout()
     return [save_figure(fig, out / "ablate.png")]
+
+
+# ------------------------------------------------------------------------------------------------
+# CKA (``declens cka``)
+
+
+def _ticks(ids: Sequence[int], max_ticks: int = 16) -> tuple[np.ndarray, list[str]]:
+    from .lens import layer_label
+
+    step = max(1, -(-len(ids) // max_ticks))
+    pos = np.arange(len(ids))[::step]
+    return pos, [layer_label(ids[p]) for p in pos]
+
+
+def plot_cka_heatmap(ax, res: CKAResult, signal: str, title: str = "") -> None:
+    """Heatmap of one CKA matrix: pruned layers (rows, dense ids) x dense layers (columns), with each
+    pruned layer's own dense layer and its best match marked."""
+    m = res.matrix(signal)
+    im = ax.imshow(m, aspect="auto", cmap="magma", vmin=0, vmax=1, origin="lower", interpolation="nearest")
+    own = [res.dense_ids.index(i) for i in res.pruned_ids]
+    rows = np.arange(len(res.pruned_ids))
+    ax.plot(own, rows, ls="none", marker="s", ms=5, mfc="none", mec="#4daf4a", mew=1.2, label="own dense layer")
+    ax.plot(np.argmax(m, axis=1), rows, ls="none", marker="x", ms=5, color="#377eb8", mew=1.5, label="best match")
+    xp, xl = _ticks(res.dense_ids)
+    yp, yl = _ticks(res.pruned_ids)
+    ax.set_xticks(xp)
+    ax.set_xticklabels(xl)
+    ax.set_yticks(yp)
+    ax.set_yticklabels(yl)
+    ax.set_xlabel("dense model layer (original id)")
+    ax.set_ylabel("pruned model layer (original id)")
+    ax.set_title(title or f"CKA of {signal} representations")
+    ax.legend(fontsize=7, loc="upper left", framealpha=0.8)
+    plt.colorbar(im, ax=ax, label="linear CKA", fraction=0.046)
+
+
+def plot_best_match(ax, res: CKAResult, title: str = "") -> None:
+    """For each pruned layer position, its best-matching dense layer for both signals, against the
+    identity diagonal (the kept layer's own dense id)."""
+    from .lens import EMBEDDING_ID, layer_label
+
+    x = np.arange(len(res.pruned_ids))
+    ax.plot(x, res.pruned_ids, ls="--", color="#888888", lw=1.2, label="identity (own dense layer)")
+    ax.plot(x, res.best_hidden, "-o", color="#ff7f0e", ms=4, lw=1.5, label="hidden (token average)")
+    ax.plot(x, res.best_decision, "-s", color="#1f77b4", ms=4, lw=1.5, label="decision token")
+    xp, _ = _ticks(res.pruned_ids)
+    ax.set_xticks(xp)
+    ax.set_xticklabels([f"{p}\n({layer_label(res.pruned_ids[p])})" for p in xp], fontsize=7)
+    ax.set_xlabel("pruned model layer position (original id)")
+    ax.set_ylabel("best-matching dense layer (-1: embedding output)" if EMBEDDING_ID in res.dense_ids
+                  else "best-matching dense layer")
+    ax.set_ylim(min(res.dense_ids) - 0.5, max(res.dense_ids) + 0.5)
+    ax.set_title(title or "Best-matching dense layer per pruned layer")
+    ax.legend(fontsize=8, loc="upper left")
+
+
+def plot_cka(res: CKAResult, out_dir: Path | str) -> list[Path]:
+    """Draw ``cka_hidden.png``, ``cka_decision.png`` and ``cka_best_match.png`` into ``out_dir``, and
+    ``accuracy_cka.png`` (the paper's Figure 2) when the result is linked to its prune run."""
+    out = Path(out_dir)
+    cfg = res.config
+    removed = cfg.get("remove") or []
+    name = (f"{Path(str(cfg.get('model'))).name} · {cfg.get('task')} · {cfg.get('format')} · "
+            f"{cfg.get('n_samples')} rows · removed {sorted(removed) if removed else 'none'}")
+    paths = []
+    size = (max(6.0, 0.22 * len(res.dense_ids) + 3), max(4.5, 0.2 * len(res.pruned_ids) + 2))
+    for signal, label in (("hidden", "token-averaged hidden states"), ("decision", "decision-token states")):
+        fig, ax = plt.subplots(figsize=size)
+        plot_cka_heatmap(ax, res, signal, f"CKA of {label}\n{name}")
+        paths.append(save_figure(fig, out / f"cka_{signal}.png"))
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.25 * len(res.pruned_ids) + 3), 4.5))
+    plot_best_match(ax, res, f"Best-matching dense layer\n{name}")
+    paths.append(save_figure(fig, out / "cka_best_match.png"))
+    if res.prune is not None:
+        paths.append(plot_accuracy_cka(res.prune, res, out / "accuracy_cka.png",
+                                       method=res.extra.get("prune_run", {}).get("method")))
+    return paths
+
+# ------------------------------------------------------------------------------------------------
+# Noise injection (``declens noise``)
+
+
+def _tp_x(res: NoiseResult) -> float | None:
+    """x position of the dense Transition Point on an axis over the perturbed layers: the boundary
+    before the first perturbed layer at or after it."""
+    tp = res.dense["transition_layer"]
+    if tp is None:
+        return None
+    before = [i for i, lid in enumerate(res.layer_ids) if lid < tp]
+    return (before[-1] + 0.5) if before else -0.5
+
+
+def plot_noise_heatmap(ax, res: NoiseResult, title: str = "") -> None:
+    """Final DM per perturbed layer (x) and noise scale (y), diverging around 0, with the dense
+    phases under the map and the Transition Point marked."""
+    P, S = res.dm.shape
+    lim = float(np.nanmax(np.abs(res.dm))) or 1.0
+    im = ax.imshow(res.dm.T, aspect="auto", origin="lower", cmap="RdBu", norm=TwoSlopeNorm(0.0, -lim, lim),
+                   extent=(-0.5, P - 0.5, -0.5, S - 0.5), interpolation="nearest")
+    if P * S <= 160:
+        for i in range(P):
+            for j in range(S):
+                v = res.dm[i, j]
+                ax.text(i, j, f"{v:.2f}", ha="center", va="center", fontsize=6,
+                        color="white" if abs(v) > 0.6 * lim else "black")
+    for i, lid in enumerate(res.layer_ids):  # phase strip below the map
+        ax.add_patch(plt.Rectangle((i - 0.5, -0.5 - 0.06 * S), 1, 0.06 * S, clip_on=False, lw=0,
+                                   color=DECISIVE if res.phase_of(lid) == "decisive" else SILENT))
+    tp = _tp_x(res)
+    if tp is not None:
+        ax.axvline(tp, color=TP_COLOR, ls="--", lw=1.5, label=f"Transition Point (layer {res.dense['transition_layer']})")
+        ax.legend(fontsize=7, loc="upper right")
+    step = max(1, -(-P // 16))
+    ax.set_xticks(range(0, P, step))
+    ax.set_xticklabels([str(res.layer_ids[i]) for i in range(0, P, step)])
+    ax.set_yticks(range(S))
+    ax.set_yticklabels([f"{a:g}" for a in res.scales])
+    ax.set_ylim(-0.5 - 0.06 * S, S - 0.5)
+    ax.set_xlabel("noised layer (original id; strip: grey Silent, green Decisive Phase)")
+    ax.set_ylabel("noise scale a (x sigma_l)")
+    ax.set_title(title or "Final Decision Margin with noise at one layer")
+    plt.colorbar(im, ax=ax, label="final-layer mean DM", fraction=0.046)
+
+
+def plot_noise_phases(ax, res: NoiseResult, title: str = "") -> None:
+    """Mean final DM against noise scale, one line per phase (band: range over the phase's layers)."""
+    x = np.arange(len(res.scales))
+    colors = {"silent": "#7f7f7f", "decisive": "#2ca02c"}
+    for ph in ("silent", "decisive"):
+        rows = [i for i, lid in enumerate(res.layer_ids) if res.phase_of(lid) == ph]
+        if not rows:
+            continue
+        d = res.dm[rows]
+        ax.fill_between(x, d.min(axis=0), d.max(axis=0), color=colors[ph], alpha=0.15, lw=0)
+        ax.plot(x, d.mean(axis=0), "-o", ms=4, color=colors[ph],
+                label=f"{ph.capitalize()} Phase ({len(rows)} layer{'s' if len(rows) > 1 else ''})")
+    ax.axhline(res.dense["final_dm"], color="#1f77b4", ls="--", lw=1, label=f"clean final DM ({res.dense['final_dm']:+.2f})")
+    ax.axhline(0, color="k", lw=0.8)
+    ax.set_xticks(x)
+    ax.set_xticklabels([f"{a:g}" for a in res.scales])
+    ax.set_xlabel("noise scale a (x sigma_l)")
+    ax.set_ylabel("final-layer mean DM")
+    ax.set_title(title or "Noise sensitivity by phase (band: min-max over layers)")
+    ax.legend(fontsize=8)
+
+
+def plot_noise(res: NoiseResult, out_dir: Path | str) -> list[Path]:
+    """Draw ``noise_heatmap.png`` and ``noise_phases.png`` into ``out_dir``."""
+    out = Path(out_dir)
+    cfg = res.config
+    tp = res.dense["transition_layer"]
+    name = (f"{Path(str(cfg.get('model'))).name} · {cfg.get('task')} · {cfg.get('format')} · "
+            f"transition point {'none' if tp is None else tp}")
+    paths = []
+    P = len(res.layer_ids)
+    fig, ax = plt.subplots(figsize=(max(7.0, 0.32 * P + 3), max(3.5, 0.45 * len(res.scales) + 1.8)))
+    plot_noise_heatmap(ax, res, f"Final Decision Margin, noise at one layer\n{name}")
+    paths.append(save_figure(fig, out / "noise_heatmap.png"))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    plot_noise_phases(ax, res, f"Noise sensitivity by phase\n{name}")
+    paths.append(save_figure(fig, out / "noise_phases.png"))
+    return paths
+
+# ------------------------------------------------------------------------------------------------
+# TP against critical ratio (``declens correlate``)
+
+
+def _stat_text(s: dict) -> str:
+    if s.get("r") is None:
+        return f"r undefined ({s.get('undefined', 'n/a')}), n = {s['n']}"
+    return f"r = {s['r']:+.3f}, p = {s['p']:.3g}, n = {s['n']}"
+
+
+def _scatter(ax, x: Sequence[float], y: Sequence[float], labels: Sequence[str], stat: dict, fit: bool = True) -> None:
+    ax.scatter(x, y, s=36, color="#1f77b4", zorder=3)
+    for xi, yi, lab in zip(x, y, labels):
+        ax.annotate(lab, (xi, yi), textcoords="offset points", xytext=(5, 4), fontsize=7)
+    if fit and stat.get("r") is not None:
+        slope, icept = np.polyfit(np.asarray(x, float), np.asarray(y, float), 1)
+        xs = np.linspace(min(x), max(x), 50)
+        ax.plot(xs, slope * xs + icept, "--", color="#d62728", lw=1.2, label=f"least-squares fit (slope {slope:+.3g})")
+        ax.legend(fontsize=7, loc="best")
+    ax.grid(alpha=0.3)
+
+
+def plot_correlation(axes, res: "CorrelationResult") -> None:
+    """Two panels: critical ratio against TP layer index, and against TP fraction of depth."""
+    labels = res.labels()
+    cr = [p.critical_ratio for p in res.pairs]
+    a1, a2 = axes
+    _scatter(a1, [p.transition_layer for p in res.pairs], cr, labels, res.stats["layer"])
+    a1.set_xlabel("Transition Point (layer index)")
+    a1.set_ylabel(f"critical pruning ratio ({res.method})")
+    a1.set_title(f"TP layer vs critical ratio\n{_stat_text(res.stats['layer'])}", fontsize=10)
+    _scatter(a2, [p.transition_fraction for p in res.pairs], cr, labels, res.stats["fraction"])
+    a2.set_xlabel("Transition Point (fraction of depth)")
+    a2.set_ylabel(f"critical pruning ratio ({res.method})")
+    a2.set_title(f"TP fraction vs critical ratio\n{_stat_text(res.stats['fraction'])}", fontsize=10)
+
+
+def plot_safe_margin(ax, res: "CorrelationResult") -> None:
+    """Predicted safe pruning margin (Decisive Phase fraction) against the measured critical ratio."""
+    x = [p.decisive_fraction for p in res.pairs]
+    y = [p.critical_ratio for p in res.pairs]
+    _scatter(ax, x, y, res.labels(), res.stats["safe_margin"], fit=False)
+    hi = max(x + y) * 1.1 or 1.0
+    ax.plot([0, hi], [0, hi], ":", color="k", lw=1, label="identity (prediction = measurement)")
+    ax.set_xlim(0, hi)
+    ax.set_ylim(0, hi)
+    ax.set_aspect("equal")
+    ax.legend(fontsize=7, loc="upper left")
+    s = res.stats["safe_margin"]
+    ax.set_xlabel("safe pruning margin estimate (Decisive Phase share of depth)")
+    ax.set_ylabel(f"measured critical pruning ratio ({res.method})")
+    ax.set_title(f"Safe pruning margin vs critical ratio\nMAE {s['mae']:.3f}, bias {s['bias']:+.3f}; "
+                 f"{_stat_text(s)}", fontsize=10)
+
+
+def correlation_figures(res: "CorrelationResult") -> dict[str, bytes]:
+    """Render ``correlate.png`` and ``safe_margin.png`` to PNG bytes."""
+    out = {}
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+    plot_correlation(axes, res)
+    fig.suptitle(f"Transition Point vs critical pruning ratio ({res.method}), {len(res.pairs)} model-task pairs",
+                 fontsize=11)
+    fig.tight_layout()
+    out["correlate.png"] = png_bytes(fig)
+    fig, ax = plt.subplots(figsize=(6.5, 6.5))
+    plot_safe_margin(ax, res)
+    fig.tight_layout()
+    out["safe_margin.png"] = png_bytes(fig)
+    return out
+
+# ------------------------------------------------------------------------------------------------
+# Table 5 (``declens compare``)
+
+
+def plot_compare(res: CompareResult, out_dir: str | Path) -> list[Path]:
+    """``table5.png``: average accuracy against the pruning ratio per method (dense as a dashed line),
+    then one panel per task."""
+    from .analyses.compare import FIGURE, TABLE_COLUMNS
+    tasks = res.tasks
+    n = 1 + len(tasks)
+    cols = min(4, n)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
+    for ax in axes.flat[n:]:
+        ax.set_visible(False)
+    cmap = plt.get_cmap("tab10")
+    panels = [("average", "avg")] + [(TABLE_COLUMNS.get(t, t), t) for t in tasks]
+    table = res.rows()
+    for ax, (title, col) in zip(axes.flat, panels):
+        ax.axhline(table[0][col], color="0.4", ls="--", lw=1, label="dense")
+        for i, m in enumerate(res.config["methods"]):
+            pts = [(r["ratio"], r[col]) for r in table[1:] if r["method"] == m and r[col] is not None]
+            if pts:
+                ax.plot([100 * x for x, _ in pts], [y for _, y in pts], "-o", ms=4, color=cmap(i % 10), label=m)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("pruning ratio (%)")
+        ax.set_ylabel("accuracy (%)")
+    axes.flat[0].legend(fontsize=7)
+    ft = res.config["finetune"]
+    fig.suptitle(f"{Path(str(res.config.get('model'))).name}: accuracy after {ft['method']} fine-tuning "
+                 f"({res.config['format']}, {res.config['limit'] or 'all'} rows per task)", fontsize=10)
+    fig.tight_layout()
+    return [save_figure(fig, Path(out_dir) / FIGURE)]
+
+# ------------------------------------------------------------------------------------------------
+# Recovery by fine-tuning (``declens recover``)
+
+
+def plot_recovery(res: RecoveryResult, out_dir: str | Path) -> list[Path]:
+    """``recover_dm.png`` (per configuration: DM per layer before vs after, dense for reference) and
+    ``recover_loss.png`` (training loss per step of every configuration)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    n = max(1, len(res.runs))
+    cols = min(3, n)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.5 * cols, 3.6 * rows), squeeze=False)
+    for ax in axes.flat[n:]:
+        ax.set_visible(False)
+    for ax, r in zip(axes.flat, res.runs):
+        if res.dense:
+            ax.plot(res.dense["layer_ids"], res.dense["dm"], "-", color="0.6", lw=1.2, label="dense")
+        lb, la = r.layers_before, r.layers_after
+        ax.plot(lb["layer_ids"], lb["dm"], "-o", ms=2.5, color="#d62728", lw=1.3, label="pruned, before")
+        ax.plot(la["layer_ids"], la["dm"], "-o", ms=2.5, color="#1f77b4", lw=1.3, label="pruned, after fine-tuning")
+        for x in r.removed:
+            ax.axvline(x, color="0.85", lw=2, zorder=0)
+        if r.tp_before is not None:
+            ax.axvline(r.tp_before, color="#d62728", ls=":", lw=1, label=f"TP before ({r.tp_before})")
+        if r.tp_after is not None:
+            ax.axvline(r.tp_after, color=TP_COLOR, ls="--", lw=1, label=f"TP after ({r.tp_after})")
+        ax.axhline(0, color="k", lw=0.8)
+        state = "restored" if r.restored else ("TP kept" if r.tp_before is not None else "not restored")
+        ax.set_title(f"{r.k} removed ({r.ratio:.1%}): {state}", fontsize=9)
+        ax.set_xlabel("layer (dense id; grey bars: removed)")
+        ax.set_ylabel("mean Decision Margin")
+        ax.legend(fontsize=6, loc="best")
+    cfg = res.config
+    fig.suptitle(f"{Path(str(cfg.get('model'))).name} · {cfg.get('task')} · {cfg.get('format')} · "
+                 f"{cfg['finetune']['method']} fine-tuning on {cfg['train']['task']} ({cfg['train']['sequences']} rows)",
+                 fontsize=10)
+    fig.tight_layout()
+    paths.append(save_figure(fig, out / "recover_dm.png"))
+    fig, ax = plt.subplots(figsize=(7, 4))
+    cmap = plt.get_cmap("viridis")
+    for i, r in enumerate(res.runs):
+        losses = r.train.get("losses") or []
+        ax.plot(range(1, len(losses) + 1), losses, "-", lw=1.2, color=cmap(i / max(1, n - 1)),
+                label=f"{r.k} removed ({r.ratio:.1%})")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("answer-token loss")
+    ax.set_title("Fine-tuning loss")
+    ax.legend(fontsize=7)
+    paths.append(save_figure(fig, out / "recover_loss.png"))
+    return paths
+
+
+# ------------------------------------------------------------------------------------------------
+# The drawers by result kind
+
+
+#: The figure drawer of each result kind: ``draw(result, out_dir, *extra) -> [paths written]``, except
+#: ``correlate`` (``draw(result) -> {file name: PNG bytes}``, embedded by the report too). The package
+#: installs this table in :mod:`declens.results` (:func:`~declens.results.set_figure_drawers`), so the
+#: compute modules ask for their figures by kind and never import this module.
+FIGURES = {
+    "analysis": plot_analysis,
+    "prune": plot_prune,
+    "ablate": plot_ablation,
+    "cka": plot_cka,
+    "noise": plot_noise,
+    "compare": plot_compare,
+    "recover": plot_recovery,
+    "correlate": correlation_figures,
+}

@@ -17,8 +17,8 @@ script, font or other external resource. The page has
    its top-level scalar fields), every image of the run, and the provenance (model and data
    fingerprints, library versions) in small print.
 
-Every folder is verified against its ``manifest.json`` before anything is read
-(:func:`declens.results.verify_run_folder`): a folder left half-written by a killed run, or holding a
+Every folder is found by :func:`declens.results.find_runs` and verified against its ``manifest.json``
+before anything is read (:func:`declens.results.verify_run_folder`): a folder left half-written by a killed run, or holding a
 file of another run, is refused with a clear error instead of being shown; only files the manifest
 lists are read or embedded.
 
@@ -40,10 +40,9 @@ import math
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from .analyses.correlation import (CorrelationResult, Gathered, RunFile, correlate_gathered, find_run_files, gather,
-                                   model_label)
+from .analyses.correlation import CorrelationResult, Gathered, correlate_gathered, gather, model_label
 from .errors import DeclensError
-from .results import RunManifest, atomic_write_text, incomplete_error, verify_run_folder
+from .results import Run, RunManifest, atomic_write_text, incomplete_error
 
 #: image types embedded, by suffix
 IMAGE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".svg": "image/svg+xml",
@@ -154,7 +153,7 @@ def _flat_scalars(d: dict, prefix: str = "", depth: int = 0, limit: int = 60) ->
 # Sections per kind
 
 
-def _provenance(f: RunFile) -> str:
+def _provenance(f: Run) -> str:
     p = f.provenance
     items = [f"file <code>{e(f.path.name)}</code>", f"kind <code>{e(f.kind)}</code>"]
     m = p.get("model") if isinstance(p.get("model"), dict) else {}
@@ -182,7 +181,7 @@ def _provenance(f: RunFile) -> str:
     return '<p class="prov">' + " · ".join(items) + "</p>"
 
 
-def _config_details(f: RunFile, open_: bool = False) -> str:
+def _config_details(f: Run, open_: bool = False) -> str:
     c = f.config
     if not c:
         return '<p class="small">no config recorded</p>'
@@ -190,7 +189,7 @@ def _config_details(f: RunFile, open_: bool = False) -> str:
             + kv_table((k, num(v)) for k, v in c.items()) + "</details>")
 
 
-def _analysis_section(f: RunFile) -> str:
+def _analysis_section(f: Run) -> str:
     d, c = f.data, f.config
     s = d.get("summary") or {}
     tp = s.get("transition_layer")
@@ -246,7 +245,7 @@ def _dense_acc_chance(dense: dict | None) -> tuple[Any, Any]:
     return (None, None) if not dense else (dense.get("accuracy"), dense.get("chance"))
 
 
-def _prune_section(f: RunFile) -> str:
+def _prune_section(f: Run) -> str:
     d, c = f.data, f.config
     crit = d.get("critical_ratio") or {}
     methods = d.get("methods") or {}
@@ -297,7 +296,7 @@ def _prune_section(f: RunFile) -> str:
     return "".join(out)
 
 
-def _eval_tables(f: RunFile) -> str:
+def _eval_tables(f: Run) -> str:
     """Accuracy (%) per task and configuration, one table per format (``eval`` and eval-shaped results)."""
     d = f.data
     cells = d.get("cells") or []
@@ -328,7 +327,7 @@ def _eval_tables(f: RunFile) -> str:
     return "".join(out)
 
 
-def _eval_section(f: RunFile) -> str:
+def _eval_section(f: Run) -> str:
     return _eval_tables(f) + _config_details(f)
 
 
@@ -357,7 +356,7 @@ def _row_tables(d: dict, max_rows: int = 500, max_cols: int = 24) -> str:
     return "".join(out)
 
 
-def _generic_section(f: RunFile) -> str:
+def _generic_section(f: Run) -> str:
     fields = _flat_scalars({k: v for k, v in f.data.items() if k not in ("kind", "config", "provenance")})
     out = [_config_details(f, open_=True)]
     if fields:
@@ -494,7 +493,7 @@ def _read_listed(manifest: RunManifest, p: Path) -> bytes:
     return data
 
 
-def _folder_section(idx: int, folder: Path, files: list[RunFile], manifest: RunManifest) -> str:
+def _folder_section(idx: int, folder: Path, files: list[Run], manifest: RunManifest) -> str:
     kinds = ", ".join(sorted({f.kind for f in files}))
     out = [f'<section id="run-{idx}"><h2>{idx}. {e(folder.name or folder)} <span class="small">({e(kinds)})</span></h2>',
            f'<p class="small">folder <code>{e(folder)}</code></p>']
@@ -537,20 +536,12 @@ def build_report(run_dirs: Sequence[str | Path], out_html: str | Path, title: st
         DeclensError: no folders, a folder that does not exist, holds no declens result, or is
             incomplete or was modified after it was written.
     """
-    g = gather(run_dirs)  # validates every folder
-    folders: list[tuple[Path, list[RunFile], RunManifest]] = []
-    seen: set[Path] = set()
-    for d in run_dirs:
-        p = Path(d)
-        folder = p.parent if p.is_file() else p
-        if folder.resolve() in seen:
-            continue
-        seen.add(folder.resolve())
-        folders.append((folder, find_run_files(p), verify_run_folder(folder)))
+    g = gather(run_dirs)  # finds every run (declens.results.find_runs), each verified against its manifest
+    folders: list[tuple[Path, list[Run], RunManifest]] = [(f.folder, [f], f.manifest) for f in g.files]
     models = sorted({model_label(f.config.get("model")) for _, fs, _ in folders for f in fs if f.config.get("model")})
     if title is None:
         title = "declens report" + (f": {', '.join(models)}" if models else "")
-    from . import __version__
+    from ._version import __version__
 
     body = [f"<h1>{e(title)}</h1>",
             f'<p class="small">declens {e(__version__)} · {len(folders)} run folder(s) · '
@@ -574,3 +565,16 @@ def build_report(run_dirs: Sequence[str | Path], out_html: str | Path, title: st
     out = Path(out_html)
     atomic_write_text(out, page)
     return out
+
+
+def study_page(run_dirs: Sequence[str | Path], title: str | None = None, preface: str = "") -> bytes:
+    """The report of a study's stage folders (see :func:`build_report`) as HTML bytes, for the study to
+    write into its own run folder."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        return build_report(run_dirs, Path(tmp) / "report.html", title=title, preface=preface).read_bytes()
+
+
+#: Pages rendered for a result kind (looked up like the figures of :data:`declens.plots.FIGURES`)
+PAGES = {"study": study_page}

@@ -23,7 +23,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -104,7 +104,7 @@ def versions() -> dict:
     import torch
     import transformers
 
-    from . import __version__
+    from ._version import __version__
 
     return {
         "declens": __version__,
@@ -117,7 +117,7 @@ def versions() -> dict:
 
 
 def provenance(lm=None, data=None, **extra: Any) -> dict:
-    """Versions, fingerprints of the model and data, device and time."""
+    """Versions, fingerprints of the model and data, device, execution options and time."""
     out: dict[str, Any] = {"versions": versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     if lm is not None:
         out["model"] = {"spec": lm.spec, "source": lm.source, "family": lm.family, "num_layers": lm.num_layers,
@@ -126,6 +126,10 @@ def provenance(lm=None, data=None, **extra: Any) -> dict:
         # prompts longer than the context window: refused unless allowed, and then counted here
         out["truncation"] = {"allowed": bool(getattr(lm, "truncate", False)),
                              "prompts_truncated": int(getattr(lm, "truncated", 0))}
+        # how the model was run (fast path, batch planner, fused kernels): they change the rounding
+        options = getattr(lm, "options", None)
+        if options is not None:
+            out["execution"] = options.to_dict()
     if data is not None:
         out["data"] = {"task": data.name, "split": data.split, "selection": data.selection,
                        "fingerprint": data.fingerprint()}
@@ -194,7 +198,11 @@ def read_result_file(path: str | Path, filename: str, command: str, also: Sequen
     for name in (p.name, *also):
         if name not in manifest.files:
             raise incomplete_error(p.parent, f"its manifest lists no {name}")
-    return p, json.loads(p.read_text(encoding="utf-8"))
+    d = json.loads(p.read_text(encoding="utf-8"))
+    rk = RESULT_KINDS.get(manifest.kind)
+    if rk is not None and p.name == rk.main_file:
+        d = upgrade_result(rk, d, p.parent)  # an older schema converted, or refused with the fix
+    return p, d
 
 
 # ------------------------------------------------------------------------------------------------
@@ -250,6 +258,7 @@ class RunManifest:
     declens: str = ""
     created: str = ""
     complete: bool = True
+    schema_version: int | None = None
 
     def paths(self, suffixes: Sequence[str] | None = None) -> list[Path]:
         """Paths of the listed files (only those ending in one of ``suffixes``), sorted by name."""
@@ -257,7 +266,8 @@ class RunManifest:
         return [self.folder / n for n in names]
 
     def to_dict(self) -> dict:
-        return {"manifest_version": MANIFEST_VERSION, "kind": self.kind, "run_id": self.run_id,
+        version = {} if self.schema_version is None else {"schema_version": self.schema_version}
+        return {"manifest_version": MANIFEST_VERSION, "kind": self.kind, **version, "run_id": self.run_id,
                 "declens": self.declens, "created": self.created, "complete": self.complete,
                 "files": [{"path": n, **self.files[n]} for n in sorted(self.files)]}
 
@@ -324,7 +334,8 @@ def verify_run_folder(path: str | Path, allow_partial: bool = False) -> RunManif
         files[name] = {"size": size, "sha256": sha}
     m = RunManifest(folder=folder, kind=d["kind"], run_id=str(d.get("run_id", "")), files=files,
                     declens=str(d.get("declens", "")), created=str(d.get("created", "")),
-                    complete=d.get("complete", True) is not False)
+                    complete=d.get("complete", True) is not False,
+                    schema_version=d["schema_version"] if isinstance(d.get("schema_version"), int) else None)
     if not m.complete and not allow_partial:
         raise DeclensError(f"run folder {str(folder)!r} holds a partial {m.kind} result (its run was stopped after "
                            f"{len(files)} file(s) of intermediate results); rerun the command that wrote it")
@@ -355,6 +366,26 @@ def clean_run_folder(folder: Path | str) -> list[Path]:
     return gone
 
 
+#: ``kind -> drawer`` look-up of figure drawers, installed by the package (see :func:`set_figure_drawers`)
+_figure_drawers: Callable[[str], Callable[..., Any]] | None = None
+
+
+def set_figure_drawers(lookup: Callable[[str], Callable[..., Any]]) -> None:
+    """Install the look-up ``kind -> draw`` of figure drawers. ``declens/__init__.py`` installs
+    :data:`declens.plots.FIGURES` and :data:`declens.report.PAGES` (imported on first use), so compute code
+    asks for the figures (or page) of its result kind (:meth:`RunWriter.draw_figures`, :func:`figure_drawer`)
+    without importing the presentation layer (``tests/test_layering.py``)."""
+    global _figure_drawers
+    _figure_drawers = lookup
+
+
+def figure_drawer(kind: str) -> Callable[..., Any]:
+    """The figure drawer of a result kind (see :data:`declens.plots.FIGURES` for the signatures)."""
+    if _figure_drawers is None:
+        raise RuntimeError("no figure drawers are installed; import the declens package, which installs declens.plots")
+    return _figure_drawers(kind)
+
+
 class RunWriter:
     """Writes one result into a run folder as a whole (use as a context manager).
 
@@ -370,7 +401,7 @@ class RunWriter:
         >>> with RunWriter(out, "analysis") as w:
         ...     w.npz("scores.npz", scores=arr)
         ...     w.json("result.json", d)
-        ...     w.figures(plot_analysis, res, out)
+        ...     w.draw_figures(res, out)  # the drawer of kind "analysis" (declens.plots.FIGURES)
 
     Args:
         out_dir: the run folder (created).
@@ -416,6 +447,11 @@ class RunWriter:
         self.bytes(name, text.encode("utf-8"))
 
     def json(self, name: str, obj: Any) -> None:
+        """Write a JSON file of the result; the main file of a registered kind (:data:`RESULT_KINDS`) gets the
+        kind's ``schema_version`` (right after ``kind``)."""
+        rk = RESULT_KINDS.get(self.kind)
+        if rk is not None and name == rk.main_file and isinstance(obj, dict):
+            obj = stamp_schema_version(obj, rk)
         self.text(name, json.dumps(to_jsonable(obj), indent=2, ensure_ascii=False) + "\n")
 
     def npz(self, name: str, **arrays: np.ndarray) -> None:
@@ -437,6 +473,12 @@ class RunWriter:
         nothing is drawn on ranks other than 0."""
         if self.active:
             self.add(draw(*args, **kwargs))
+
+    def draw_figures(self, *args: Any, **kwargs: Any) -> None:
+        """Draw the figures of this writer's result kind (its drawer of :data:`declens.plots.FIGURES`, called
+        with ``*args, **kwargs``) and register them; nothing is drawn on ranks other than 0."""
+        if self.active:
+            self.add(figure_drawer(self.kind)(*args, **kwargs))
 
 
 def check_run_folder_kind(folder: Path | str, kind: str) -> list[dict]:
@@ -477,7 +519,7 @@ def finish_run_folder(w: RunWriter, folder: Path) -> RunManifest:
     """End a rewrite: delete stale files of the previous run, write the manifest last, clean up."""
     import uuid
 
-    from . import __version__
+    from ._version import __version__
 
     for name in sorted(w.previous - set(w.written)):
         q = folder / name
@@ -487,8 +529,10 @@ def finish_run_folder(w: RunWriter, folder: Path) -> RunManifest:
     for name in w.written:
         size, sha = file_digest(folder / name)
         files[name] = {"size": size, "sha256": sha}
+    rk = RESULT_KINDS.get(w.kind)
     m = RunManifest(folder=folder, kind=w.kind, run_id=uuid.uuid4().hex, files=files, declens=__version__,
-                    created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), complete=not w.partial)
+                    created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), complete=not w.partial,
+                    schema_version=None if rk is None else rk.schema_version)
     atomic_write_json(folder / MANIFEST_FILE, m.to_dict())
     (folder / PREVIOUS_MANIFEST).unlink(missing_ok=True)
     if not w.partial:
@@ -496,6 +540,283 @@ def finish_run_folder(w: RunWriter, folder: Path) -> RunManifest:
     return m
 
 
+# ------------------------------------------------------------------------------------------------
+# The result contract: registered kinds with schema versions, one loader, one run discovery
+
+#: the schema every kind had before schema versions were recorded (a main JSON without ``schema_version``)
+FIRST_SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ResultKind:
+    """A registered kind of result (see :func:`register_result`).
+
+    Attributes:
+        kind: the name the manifest and the main JSON record (``analysis``, ``prune`` ...).
+        schema_version: the version of the main JSON this declens writes and reads.
+        main_file: the result's main JSON in its run folder (``result.json``, ``prune.json`` ...).
+        command: the ``declens`` command that writes it (for messages: "rerun 'declens <command>'").
+        load: ``folder -> typed result`` (the class's ``load``).
+        converters: ``version -> convert(main JSON dict) -> dict of version + 1``, for older folders a
+            small rename suffices for; an older version without a converter is refused with the fix.
+    """
+
+    kind: str
+    schema_version: int
+    main_file: str
+    command: str
+    load: Callable[[Path], Any]
+    converters: dict[int, Callable[[dict], dict]] = field(default_factory=dict)
+
+
+#: every registered kind of result, by name (filled by :func:`register_result` as the result modules load)
+RESULT_KINDS: dict[str, ResultKind] = {}
+#: imports every module that registers a result kind; installed by ``declens/__init__.py`` (see
+#: :func:`set_result_importer`), so this module never imports the analyses above it
+_import_result_kinds: Callable[[], None] | None = None
+
+
+def set_result_importer(importer: Callable[[], None]) -> None:
+    """Install the function that imports every module registering a result kind (``declens/__init__.py``
+    installs it; :func:`result_kind` calls it once for a kind not registered yet)."""
+    global _import_result_kinds
+    _import_result_kinds = importer
+
+
+def register_result(kind: str, main_file: str, command: str,
+                    converters: dict[int, Callable[[dict], dict]] | None = None,
+                    load: str | Callable[[Path], Any] = "load"):
+    """Class decorator: register a result class as ``kind``, with its class attribute ``SCHEMA_VERSION``.
+
+    Sets ``cls.KIND``; :class:`RunWriter` then stamps ``schema_version`` into the manifest and the main JSON
+    of every ``kind`` folder, and :func:`load_result` returns ``cls.<load>(folder)`` for it.
+
+    Args:
+        kind: the kind's name (what the manifest records).
+        main_file: its main JSON; command: the command that writes it.
+        converters: see :class:`ResultKind`.
+        load: name of the class's ``folder -> result`` method (``load``), or a plain function to register
+            for a result that has no class of its own.
+    """
+
+    def deco(cls):
+        version = int(getattr(cls, "SCHEMA_VERSION", FIRST_SCHEMA_VERSION))
+        loader = getattr(cls, load) if isinstance(load, str) else load
+        RESULT_KINDS[kind] = ResultKind(kind, version, main_file, command, loader, dict(converters or {}))
+        cls.KIND = kind
+        return cls
+
+    return deco
+
+
+def result_kind(kind: str, folder: Path | str | None = None) -> ResultKind:
+    """The registered :class:`ResultKind` of ``kind``.
+
+    Raises:
+        DeclensError: no result kind of that name (another program's or a newer declens's folder).
+    """
+    from .errors import DeclensError
+
+    if kind not in RESULT_KINDS and _import_result_kinds is not None:
+        _import_result_kinds()
+    if kind not in RESULT_KINDS:
+        where = f"run folder {str(folder)!r} holds" if folder is not None else "there is"
+        raise DeclensError(f"{where} a result of unknown kind {kind!r} (this declens knows "
+                           f"{', '.join(sorted(RESULT_KINDS))}); pass a folder written by a declens command, "
+                           "or read it with the declens version that wrote it")
+    return RESULT_KINDS[kind]
+
+
+def stamp_schema_version(d: dict, rk: ResultKind) -> dict:
+    """``d`` with ``schema_version`` set to the kind's (placed right after ``kind``)."""
+    out = {}
+    for k, v in d.items():
+        if k != "schema_version":
+            out[k] = v
+        if k == "kind":
+            out["schema_version"] = rk.schema_version
+    if "schema_version" not in out:
+        out = {"schema_version": rk.schema_version, **out}
+    return out
+
+
+def upgrade_result(rk: ResultKind, d: dict, folder: Path | str) -> dict:
+    """The main JSON ``d`` of a ``rk.kind`` folder in the current schema: returned as is, converted from an
+    older version by the kind's converters, or refused.
+
+    A main JSON without ``schema_version`` is version :data:`FIRST_SCHEMA_VERSION` (written before versions
+    were recorded).
+
+    Raises:
+        DeclensError: (one line naming the version found, the version read and the fix) an older version
+            with no converter, or a newer version than this declens reads.
+    """
+    from .errors import DeclensError
+
+    found = d.get("schema_version", FIRST_SCHEMA_VERSION)
+    if not isinstance(found, int) or isinstance(found, bool):
+        raise incomplete_error(folder, f"its {rk.main_file} has schema_version {found!r}, not a number")
+    if found > rk.schema_version:
+        raise DeclensError(f"run folder {str(folder)!r} holds a {rk.kind} result of schema version {found}, but this "
+                           f"declens reads version {rk.schema_version}; upgrade declens to read it")
+    v = found
+    while v < rk.schema_version:
+        conv = rk.converters.get(v)
+        if conv is None:
+            raise DeclensError(f"run folder {str(folder)!r} holds a {rk.kind} result of schema version {found}, but "
+                               f"this declens reads version {rk.schema_version} (no converter from {v}); rerun "
+                               f"'declens {rk.command}' to rewrite it")
+        d = conv(dict(d))
+        v += 1
+    return stamp_schema_version(d, rk) if found != rk.schema_version else d
+
+
+def load_result(path: Path | str, kind: str | None = None) -> Any:
+    """The typed result of any run folder (``analysis`` -> :class:`AnalysisResult`, ``prune`` ->
+    ``PruneResult``, ``study`` -> ``Study`` ...): the folder is verified against its manifest
+    (:func:`verify_run_folder`), its kind looked up in :data:`RESULT_KINDS`, and an older schema converted
+    or refused.
+
+    Args:
+        path: the run folder (or a file in it).
+        kind: the kind expected (refused if the folder holds another); None accepts any.
+
+    Raises:
+        DeclensError: the folder is incomplete or modified, of an unknown kind, of another kind than
+            ``kind``, or of a schema version this declens cannot read.
+    """
+    from .errors import DeclensError
+
+    p = Path(path)
+    folder = p.parent if p.is_file() else p
+    d = _read_manifest_file(folder / MANIFEST_FILE) if folder.is_dir() else None
+    if d is None or not isinstance(d.get("kind"), str):
+        if kind is not None:
+            return result_kind(kind).load(path)  # says what is missing ("holds no prune.json ...") or incomplete
+        verify_run_folder(path)  # raises the reason (no such folder, no manifest, not a manifest)
+    found = str(d["kind"])
+    rk = result_kind(found, folder)
+    if kind is not None and found != kind:
+        want = result_kind(kind)
+        raise DeclensError(f"run folder {str(folder)!r} holds a result of kind {found!r} (written by 'declens "
+                           f"{rk.command}'), not {kind!r}; pass a folder written by 'declens {want.command}'")
+    return rk.load(folder)  # every load verifies the folder against its manifest first
+
+
+@dataclass
+class Run:
+    """One run folder found by :func:`find_runs`: its verified manifest and its kind's main JSON.
+
+    Attributes:
+        folder: the run folder; manifest: its verified :class:`RunManifest`.
+        path: the main result file (``prune.json`` ...); data: its JSON in the current schema.
+    """
+
+    folder: Path
+    manifest: RunManifest
+    path: Path
+    data: dict
+
+    @property
+    def kind(self) -> str:
+        return self.manifest.kind
+
+    @property
+    def config(self) -> dict:
+        c = self.data.get("config")
+        return c if isinstance(c, dict) else {}
+
+    @property
+    def provenance(self) -> dict:
+        p = self.data.get("provenance")
+        return p if isinstance(p, dict) else {}
+
+    def load(self) -> Any:
+        """The typed result (see :func:`load_result`)."""
+        return result_kind(self.kind, self.folder).load(self.folder)
+
+
+def read_run(path: Path | str) -> Run:
+    """The run of one folder (or a file in it): verified, its kind looked up, its main JSON read and upgraded.
+
+    Raises:
+        DeclensError: as :func:`load_result`.
+    """
+    m = verify_run_folder(path)
+    rk = result_kind(m.kind, m.folder)
+    if rk.main_file not in m.files:
+        raise incomplete_error(m.folder, f"its manifest lists no {rk.main_file}")
+    p = m.folder / rk.main_file
+    return Run(m.folder, m, p, upgrade_result(rk, json.loads(p.read_text(encoding="utf-8")), m.folder))
+
+
+def _looks_like_run(folder: Path) -> bool:
+    """A folder declens wrote or began to write: a manifest (current or previous), or a top-level ``*.json``
+    holding an object with a string ``kind`` (a result whose manifest is missing)."""
+    if (folder / MANIFEST_FILE).is_file() or (folder / PREVIOUS_MANIFEST).is_file():
+        return True
+    for q in folder.glob("*.json"):
+        try:
+            d = json.loads(q.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            continue
+        if isinstance(d, dict) and isinstance(d.get("kind"), str):
+            return True
+    return False
+
+
+def find_runs(root: Path | str, kind: str | Sequence[str] | None = None, *, nested: bool = False,
+              skip_incomplete: bool = False) -> list[Run]:
+    """The run folders at ``root``: the one discovery of ``report``, ``correlate`` and ``study``.
+
+    ``root`` is a run folder (or a file in it): that run (with ``nested``, also every run folder below it, a
+    study's stages say). Otherwise every run folder below ``root``, at any depth, sorted by path (a run
+    folder's own subfolders are searched only with ``nested``). A run folder is one declens wrote or
+    began to write (:func:`_looks_like_run`); each is verified against its manifest and read through
+    :func:`read_run`.
+
+    Args:
+        root: a run folder, a file in one, or a folder holding run folders.
+        kind: keep only runs of this kind (or these kinds); None keeps all.
+        nested: also search inside run folders.
+        skip_incomplete: leave out run folders below ``root`` that fail verification (a run still working or
+            killed) instead of raising; ``root`` itself is always verified.
+
+    Raises:
+        DeclensError: ``root`` does not exist or holds no declens result; a run folder is incomplete,
+            modified, of an unknown kind or of an unreadable schema version.
+    """
+    from .errors import DeclensError
+
+    p = Path(root)
+    if not p.exists():
+        raise DeclensError(f"run folder {str(p)!r} does not exist")
+    folder = p.parent if p.is_file() else p
+    runs: list[Run] = []
+    is_run = p.is_file() or _looks_like_run(folder)
+    if is_run:
+        runs.append(read_run(p))
+    if not is_run or nested:
+        for dirpath, dirnames, _ in os.walk(folder):  # top-down, children sorted: runs come sorted by path
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))  # resume state, temp folders
+            sub = Path(dirpath)
+            if sub == folder or not _looks_like_run(sub):
+                continue
+            if not nested:
+                dirnames[:] = []  # a run folder's own subfolders belong to it
+            try:
+                runs.append(read_run(sub))
+            except DeclensError:
+                if not skip_incomplete:
+                    raise
+    if not runs:
+        raise DeclensError(f"{str(p)!r} holds no declens results (no run folder with a manifest.json below it); pass "
+                           "folders written by 'declens analyze', 'declens prune', 'declens eval', ...")
+    kinds = None if kind is None else {kind} if isinstance(kind, str) else set(kind)
+    return [r for r in runs if kinds is None or r.kind in kinds]
+
+
+@register_result("analysis", RESULT_FILE, "analyze")
 @dataclass
 class AnalysisResult:
     """A layer-wise decision analysis of one model on one task in one format.
@@ -516,6 +837,7 @@ class AnalysisResult:
     item_ids: list[str]
     option_labels: list[str]
     extra: dict = field(default_factory=dict)
+    SCHEMA_VERSION = 1  #: of ``result.json`` (see :func:`register_result`)
 
     @classmethod
     def from_scores(cls, scores: LayerScores, config: dict, provenance: dict, item_ids: list[str],
@@ -596,9 +918,7 @@ class AnalysisResult:
             run.text(LAYERS_CSV, buf.getvalue())
             run.json(RESULT_FILE, self.to_dict())
             if plots:
-                from .plots import plot_analysis
-
-                run.figures(plot_analysis, self, out)
+                run.draw_figures(self, out)
         return out
 
     @classmethod
@@ -611,8 +931,8 @@ class AnalysisResult:
                 kind="loglik" if d["config"].get("format") == "cloze" else "logit",
                 norm_scores=z["norm_scores"] if "norm_scores" in z.files else None,
             )
-        extra = {k: v for k, v in d.items() if k not in ("kind", "config", "provenance", "summary", "option_labels",
-                                                         "gold_frequency", "layers", "samples")}
+        extra = {k: v for k, v in d.items() if k not in ("kind", "schema_version", "config", "provenance", "summary",
+                                                         "option_labels", "gold_frequency", "layers", "samples")}
         res = cls.from_scores(scores, d["config"], d["provenance"], [s["id"] for s in d["samples"]], d["option_labels"],
                               decision_score=d["config"].get("decision_score", "raw"))
         res.extra = extra

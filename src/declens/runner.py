@@ -12,7 +12,6 @@ and batched by similar length under a token budget.
 from __future__ import annotations
 
 import math
-import os
 from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -24,6 +23,27 @@ from torch import Tensor
 from . import distributed, fastpath
 from .models import DecoderParts
 from .surgery import Positions, dense_layer_ids, layer_view
+
+#: Most rows in one batch (a cap on top of the token budget: very short rows would otherwise make
+#: batches so wide that per-row bookkeeping on the host dominates).
+MAX_BATCH_ROWS = 256
+#: Default per-batch cost of the planner, as a share of the token budget: ``max_tokens // 64`` padded
+#: tokens (the fixed cost of launching a batch; ``ExecutionOptions.batch_cost`` overrides it).
+BATCH_COST_DIVISOR = 64
+#: Padded-token budget per batch on the CPU (fixed: keeps a batch's activations cache-friendly).
+CPU_MAX_TOKENS = 4096
+#: Share of the free device memory that the activations of one batch may take (the rest is headroom
+#: for the lens' vocabulary rows, the allocator's fragmentation and other buffers).
+DEVICE_MEMORY_SHARE = 0.5
+#: Activations alive inside one decoder layer, in hidden-size units per token: ~6 d-wide tensors
+#: (residual, normed input, q/k/v, attention output) and ~3 intermediate-wide ones (gate, up, their product).
+LAYER_WIDTHS_D, LAYER_WIDTHS_INTER = 6, 3
+#: Bytes per activation value (bf16 / fp16 on the GPU).
+ACTIVATION_BYTES = 2
+#: Bounds of the device-sized token budget: at least this many tokens per batch ...
+MIN_DEVICE_MAX_TOKENS = 1024
+#: ... and at most this many (beyond it batches are large enough to keep the GPU busy).
+MAX_DEVICE_MAX_TOKENS = 65536
 
 
 @dataclass
@@ -64,6 +84,11 @@ class Batch:
 
 class Probe:
     """Base class: override what you need. Called inside ``torch.inference_mode`` (or grad mode for training)."""
+
+    #: True when the probe reads only each row's last position of the final layer's output (the letter
+    #: format's decision token): when every probe of a pass says so, the fast path computes only those
+    #: positions at the final layer (:func:`forward`'s ``trim_final``). The default is the safe False.
+    last_position_only: bool = False
 
     def start(self, batch: Batch) -> None:
         """Called before the forward pass of a batch."""
@@ -154,7 +179,7 @@ def pack_sequences(seqs: Sequence[Sequence[int]]) -> tuple[PackedRow, list[list[
     return PackedRow(tokens, parents), where
 
 
-def plan_batches(lengths: Sequence[int], max_tokens: int, max_batch: int = 256,
+def plan_batches(lengths: Sequence[int], max_tokens: int, max_batch: int = MAX_BATCH_ROWS,
                  batch_cost: int | None = None) -> list[list[int]]:
     """Group sequence indices into batches of similar length, wasting as little padding as possible.
 
@@ -163,16 +188,15 @@ def plan_batches(lengths: Sequence[int], max_tokens: int, max_batch: int = 256,
     (the fixed cost of a launch: it keeps batches large enough to use the device well), under at most
     ``max_batch`` rows and ``max_tokens`` padded tokens (rows x longest row) per batch. Greedy filling
     would put the long tail of lengths into one wide batch (38% padding on ARC-Challenge at 64k tokens).
-    The plan is deterministic: ties keep their input order.
+    The plan is deterministic: ties keep their input order. ``batch_cost`` None:
+    ``max_tokens // BATCH_COST_DIVISOR`` (pass the model's ``options.batch_cost`` to override it).
     """
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     n = len(order)
     if n == 0:
         return []
     L = [int(lengths[i]) for i in order]
-    if batch_cost is None:
-        batch_cost = int(os.environ.get("DECLENS_BATCH_COST", "0")) or max(1, max_tokens // 64)
-    cost = batch_cost
+    cost = batch_cost if batch_cost is not None else max(1, max_tokens // BATCH_COST_DIVISOR)
     best = [0.0] + [float("inf")] * n  # best[i]: cheapest plan of the first i rows
     cut = [0] * (n + 1)
     prefix = [0]
@@ -257,6 +281,7 @@ def forward(
     start_hidden: Tensor | None = None,
     grad: bool = False,
     defer: bool = False,
+    trim_final: bool = True,
 ) -> Tensor:
     """One forward pass of the decoder stack with probes on every layer.
 
@@ -271,6 +296,9 @@ def forward(
         grad: run with autograd (training) instead of inference mode.
         defer: leave probes' device-to-host copies in flight (the caller calls :func:`flush`); by
             default results are on the host when this returns.
+        trim_final: let the fast path compute only each row's last position at the final layer when
+            every probe declares :attr:`Probe.last_position_only`; False computes every position (the
+            final hidden states then round exactly like a pass without that optimisation).
 
     Returns:
         ``[B, T, d]`` the final normalised hidden states (the LM head's input).
@@ -280,7 +308,7 @@ def forward(
     dense = dense_layer_ids(parts)
     if not grad and fastpath.supported(parts, int(batch.input_ids.shape[1])):
         with torch.inference_mode():
-            out = fastpath.run(parts, batch, probes, ids, dense, start_hidden)
+            out = fastpath.run(parts, batch, probes, ids, dense, start_hidden, trim_final=trim_final)
         if not defer:
             flush(probes)
         return out
@@ -366,18 +394,18 @@ def default_max_tokens(parts: DecoderParts) -> int:
     """A padded-token budget per batch that fits the device.
 
     On CUDA it is sized from free memory (activations of one layer plus the lens' vocabulary
-    rows dominate); on CPU a fixed 4096 keeps batches cache-friendly.
+    rows dominate); on CPU a fixed :data:`CPU_MAX_TOKENS` keeps batches cache-friendly.
     """
     dev = parts.head.weight.device
     if dev.type != "cuda":
-        return 4096
+        return CPU_MAX_TOKENS
     free, _ = torch.cuda.mem_get_info(dev)
     cfg = parts.config
     d = cfg.hidden_size
     inter = getattr(cfg, "intermediate_size", 4 * d)
-    bytes_per_token = 2 * (6 * d + 3 * inter)  # bf16 activations alive inside one layer
-    budget = int(0.5 * free / max(bytes_per_token, 1))
-    return max(1024, min(budget, 65536))
+    bytes_per_token = ACTIVATION_BYTES * (LAYER_WIDTHS_D * d + LAYER_WIDTHS_INTER * inter)
+    budget = int(DEVICE_MEMORY_SHARE * free / max(bytes_per_token, 1))
+    return max(MIN_DEVICE_MAX_TOKENS, min(budget, MAX_DEVICE_MAX_TOKENS))
 
 
 def run_batches(
@@ -386,7 +414,7 @@ def run_batches(
     make_probes: Callable[[], Sequence[Probe]] | Sequence[Probe],
     pad_id: int,
     max_tokens: int | None = None,
-    max_batch: int = 256,
+    max_batch: int = MAX_BATCH_ROWS,
     layers: Sequence[int] | None = None,
     progress: str | None = None,
     skip: Callable[[list[int]], bool] | None = None,
@@ -420,7 +448,8 @@ def run_batches(
     device = parts.head.weight.device
     probes = make_probes() if callable(make_probes) else make_probes
     if plan is None:
-        plan = plan_batches([len(s) for s in seqs], max_tokens or default_max_tokens(parts), max_batch)
+        plan = plan_batches([len(s) for s in seqs], max_tokens or default_max_tokens(parts), max_batch,
+                            batch_cost=parts.options.batch_cost)
     todo = [plan[j] for j in distributed.my_batches(plan)]  # all of them in a single process
     todo = [b for b in todo if not (skip and skip(b))]
     bar = tqdm(total=sum(len(b) for b in todo), desc=progress, unit="seq", disable=progress is None, leave=False)

@@ -8,7 +8,6 @@ of every metric in :mod:`declens.metrics`.
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -18,7 +17,6 @@ import torch
 from torch import Tensor
 
 from .formats import ClozeRequests, LetterRequests
-from .kernels import log_normalizer, softcap
 from .lens import EMBEDDING_ID, Lens
 from .models import DecoderParts
 from . import distributed
@@ -26,13 +24,14 @@ from .runner import Batch, Probe, pack_sequences, run_batches, to_device
 from .errors import LayerSpecError
 from .surgery import dense_ids_of, dense_layer_ids
 
-#: Largest number of vocabulary logits the cloze lens materialises at once: 64 M on the CPU (a
-#: float32 copy is made there: 256 MB), 256 M on a GPU (kept in the head's dtype and reduced by one
+#: Largest number of vocabulary logits the cloze lens materialises at once: 64 M on the CPU (with
+#: vocabularies under 65,536 a float32 copy is made there: 256 MB), 256 M on a GPU (kept in the head's dtype and reduced by one
 #: fused kernel: 512 MB in bf16; large chunks keep the vocabulary product at the matmul peak).
 LOGIT_BUDGET = {"cpu": 64 * 1024 * 1024, "cuda": 256 * 1024 * 1024}
 
-#: Seconds between checkpoint writes of partial scores (``DECLENS_CHECKPOINT_EVERY`` overrides).
-CHECKPOINT_EVERY_S = float(os.environ.get("DECLENS_CHECKPOINT_EVERY", "30"))
+#: Seconds between checkpoint writes of partial scores (the model's ``ExecutionOptions.checkpoint_every``,
+#: the ``--checkpoint-every`` option, overrides it).
+CHECKPOINT_EVERY_S = 30.0
 
 
 @dataclass
@@ -212,12 +211,11 @@ class ClozeProbe(Probe):
             return None
         h = output[self.urow.to(output.device), self.upos.to(output.device)]  # [U, d]
         parts = []
-        cap = self.lens.softcap
         for a, r0, r1 in self.chunks:
             z = self.lens.vocab_logits(h[a : a + self.chunk])  # [u, V] in the head's dtype
-            lse = log_normalizer(z, cap)  # [u] float32
+            lse = self.lens.log_normalizer(z)  # [u] float32 (output transform applied)
             loc = self.ridx[r0:r1].to(z.device) - a
-            parts.append(softcap(z[loc, self.rtgt[r0:r1].to(z.device)].float(), cap) - lse[loc])
+            parts.append(self.lens.finish(z[loc, self.rtgt[r0:r1].to(z.device)]) - lse[loc])
         lp = torch.cat(parts)
         self.buf[row] = torch.zeros(len(self.slots), dtype=torch.float32, device=lp.device).index_add_(
             0, self.rslot.to(lp.device), lp)
@@ -442,7 +440,7 @@ def score_requests(
         stats.update(items=len(restored), items_restored=int(restored.sum()))
     if distributed.active():
         save = None  # ranks score disjoint batches; a checkpoint would hold one rank's share only
-    ck = Checkpointer(state, save)
+    ck = Checkpointer(state, save, every=parts.options.checkpoint_every)
     probes = [plan.probe(state.arrays["scores"], row_of)]
     if embeddings:
         probes.append(InputRead(plan.probe(state.arrays["embedding"], {EMBEDDING_ID: 0})))

@@ -11,7 +11,7 @@ from typing import Sequence
 
 from ..errors import DeclensError
 from ..models import LoadedModel
-from ..results import RunWriter, provenance
+from ..results import RunWriter, provenance, register_result
 from ..surgery import dense_layer_ids
 from ..tasks import load_task
 from .decision import analyze
@@ -35,6 +35,7 @@ def window_configs(tp: int, window: int, layer_ids: int | Sequence[int], pairs: 
     return singles + doubles
 
 
+@register_result("ablate", "ablate.json", "ablate")
 @dataclass
 class AblationResult:
     """Ablation around the Transition Point."""
@@ -44,6 +45,7 @@ class AblationResult:
     transition_layer: int
     dense_dm: list[float]
     eval: EvalResult
+    SCHEMA_VERSION = 1  #: of ``ablate.json`` (see :func:`declens.results.register_result`)
 
     def to_dict(self) -> dict:
         d = self.eval.to_dict()
@@ -70,9 +72,7 @@ class AblationResult:
                 f"### {f} format (Transition Point: layer {self.transition_layer})\n\n{self.eval.markdown(f)}"
                 for f in self.eval.formats) + "\n")
             if plots:
-                from ..plots import plot_ablation
-
-                run.figures(plot_ablation, self, out, self.config["tp_task"])
+                run.draw_figures(self, out, self.config["tp_task"])
         return out
 
 

@@ -41,9 +41,9 @@ from torch import Tensor
 
 from ..errors import CKAError, DeclensError
 from ..formats import FORMATS, ClozeRequests, LetterRequests
-from ..lens import EMBEDDING_ID, layer_label
+from ..lens import EMBEDDING_ID
 from ..models import LoadedModel
-from ..results import RunWriter, provenance
+from ..results import RunWriter, provenance, register_result
 from ..runner import Batch, Probe, collate, default_max_tokens, forward, plan_batches
 from ..scoring import InputRead
 from ..surgery import dense_layer_ids, keep_positions
@@ -266,7 +266,8 @@ def collect_states(lm: LoadedModel, rows: Sequence[Sequence[int]], layers: Seque
 
     pad = encoder_for(lm).pad_id
     probe = CKAProbe(len(rows))
-    for idx in plan_batches([len(r) for r in rows], max_tokens or default_max_tokens(lm.parts)):
+    for idx in plan_batches([len(r) for r in rows], max_tokens or default_max_tokens(lm.parts),
+                            batch_cost=lm.options.batch_cost):
         forward(lm.parts, collate(rows, idx, pad, lm.device), [probe], layers=layers)
     return probe
 
@@ -275,6 +276,7 @@ def collect_states(lm: LoadedModel, rows: Sequence[Sequence[int]], layers: Seque
 # The study
 
 
+@register_result("cka", CKA_FILE, "cka")
 @dataclass
 class CKAResult:
     """CKA alignment of a pruned view with the dense model.
@@ -295,9 +297,10 @@ class CKAResult:
     hidden: np.ndarray
     decision: np.ndarray
     extra: dict = field(default_factory=dict)
-    #: the prune run this pruned view comes from (see :func:`from_prune_run`): then :func:`plot_cka` also
+    #: the prune run this pruned view comes from (see :func:`from_prune_run`): then :func:`declens.plots.plot_cka` also
     #: draws ``accuracy_cka.png`` (the paper's Figure 2); not saved itself (``extra["prune_run"]`` says which)
     prune: Any = field(default=None, repr=False, compare=False)
+    SCHEMA_VERSION = 1  #: of ``cka.json`` (see :func:`declens.results.register_result`)
 
     def matrix(self, signal: str) -> np.ndarray:
         """``[L_pruned, L_dense]`` CKA of ``signal`` (``hidden`` or ``decision``)."""
@@ -368,8 +371,8 @@ class CKAResult:
         with np.load(p.parent / CKA_NPZ) as z:
             hidden, decision = z["hidden"], z["decision"]
             pruned, dense = [int(i) for i in z["pruned_layer_ids"]], [int(i) for i in z["dense_layer_ids"]]
-        known = {"kind", "config", "provenance", "summary", "pruned_layer_ids", "dense_layer_ids", "best_match",
-                 "layers", "cka"}
+        known = {"kind", "schema_version", "config", "provenance", "summary", "pruned_layer_ids", "dense_layer_ids",
+                 "best_match", "layers", "cka"}
         return cls(config=d["config"], provenance=d["provenance"], pruned_ids=pruned, dense_ids=dense, hidden=hidden,
                    decision=decision, extra={k: v for k, v in d.items() if k not in known})
 
@@ -384,7 +387,7 @@ class CKAResult:
                     best_hidden=np.array(self.best_hidden), best_decision=np.array(self.best_decision))
             run.json(CKA_FILE, self.to_dict())
             if plots:
-                run.figures(plot_cka, self, out)
+                run.draw_figures(self, out)
         return out
 
 
@@ -418,7 +421,7 @@ def state_from_prune(prune_res, method: str | None = None, ratio: float = 0.5):
 
 
 def from_prune_run(res: "CKAResult", prune_res, method: str | None = None) -> "CKAResult":
-    """Link a CKA result to the prune run its pruned view comes from, so :func:`plot_cka` also draws the
+    """Link a CKA result to the prune run its pruned view comes from, so :func:`declens.plots.plot_cka` also draws the
     paper's Figure 2 (``accuracy_cka.png``); the link is recorded in ``extra["prune_run"]``."""
     res.prune = prune_res
     res.extra["prune_run"] = {"method": method or next(iter(prune_res.runs)), "config": {
@@ -500,7 +503,7 @@ def cka_study(
     run = [p for p in keep if m is not None and p > m]
     dense = CKAProbe(len(rows))
     pruned = CKAProbe(len(rows))
-    plan = plan_batches([len(r) for r in rows], budget)
+    plan = plan_batches([len(r) for r in rows], budget, batch_cost=parts.options.batch_cost)
     bar = tqdm(total=len(rows), desc=f"cka {data.name}/{fmt}", unit="seq", disable=not progress, leave=False)
     try:
         for idx in plan:
@@ -536,80 +539,3 @@ def cka_study(
                                         "layers_reused": len(keep) - len(run) if remove else len(keep)})
     return CKAResult(config=config, provenance=prov, pruned_ids=pruned_ids, dense_ids=list(dense_ids),
                      hidden=hidden, decision=decision)
-
-
-# ------------------------------------------------------------------------------------------------
-# Figures
-
-
-def _ticks(ids: Sequence[int], max_ticks: int = 16) -> tuple[np.ndarray, list[str]]:
-    step = max(1, -(-len(ids) // max_ticks))
-    pos = np.arange(len(ids))[::step]
-    return pos, [layer_label(ids[p]) for p in pos]
-
-
-def plot_cka_heatmap(ax, res: CKAResult, signal: str, title: str = "") -> None:
-    """Heatmap of one CKA matrix: pruned layers (rows, dense ids) x dense layers (columns), with each
-    pruned layer's own dense layer and its best match marked."""
-    from ..plots import plt  # matplotlib with the Agg backend, imported only when drawing
-    m = res.matrix(signal)
-    im = ax.imshow(m, aspect="auto", cmap="magma", vmin=0, vmax=1, origin="lower", interpolation="nearest")
-    own = [res.dense_ids.index(i) for i in res.pruned_ids]
-    rows = np.arange(len(res.pruned_ids))
-    ax.plot(own, rows, ls="none", marker="s", ms=5, mfc="none", mec="#4daf4a", mew=1.2, label="own dense layer")
-    ax.plot(np.argmax(m, axis=1), rows, ls="none", marker="x", ms=5, color="#377eb8", mew=1.5, label="best match")
-    xp, xl = _ticks(res.dense_ids)
-    yp, yl = _ticks(res.pruned_ids)
-    ax.set_xticks(xp)
-    ax.set_xticklabels(xl)
-    ax.set_yticks(yp)
-    ax.set_yticklabels(yl)
-    ax.set_xlabel("dense model layer (original id)")
-    ax.set_ylabel("pruned model layer (original id)")
-    ax.set_title(title or f"CKA of {signal} representations")
-    ax.legend(fontsize=7, loc="upper left", framealpha=0.8)
-    plt.colorbar(im, ax=ax, label="linear CKA", fraction=0.046)
-
-
-def plot_best_match(ax, res: CKAResult, title: str = "") -> None:
-    """For each pruned layer position, its best-matching dense layer for both signals, against the
-    identity diagonal (the kept layer's own dense id)."""
-    x = np.arange(len(res.pruned_ids))
-    ax.plot(x, res.pruned_ids, ls="--", color="#888888", lw=1.2, label="identity (own dense layer)")
-    ax.plot(x, res.best_hidden, "-o", color="#ff7f0e", ms=4, lw=1.5, label="hidden (token average)")
-    ax.plot(x, res.best_decision, "-s", color="#1f77b4", ms=4, lw=1.5, label="decision token")
-    xp, _ = _ticks(res.pruned_ids)
-    ax.set_xticks(xp)
-    ax.set_xticklabels([f"{p}\n({layer_label(res.pruned_ids[p])})" for p in xp], fontsize=7)
-    ax.set_xlabel("pruned model layer position (original id)")
-    ax.set_ylabel("best-matching dense layer (-1: embedding output)" if EMBEDDING_ID in res.dense_ids
-                  else "best-matching dense layer")
-    ax.set_ylim(min(res.dense_ids) - 0.5, max(res.dense_ids) + 0.5)
-    ax.set_title(title or "Best-matching dense layer per pruned layer")
-    ax.legend(fontsize=8, loc="upper left")
-
-
-def plot_cka(res: CKAResult, out_dir: Path | str) -> list[Path]:
-    """Draw ``cka_hidden.png``, ``cka_decision.png`` and ``cka_best_match.png`` into ``out_dir``, and
-    ``accuracy_cka.png`` (the paper's Figure 2) when the result is linked to its prune run."""
-    from ..plots import plt, save_figure
-    out = Path(out_dir)
-    cfg = res.config
-    removed = cfg.get("remove") or []
-    name = (f"{Path(str(cfg.get('model'))).name} · {cfg.get('task')} · {cfg.get('format')} · "
-            f"{cfg.get('n_samples')} rows · removed {sorted(removed) if removed else 'none'}")
-    paths = []
-    size = (max(6.0, 0.22 * len(res.dense_ids) + 3), max(4.5, 0.2 * len(res.pruned_ids) + 2))
-    for signal, label in (("hidden", "token-averaged hidden states"), ("decision", "decision-token states")):
-        fig, ax = plt.subplots(figsize=size)
-        plot_cka_heatmap(ax, res, signal, f"CKA of {label}\n{name}")
-        paths.append(save_figure(fig, out / f"cka_{signal}.png"))
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.25 * len(res.pruned_ids) + 3), 4.5))
-    plot_best_match(ax, res, f"Best-matching dense layer\n{name}")
-    paths.append(save_figure(fig, out / "cka_best_match.png"))
-    if res.prune is not None:
-        from ..plots import plot_accuracy_cka
-
-        paths.append(plot_accuracy_cka(res.prune, res, out / "accuracy_cka.png",
-                                       method=res.extra.get("prune_run", {}).get("method")))
-    return paths

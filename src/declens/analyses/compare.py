@@ -37,7 +37,7 @@ from ..finetune import (FinetuneConfig, TrainData, run_finetune, sequence_stats,
                         training_sequences)
 from ..formats import FORMATS
 from ..models import LoadedModel
-from ..results import RunWriter, atomic_write_json, config_key, provenance, read_result_file
+from ..results import RunWriter, atomic_write_json, config_key, provenance, read_result_file, register_result
 from ..tasks import ALL_TASKS, get_spec, load_task
 from .evaluate import evaluate_configs
 
@@ -129,6 +129,7 @@ def ks_for(ratios: Sequence[float], num_layers: int) -> dict[float, int]:
     return ks
 
 
+@register_result("compare", COMPARE_FILE, "compare")
 @dataclass
 class CompareResult:
     """A comparison: the dense row and one cell per (method, ratio).
@@ -143,6 +144,7 @@ class CompareResult:
     provenance: dict
     dense: dict
     cells: list[dict]
+    SCHEMA_VERSION = 1  #: of ``compare.json`` (see :func:`declens.results.register_result`)
 
     @property
     def tasks(self) -> list[str]:
@@ -198,7 +200,7 @@ class CompareResult:
             run.text(TABLE_MD, self.markdown())
             run.text(TABLE_CSV, buf.getvalue())
             if plots:
-                run.figures(plot_compare, self, out)
+                run.draw_figures(self, out)
         return out
 
     @classmethod
@@ -371,54 +373,4 @@ def _run_cell(lm: LoadedModel, cfg: CompareConfig, pruner: _Pruner, method: str,
                                        "eval_s": round(t3 - t2, 2)}}
 
 
-# ------------------------------------------------------------------------------------------------
-# Figure
-
-
-def plot_compare(res: CompareResult, out_dir: str | Path) -> list[Path]:
-    """``table5.png``: average accuracy against the pruning ratio per method (dense as a dashed line),
-    then one panel per task."""
-    from ..plots import plt, save_figure
-
-    tasks = res.tasks
-    n = 1 + len(tasks)
-    cols = min(4, n)
-    rows = -(-n // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
-    for ax in axes.flat[n:]:
-        ax.set_visible(False)
-    cmap = plt.get_cmap("tab10")
-    panels = [("average", "avg")] + [(TABLE_COLUMNS.get(t, t), t) for t in tasks]
-    table = res.rows()
-    for ax, (title, col) in zip(axes.flat, panels):
-        ax.axhline(table[0][col], color="0.4", ls="--", lw=1, label="dense")
-        for i, m in enumerate(res.config["methods"]):
-            pts = [(r["ratio"], r[col]) for r in table[1:] if r["method"] == m and r[col] is not None]
-            if pts:
-                ax.plot([100 * x for x, _ in pts], [y for _, y in pts], "-o", ms=4, color=cmap(i % 10), label=m)
-        ax.set_title(title, fontsize=9)
-        ax.set_xlabel("pruning ratio (%)")
-        ax.set_ylabel("accuracy (%)")
-    axes.flat[0].legend(fontsize=7)
-    ft = res.config["finetune"]
-    fig.suptitle(f"{Path(str(res.config.get('model'))).name}: accuracy after {ft['method']} fine-tuning "
-                 f"({res.config['format']}, {res.config['limit'] or 'all'} rows per task)", fontsize=10)
-    fig.tight_layout()
-    return [save_figure(fig, Path(out_dir) / FIGURE)]
-
-
-def print_compare(res: CompareResult, console) -> None:
-    """The table, as the paper prints it."""
-    from rich.table import Table
-
-    t = Table(title="accuracy (%) after fine-tuning (Table 5)", header_style="bold")
-    for col in ("Method", "Ratio", *[TABLE_COLUMNS.get(x, x) for x in res.tasks], "Avg"):
-        t.add_column(col, justify="left" if col == "Method" else "right")
-    fmt = lambda v: "—" if v is None else f"{v:.2f}"  # noqa: E731
-    for r in res.rows():
-        t.add_row(r["method"], f"{100 * r['ratio']:.1f}%", *[fmt(r[x]) for x in res.tasks], fmt(r["avg"]),
-                  style="bold" if r["method"] == "dense" else None)
-    console.print(t)
-
-
-__all__ = ["CompareConfig", "CompareResult", "TABLE_COLUMNS", "compare", "ks_for", "plot_compare", "print_compare"]
+__all__ = ["CompareConfig", "CompareResult", "TABLE_COLUMNS", "compare", "ks_for"]

@@ -10,7 +10,8 @@ critical ratio (mean absolute error, mean signed error, and its own Pearson r).
 
 How pairs are formed
 --------------------
-Every given folder is scanned for declens result files (``*.json`` with a top-level ``kind``).
+Every given folder is read through :func:`declens.results.find_runs` (a run folder, or every run
+folder below it; each verified against its manifest, its main result file read in the current schema).
 Results are grouped by **(model, task, format)**: ``model`` is the ``--model`` string the run was
 made with (``config["model"]``: a preset name, a path or a hub id, so spell it the same way in every
 command), ``task`` the task name (``mmlu:astronomy`` for a subject), ``format`` ``letter``/``cloze``.
@@ -43,14 +44,13 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 from ..errors import DeclensError
-from ..results import MANIFEST_FILE, RunWriter, provenance, verify_run_folder
+from ..results import Run, RunWriter, find_runs, provenance, register_result
 
 CORRELATE_FILE = "correlate.json"
 CORRELATE_CSV = "correlate.csv"
@@ -58,79 +58,6 @@ MIN_PAIRS = 3
 
 #: TP sources in order of preference (lower wins).
 _TP_PRIORITY = {"analysis": 0, "prune": 1, "eval": 2}
-
-
-# ------------------------------------------------------------------------------------------------
-# Finding result files
-
-
-@dataclass
-class RunFile:
-    """One declens result file: its path, ``kind`` and parsed JSON content."""
-
-    path: Path
-    kind: str
-    data: dict
-
-    @property
-    def config(self) -> dict:
-        c = self.data.get("config")
-        return c if isinstance(c, dict) else {}
-
-    @property
-    def provenance(self) -> dict:
-        p = self.data.get("provenance")
-        return p if isinstance(p, dict) else {}
-
-
-def find_run_files(run_dir: str | Path) -> list[RunFile]:
-    """The declens result files of one run folder (or one result file), sorted by file name.
-
-    A result file is a top-level ``*.json`` listed in the folder's manifest and holding an object
-    with a string ``kind`` (``analysis``, ``prune``, ``eval``, ``cka``, ``noise``, ...). The folder
-    is verified against its manifest first (:func:`~declens.results.verify_run_folder`); files it
-    does not list (resume state, leftovers of other runs) are never read.
-
-    Raises:
-        DeclensError: the path does not exist, holds no declens result, or is incomplete or modified.
-    """
-    p = Path(run_dir)
-    if not p.exists():
-        raise DeclensError(f"run folder {str(p)!r} does not exist")
-    folder = p.parent if p.is_file() else p
-    if not (folder / MANIFEST_FILE).is_file() and not _has_result_json(folder):
-        paths = []  # nothing declens wrote: say so below, rather than "incomplete"
-    else:
-        listed = verify_run_folder(p).paths((".json",))  # a file given must be listed too
-        paths = [p] if p.is_file() and p.name != MANIFEST_FILE else listed
-    out = []
-    bad = []
-    for q in paths:
-        try:
-            d = json.loads(q.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            bad.append(f"{q.name} ({type(e).__name__})")
-            continue
-        if isinstance(d, dict) and isinstance(d.get("kind"), str):
-            out.append(RunFile(q, d["kind"], d))
-    if not out:
-        hint = f"; unreadable: {', '.join(bad)}" if bad else ""
-        raise DeclensError(f"{str(p)!r} holds no declens results (no result.json, prune.json, eval.json or other "
-                           f"*.json with a 'kind'){hint}; pass folders written by 'declens analyze', 'declens prune', "
-                           f"'declens eval', ...")
-    return out
-
-
-def _has_result_json(folder: Path) -> bool:
-    """A top-level ``*.json`` with a ``kind`` (a result file, maybe of a folder without a manifest)."""
-    for q in folder.glob("*.json"):
-        try:
-            d = json.loads(q.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-            continue
-        if isinstance(d, dict) and isinstance(d.get("kind"), str):
-            return True
-    return False
 
 
 def model_label(model: Any) -> str:
@@ -206,7 +133,7 @@ def _key(model: Any, task: Any, fmt: Any) -> tuple[str, str, str]:
     return (str(model).rstrip("/\\"), str(task), str(fmt))
 
 
-def _fingerprint(f: RunFile) -> str | None:
+def _fingerprint(f: Run) -> str | None:
     m = f.provenance.get("model")
     return m.get("fingerprint") if isinstance(m, dict) else None
 
@@ -228,7 +155,7 @@ def _from_layers(key, layer_ids: list[int], tp: int | None, num_layers: int, **k
                          silent_phase=_span(silent), decisive_phase=_span(decisive), note=note, **kw)
 
 
-def dense_decisions(f: RunFile) -> list[DenseDecision]:
+def dense_decisions(f: Run) -> list[DenseDecision]:
     """The dense Transition Point(s) a result file provides (none for kinds that carry none)."""
     c = f.config
     fp = _fingerprint(f)
@@ -278,7 +205,7 @@ def dense_decisions(f: RunFile) -> list[DenseDecision]:
     return []
 
 
-def critical_ratios(f: RunFile) -> list[CriticalRatio]:
+def critical_ratios(f: Run) -> list[CriticalRatio]:
     """The critical ratio of every method of a ``prune`` result (empty for other kinds)."""
     if f.kind != "prune":
         return []
@@ -304,7 +231,7 @@ class Gathered:
     """Everything the given folders say per (model, task, format): the chosen TP source, the chosen
     critical ratio per method, and notes about duplicates and unusable candidates."""
 
-    files: list[RunFile]
+    files: list[Run]
     decisions: dict[tuple[str, str, str], DenseDecision]
     ratios: dict[tuple[str, str, str], dict[str, CriticalRatio]]
     notes: dict[tuple[str, str, str], list[str]]
@@ -334,10 +261,10 @@ def gather(run_dirs: Sequence[str | Path]) -> Gathered:
     """
     if not run_dirs:
         raise DeclensError("no run folders given; pass folders written by 'declens analyze' and 'declens prune'")
-    files: list[RunFile] = []
+    files: list[Run] = []
     seen: set[Path] = set()
     for d in run_dirs:
-        for f in find_run_files(d):
+        for f in find_runs(d):
             rp = f.path.resolve()
             if rp not in seen:
                 seen.add(rp)
@@ -447,6 +374,7 @@ def _pearson(x: Sequence[float], y: Sequence[float]) -> dict:
     return {"r": float(res.statistic), "p": float(res.pvalue), "n": n}
 
 
+@register_result("correlate", CORRELATE_FILE, "correlate")
 @dataclass
 class CorrelationResult:
     """Transition Point vs critical pruning ratio across model-task pairs.
@@ -470,6 +398,7 @@ class CorrelationResult:
     incomplete: list[dict] = field(default_factory=list)
     stats: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    SCHEMA_VERSION = 1  #: of ``correlate.json`` (see :func:`declens.results.register_result`)
 
     def labels(self) -> list[str]:
         """Point labels: ``model · task``, with ``· format`` when the pairs mix formats or repeat a label."""
@@ -513,8 +442,10 @@ class CorrelationResult:
         return buf.getvalue()
 
     def figures(self) -> dict[str, bytes]:
-        """PNG bytes of ``correlate.png`` and ``safe_margin.png``."""
-        return correlation_figures(self)
+        """PNG bytes of ``correlate.png`` and ``safe_margin.png`` (drawn by :func:`declens.plots.correlation_figures`)."""
+        from ..results import figure_drawer
+
+        return figure_drawer("correlate")(self)
 
     @classmethod
     def load(cls, path: str | Path) -> "CorrelationResult":
@@ -618,78 +549,3 @@ def correlate_gathered(g: Gathered, method: str, run_dirs: Sequence[str] = ()) -
     res = CorrelationResult(config={"run_dirs": list(run_dirs), "method": method}, provenance=prov, method=method,
                             pairs=pairs, incomplete=incomplete, notes=notes)
     return res.compute()
-
-
-# ------------------------------------------------------------------------------------------------
-# Figures
-
-
-def _stat_text(s: dict) -> str:
-    if s.get("r") is None:
-        return f"r undefined ({s.get('undefined', 'n/a')}), n = {s['n']}"
-    return f"r = {s['r']:+.3f}, p = {s['p']:.3g}, n = {s['n']}"
-
-
-def _scatter(ax, x: Sequence[float], y: Sequence[float], labels: Sequence[str], stat: dict, fit: bool = True) -> None:
-    import numpy as np
-
-    ax.scatter(x, y, s=36, color="#1f77b4", zorder=3)
-    for xi, yi, lab in zip(x, y, labels):
-        ax.annotate(lab, (xi, yi), textcoords="offset points", xytext=(5, 4), fontsize=7)
-    if fit and stat.get("r") is not None:
-        slope, icept = np.polyfit(np.asarray(x, float), np.asarray(y, float), 1)
-        xs = np.linspace(min(x), max(x), 50)
-        ax.plot(xs, slope * xs + icept, "--", color="#d62728", lw=1.2, label=f"least-squares fit (slope {slope:+.3g})")
-        ax.legend(fontsize=7, loc="best")
-    ax.grid(alpha=0.3)
-
-
-def plot_correlation(axes, res: "CorrelationResult") -> None:
-    """Two panels: critical ratio against TP layer index, and against TP fraction of depth."""
-    labels = res.labels()
-    cr = [p.critical_ratio for p in res.pairs]
-    a1, a2 = axes
-    _scatter(a1, [p.transition_layer for p in res.pairs], cr, labels, res.stats["layer"])
-    a1.set_xlabel("Transition Point (layer index)")
-    a1.set_ylabel(f"critical pruning ratio ({res.method})")
-    a1.set_title(f"TP layer vs critical ratio\n{_stat_text(res.stats['layer'])}", fontsize=10)
-    _scatter(a2, [p.transition_fraction for p in res.pairs], cr, labels, res.stats["fraction"])
-    a2.set_xlabel("Transition Point (fraction of depth)")
-    a2.set_ylabel(f"critical pruning ratio ({res.method})")
-    a2.set_title(f"TP fraction vs critical ratio\n{_stat_text(res.stats['fraction'])}", fontsize=10)
-
-
-def plot_safe_margin(ax, res: "CorrelationResult") -> None:
-    """Predicted safe pruning margin (Decisive Phase fraction) against the measured critical ratio."""
-    x = [p.decisive_fraction for p in res.pairs]
-    y = [p.critical_ratio for p in res.pairs]
-    _scatter(ax, x, y, res.labels(), res.stats["safe_margin"], fit=False)
-    hi = max(x + y) * 1.1 or 1.0
-    ax.plot([0, hi], [0, hi], ":", color="k", lw=1, label="identity (prediction = measurement)")
-    ax.set_xlim(0, hi)
-    ax.set_ylim(0, hi)
-    ax.set_aspect("equal")
-    ax.legend(fontsize=7, loc="upper left")
-    s = res.stats["safe_margin"]
-    ax.set_xlabel("safe pruning margin estimate (Decisive Phase share of depth)")
-    ax.set_ylabel(f"measured critical pruning ratio ({res.method})")
-    ax.set_title(f"Safe pruning margin vs critical ratio\nMAE {s['mae']:.3f}, bias {s['bias']:+.3f}; "
-                 f"{_stat_text(s)}", fontsize=10)
-
-
-def correlation_figures(res: "CorrelationResult") -> dict[str, bytes]:
-    """Render ``correlate.png`` and ``safe_margin.png`` to PNG bytes."""
-    from ..plots import png_bytes, plt  # the Agg backend is selected there
-
-    out = {}
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
-    plot_correlation(axes, res)
-    fig.suptitle(f"Transition Point vs critical pruning ratio ({res.method}), {len(res.pairs)} model-task pairs",
-                 fontsize=11)
-    fig.tight_layout()
-    out["correlate.png"] = png_bytes(fig)
-    fig, ax = plt.subplots(figsize=(6.5, 6.5))
-    plot_safe_margin(ax, res)
-    fig.tight_layout()
-    out["safe_margin.png"] = png_bytes(fig)
-    return out

@@ -16,7 +16,7 @@ from typing import Sequence
 
 from .. import distributed
 from ..errors import DeclensError
-from ..formats import FORMATS, ClozeRequests, Encoder, LetterRequests, build_cloze, build_letter
+from ..formats import LetterRequests, Requests, encoder_for, prepare  # encoder_for, prepare: re-exported
 from ..lens import EMBEDDING_ID
 from ..metrics import readout_summary
 from ..models import LoadedModel
@@ -25,28 +25,7 @@ from ..scoring import LayerScores, score_requests
 from ..surgery import dense_layer_ids, keep_positions
 from ..tasks import LETTERS, TaskData
 
-Requests = LetterRequests | ClozeRequests
-
-
-def encoder_for(lm: LoadedModel) -> Encoder:
-    """A tokenizer wrapper for the model's context window: longer prompts are refused, or cut at their
-    start when ``lm.truncate`` is set (see :class:`~declens.formats.Encoder`)."""
-    return Encoder(lm.tokenizer, max_length=getattr(lm.model.config, "max_position_embeddings", None),
-                   truncate=getattr(lm, "truncate", False))
-
-
-def prepare(lm: LoadedModel, data: TaskData, fmt: str = "letter", num_fewshot: int = 0, seed: int = 0,
-            labels: str | Sequence[str] = LETTERS, label_prefix: str = " ") -> Requests:
-    """Tokenized requests of a task in a format (reusable across pruned configurations)."""
-    if fmt not in FORMATS:
-        raise DeclensError(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
-    enc = encoder_for(lm)
-    if fmt == "letter":
-        req = build_letter(data, enc, num_fewshot=num_fewshot, seed=seed, labels=labels, label_prefix=label_prefix)
-    else:
-        req = build_cloze(data, enc, num_fewshot=num_fewshot, seed=seed)
-    lm.truncated = getattr(lm, "truncated", 0) + req.truncated  # reported in provenance and on the console
-    return req
+__all__ = ["analyze", "encoder_for", "parse_lens_layers", "prepare", "score"]
 
 
 def score(lm: LoadedModel, req: Requests, layers: Sequence[int] | None = None, max_tokens: int | None = None,

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..models import LoadedModel
-from ..results import RunWriter, provenance
+from ..results import RunWriter, provenance, register_result
 from ..tasks import load_task
 from .decision import prepare
 
@@ -24,6 +24,7 @@ def config_label(removed: Sequence[int]) -> str:
     return "dense" if not removed else ",".join(map(str, removed))
 
 
+@register_result("eval", "eval.json", "eval")
 @dataclass
 class EvalResult:
     """Accuracy (and decision metrics) of configurations x tasks x formats.
@@ -38,6 +39,7 @@ class EvalResult:
     formats: list[str]
     configs: list[list[int]]
     cells: dict[tuple[str, str, str], dict] = field(default_factory=dict)
+    SCHEMA_VERSION = 1  #: of ``eval.json`` (see :func:`declens.results.register_result`)
 
     @property
     def labels(self) -> list[str]:
@@ -127,17 +129,3 @@ def evaluate_configs(lm: LoadedModel, tasks: Sequence[str], configs: Sequence[Se
     if out_dir is not None:
         res.save(out_dir)
     return res
-
-
-def print_eval(res: EvalResult, console) -> None:
-    from rich.table import Table
-
-    for f in res.formats:
-        t = Table(title=f"accuracy (%), {f} format", header_style="bold")
-        t.add_column("Task")
-        for lab in res.labels:
-            t.add_column(lab, justify="right")
-        for task in res.tasks:
-            t.add_row(task, *[f"{100 * res.cells[(task, f, lab)]['accuracy']:.2f}" for lab in res.labels])
-        t.add_row("Avg", *[f"{100 * res.average(f, lab):.2f}" for lab in res.labels], style="bold")
-        console.print(t)

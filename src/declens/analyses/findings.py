@@ -23,6 +23,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from ..metrics import compute_metrics, transition_point
+from ..results import read_result_file, register_result
 from .evaluate import config_label
 
 HOLDS, FAILS, UNTESTABLE = "holds", "does not hold", "cannot be tested here"
@@ -368,7 +369,8 @@ def claim_recovery(recovery_result, cfg: FindingsConfig) -> Finding:
             "value, and the restored share (after - before) / (dense - before) is smaller at the deepest ratio than at the shallowest")
     if recovery_result is None or not recovery_result.runs:
         return untestable(8, st, crit, "no recovery result")
-    dense = (recovery_result.dense or {}).get("final_dm")
+    block = recovery_result.dense or {}
+    dense = block.get("summary", block).get("final_dm")  # the dense block is an analysis: its summary holds final_dm
     if dense is None:
         return untestable(8, st, crit, "the recovery run has no dense reference")
     runs = sorted(recovery_result.runs, key=lambda r: r.ratio)
@@ -425,12 +427,20 @@ def spearman_pearson(x: Sequence[float], y: Sequence[float]) -> dict:
             "spearman_rho": float(sr[0]), "spearman_p": float(sr[1])}
 
 
+@register_result("findings", "findings.json", "findings")
 @dataclass
 class Findings:
     """All findings of one or more study folders."""
 
     config: dict
     findings: list[Finding]
+    SCHEMA_VERSION = 1  #: of ``findings.json`` (see :func:`declens.results.register_result`)
+
+    @classmethod
+    def load(cls, path) -> "Findings":
+        """Read a folder written by ``declens findings`` (verified against its manifest)."""
+        d = read_result_file(path, "findings.json", "findings")[1]
+        return cls(config=d["config"], findings=[Finding(**f) for f in d["findings"]])
 
     def table(self) -> list[dict]:
         return [{"claim": f.claim, "verdict": f.verdict, "statement": f.statement} for f in self.findings]
@@ -452,12 +462,13 @@ class Findings:
 
     def markdown(self) -> str:
         """The verdict table, then each claim's criterion, numbers and intervals."""
-        out = ["| # | claim | verdict | support |", "|---|---|---|---|"]
+        out = ["| # | claim | verdict | support | from |", "|---|---|---|---|---|"]
         for f in self.findings:
             sup = "-" if f.support is None else f"{f.support:.0%}"
-            out.append(f"| {f.claim} | {f.statement} | **{f.verdict}** | {sup} |")
+            out.append(f"| {f.claim} | {f.statement} | **{f.verdict}** | {sup} | {f.source or 'all studies'} |")
         for f in self.findings:
-            out += ["", f"### Claim {f.claim}: {f.verdict}", "", f"*Criterion:* {f.criterion}", ""]
+            where = f" ({f.source})" if f.source else ""
+            out += ["", f"### Claim {f.claim}{where}: {f.verdict}", "", f"*Criterion:* {f.criterion}", ""]
             if f.numbers:
                 out.append("*Measured:* " + "; ".join(f"{k} = {_fmt(v)}" for k, v in f.numbers.items()))
             if f.ci:
@@ -503,15 +514,18 @@ def idea_phase_aware(prune_results: Sequence, cfg: FindingsConfig) -> Finding:
     st = "phase-aware pruning (only inside the Decisive Phase) keeps more accuracy than IP and the baselines at equal ratios"
     crit = ("averaged over every ratio both methods reached, phase-aware pruning's best-state accuracy is at least each "
             "other method's (per method: mean difference phase - method over shared ratios)")
-    best: dict[str, dict[float, float]] = {}
+    # keyed by (run, ratio): a method is only ever compared with another on the same task and rows
+    best: dict[str, dict[tuple[str, float], float]] = {}
     for pr in prune_results:
         if pr is None:
             continue
+        c = getattr(pr, "config", None) or {}
+        run_key = "|".join(str(c.get(f)) for f in ("model", "task", "format", "split", "limit", "seed"))
         for m, run in pr.runs.items():
             for k, rec in run.best_by_k().items():
                 # a phase-aware step taken with no Decisive Phase left falls back to plain IP: not phase-aware
                 if k > 0 and not (m == "phase" and "decisive phase empty" in (rec.note or "")):
-                    best.setdefault(m, {})[round(rec.ratio, 6)] = rec.accuracy
+                    best.setdefault(m, {})[(run_key, round(rec.ratio, 6))] = rec.accuracy
     if "phase" not in best:
         return untestable("phase-aware", st, crit, "no phase-aware pruning state (no 'phase' run, or every step fell "
                           "back to plain IP because the model had no Decisive Phase)")

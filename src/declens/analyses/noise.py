@@ -58,7 +58,7 @@ from ..errors import DeclensError, LayerSpecError, NoiseSpecError
 from ..formats import FORMATS, ClozeRequests, LetterRequests
 from ..metrics import compute_metrics, margins, predictions
 from ..models import LoadedModel
-from ..results import RunWriter, provenance
+from ..results import RunWriter, provenance, register_result
 from ..runner import Batch, Probe, collate, default_max_tokens, forward, plan_batches
 from ..scoring import ScoringPlan
 from ..surgery import dense_layer_ids
@@ -273,6 +273,7 @@ class _OutputCache(Probe):
 # Result
 
 
+@register_result("noise", NOISE_FILE, "noise")
 @dataclass
 class NoiseResult:
     """Final-layer Decision Margin under noise at each layer and scale.
@@ -304,6 +305,7 @@ class NoiseResult:
     sigma: dict[int, float]
     dense: dict
     extra: dict = field(default_factory=dict)
+    SCHEMA_VERSION = 1  #: of ``noise.json`` (see :func:`declens.results.register_result`)
 
     def phase_of(self, layer_id: int) -> str:
         """``silent`` or ``decisive`` (the dense model's phase of a layer)."""
@@ -353,8 +355,8 @@ class NoiseResult:
         with np.load(p.parent / NOISE_NPZ) as z:
             arrays = {k: z[k] for k in ("dm", "accuracy", "dm_runs", "acc_runs", "scores", "sigma", "dense_layer_ids")}
         sigma = {int(i): float(s) for i, s in zip(arrays["dense_layer_ids"], arrays["sigma"])}
-        known = {"kind", "config", "provenance", "scales", "layer_ids", "dense", "phase_summary", "layers", "dm",
-                 "accuracy"}
+        known = {"kind", "schema_version", "config", "provenance", "scales", "layer_ids", "dense", "phase_summary",
+                 "layers", "dm", "accuracy"}
         return cls(config=d["config"], provenance=d["provenance"], layer_ids=[int(i) for i in d["layer_ids"]],
                    scales=[float(a) for a in d["scales"]], dm=arrays["dm"], acc=arrays["accuracy"],
                    dm_runs=arrays["dm_runs"], acc_runs=arrays["acc_runs"], scores=arrays["scores"], sigma=sigma,
@@ -372,7 +374,7 @@ class NoiseResult:
                     dense_layer_ids=np.array(self.dense["layer_ids"]), dense_dm=np.array(self.dense["dm"]))
             run.json(NOISE_FILE, self.to_dict())
             if plots:
-                run.figures(plot_noise, self, out)
+                run.draw_figures(self, out)
         return out
 
 
@@ -466,7 +468,7 @@ def noise_study(
     plan = ScoringPlan(parts, req)
     pad = encoder_for(lm).pad_id
     budget = _cache_budget(lm, max_tokens)
-    batches = plan_batches([len(r) for r in plan.rows], budget)
+    batches = plan_batches([len(r) for r in plan.rows], budget, batch_cost=lm.options.batch_cost)
 
     def assemble(out: np.ndarray, ids: list[int]) -> np.ndarray:
         s = plan.assemble(out, ids)
@@ -518,9 +520,10 @@ def noise_study(
                                 probe.finish(b)
                                 probe.flush()
                             else:
-                                # a plain Probe() keeps every position of the final layer (no
-                                # last-position trim), so scale 0 rounds exactly like pass 1
-                                forward(parts, b, [probe, Probe()], layers=list(range(p + 1, L)), start_hidden=noised)
+                                # every position of the final layer is computed (no last-position
+                                # trim), so scale 0 rounds exactly like pass 1
+                                forward(parts, b, [probe], layers=list(range(p + 1, L)), start_hidden=noised,
+                                        trim_final=False)
                             bar.update(1)
                     del h
     finally:
@@ -557,94 +560,3 @@ def noise_study(
                        scores=finals.astype(np.float32), sigma=sigma_l, dense=dense,
                        extra={"sigma_by_mode": {m: {str(k): None if math.isnan(v) else v for k, v in sig.sigma(m).items()}
                                                for m in SIGMA_MODES}})
-
-
-# ------------------------------------------------------------------------------------------------
-# Figures
-
-
-def _tp_x(res: NoiseResult) -> float | None:
-    """x position of the dense Transition Point on an axis over the perturbed layers: the boundary
-    before the first perturbed layer at or after it."""
-    tp = res.dense["transition_layer"]
-    if tp is None:
-        return None
-    before = [i for i, lid in enumerate(res.layer_ids) if lid < tp]
-    return (before[-1] + 0.5) if before else -0.5
-
-
-def plot_noise_heatmap(ax, res: NoiseResult, title: str = "") -> None:
-    """Final DM per perturbed layer (x) and noise scale (y), diverging around 0, with the dense
-    phases under the map and the Transition Point marked."""
-    from matplotlib.colors import TwoSlopeNorm
-
-    from ..plots import DECISIVE, SILENT, TP_COLOR, plt
-
-    P, S = res.dm.shape
-    lim = float(np.nanmax(np.abs(res.dm))) or 1.0
-    im = ax.imshow(res.dm.T, aspect="auto", origin="lower", cmap="RdBu", norm=TwoSlopeNorm(0.0, -lim, lim),
-                   extent=(-0.5, P - 0.5, -0.5, S - 0.5), interpolation="nearest")
-    if P * S <= 160:
-        for i in range(P):
-            for j in range(S):
-                v = res.dm[i, j]
-                ax.text(i, j, f"{v:.2f}", ha="center", va="center", fontsize=6,
-                        color="white" if abs(v) > 0.6 * lim else "black")
-    for i, lid in enumerate(res.layer_ids):  # phase strip below the map
-        ax.add_patch(plt.Rectangle((i - 0.5, -0.5 - 0.06 * S), 1, 0.06 * S, clip_on=False, lw=0,
-                                   color=DECISIVE if res.phase_of(lid) == "decisive" else SILENT))
-    tp = _tp_x(res)
-    if tp is not None:
-        ax.axvline(tp, color=TP_COLOR, ls="--", lw=1.5, label=f"Transition Point (layer {res.dense['transition_layer']})")
-        ax.legend(fontsize=7, loc="upper right")
-    step = max(1, -(-P // 16))
-    ax.set_xticks(range(0, P, step))
-    ax.set_xticklabels([str(res.layer_ids[i]) for i in range(0, P, step)])
-    ax.set_yticks(range(S))
-    ax.set_yticklabels([f"{a:g}" for a in res.scales])
-    ax.set_ylim(-0.5 - 0.06 * S, S - 0.5)
-    ax.set_xlabel("noised layer (original id; strip: grey Silent, green Decisive Phase)")
-    ax.set_ylabel("noise scale a (x sigma_l)")
-    ax.set_title(title or "Final Decision Margin with noise at one layer")
-    plt.colorbar(im, ax=ax, label="final-layer mean DM", fraction=0.046)
-
-
-def plot_noise_phases(ax, res: NoiseResult, title: str = "") -> None:
-    """Mean final DM against noise scale, one line per phase (band: range over the phase's layers)."""
-    x = np.arange(len(res.scales))
-    colors = {"silent": "#7f7f7f", "decisive": "#2ca02c"}
-    for ph in ("silent", "decisive"):
-        rows = [i for i, lid in enumerate(res.layer_ids) if res.phase_of(lid) == ph]
-        if not rows:
-            continue
-        d = res.dm[rows]
-        ax.fill_between(x, d.min(axis=0), d.max(axis=0), color=colors[ph], alpha=0.15, lw=0)
-        ax.plot(x, d.mean(axis=0), "-o", ms=4, color=colors[ph],
-                label=f"{ph.capitalize()} Phase ({len(rows)} layer{'s' if len(rows) > 1 else ''})")
-    ax.axhline(res.dense["final_dm"], color="#1f77b4", ls="--", lw=1, label=f"clean final DM ({res.dense['final_dm']:+.2f})")
-    ax.axhline(0, color="k", lw=0.8)
-    ax.set_xticks(x)
-    ax.set_xticklabels([f"{a:g}" for a in res.scales])
-    ax.set_xlabel("noise scale a (x sigma_l)")
-    ax.set_ylabel("final-layer mean DM")
-    ax.set_title(title or "Noise sensitivity by phase (band: min-max over layers)")
-    ax.legend(fontsize=8)
-
-
-def plot_noise(res: NoiseResult, out_dir: Path | str) -> list[Path]:
-    """Draw ``noise_heatmap.png`` and ``noise_phases.png`` into ``out_dir``."""
-    from ..plots import plt, save_figure
-    out = Path(out_dir)
-    cfg = res.config
-    tp = res.dense["transition_layer"]
-    name = (f"{Path(str(cfg.get('model'))).name} · {cfg.get('task')} · {cfg.get('format')} · "
-            f"transition point {'none' if tp is None else tp}")
-    paths = []
-    P = len(res.layer_ids)
-    fig, ax = plt.subplots(figsize=(max(7.0, 0.32 * P + 3), max(3.5, 0.45 * len(res.scales) + 1.8)))
-    plot_noise_heatmap(ax, res, f"Final Decision Margin, noise at one layer\n{name}")
-    paths.append(save_figure(fig, out / "noise_heatmap.png"))
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    plot_noise_phases(ax, res, f"Noise sensitivity by phase\n{name}")
-    paths.append(save_figure(fig, out / "noise_phases.png"))
-    return paths

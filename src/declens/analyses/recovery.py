@@ -30,7 +30,7 @@ from __future__ import annotations
 import csv
 import io
 import json
-import math
+import logging
 import time
 import warnings
 from dataclasses import asdict, dataclass, field, fields
@@ -42,11 +42,13 @@ from ..finetune import (FinetuneConfig, answer_loss, export_model, load_training
                         run_finetune, sequence_stats, state_copy, training_sequences)
 from ..formats import FORMATS, LetterRequests
 from ..models import LoadedModel
-from ..results import AnalysisResult, RunWriter, provenance, read_result_file
+from ..results import AnalysisResult, RunWriter, load_result, provenance, read_result_file, register_result
 from ..surgery import check_removal
 from ..tasks import LETTERS, TaskData, TaskSpec
 from .decision import analyze, prepare
 
+#: a line per configuration (INFO, with ``progress``); the CLI shows them on standard output
+logger = logging.getLogger(__name__)
 RECOVER_FILE = "recover.json"
 RECOVER_CSV = "recover.csv"
 
@@ -89,13 +91,36 @@ def configs_from_prune(prune: Any, ratios: Sequence[float] | None = None, method
 
 
 def _layer_block(res: AnalysisResult) -> dict:
+    """Per-layer metrics, each a list over ``layer_ids`` (``[L]``; ``option_frequency`` ``[L, K]``), under the
+    names every result uses for them (``dm``, ``accuracy``, ``accuracy_norm``, ``kl``, ``option_frequency``)."""
     m = res.metrics
-    out = {"layer_ids": list(m.layer_ids), "dm": [float(x) for x in m.dm], "acc": [float(x) for x in m.acc],
+    out = {"layer_ids": list(m.layer_ids), "dm": [float(x) for x in m.dm], "accuracy": [float(x) for x in m.acc],
            "kl": [float(x) for x in m.kl], "dm_q25": [float(x) for x in m.dm_q25], "dm_q75": [float(x) for x in m.dm_q75],
            "option_frequency": [[float(v) for v in row] for row in m.option_frequency]}
     if m.acc_norm is not None:
-        out["acc_norm"] = [float(x) for x in m.acc_norm]
+        out["accuracy_norm"] = [float(x) for x in m.acc_norm]
     return out
+
+
+#: schema 1 named accuracy ``acc`` (layer blocks: ``acc`` / ``acc_norm``; table rows: ``acc_before`` /
+#: ``acc_after``); schema 2 uses the names of every other result (``accuracy``, ``accuracy_norm``,
+#: ``accuracy_before`` / ``accuracy_after`` as in ``compare.json``)
+_V1_NAMES = {"acc": "accuracy", "acc_norm": "accuracy_norm", "acc_before": "accuracy_before",
+             "acc_after": "accuracy_after"}
+
+
+def _recover_v1_to_v2(d: dict) -> dict:
+    """``recover.json`` schema 1 -> 2: the renames of :data:`_V1_NAMES` in the dense block, every run's layer
+    blocks and the table rows."""
+
+    def rename(block):
+        return block if not isinstance(block, dict) else {_V1_NAMES.get(k, k): v for k, v in block.items()}
+
+    d["dense"] = rename(d.get("dense"))
+    d["runs"] = [{**r, "layers_before": rename(r.get("layers_before")), "layers_after": rename(r.get("layers_after"))}
+                 for r in d.get("runs", [])]
+    d["table"] = [rename(row) for row in d.get("table", [])]
+    return d
 
 
 @dataclass
@@ -106,7 +131,8 @@ class RecoveryRun:
         removed: dense ids of the removed layers; k: how many; ratio: ``k / L`` (dense L).
         source: ``remove`` (given explicitly) or ``prune:<method>`` (from a prune run).
         before, after: headline numbers (``LayerMetrics.summary()``: final accuracy, final DM, TP ...).
-        layers_before, layers_after: per-layer ``layer_ids``, ``dm``, ``acc``, ``kl``, DM quartiles, OF.
+        layers_before, layers_after: per-layer ``layer_ids``, ``dm``, ``accuracy`` (``accuracy_norm``), ``kl``,
+            DM quartiles, ``option_frequency``.
         tp_before, tp_after: dense id of the Transition Point (None: no TP).
         restored: no TP before and a TP after (see the module docstring).
         train: the :class:`TrainLog` as a dict.
@@ -154,6 +180,7 @@ class RecoveryRun:
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
+@register_result("recover", RECOVER_FILE, "recover", converters={1: _recover_v1_to_v2})
 @dataclass
 class RecoveryResult:
     """A recovery study: the dense reference and every pruned configuration before / after fine-tuning."""
@@ -162,13 +189,14 @@ class RecoveryResult:
     provenance: dict
     runs: list[RecoveryRun]
     dense: dict | None = None
+    SCHEMA_VERSION = 2  #: of ``recover.json``; 1 -> 2: ``acc*`` -> ``accuracy*`` (converted on load)
 
     def table(self) -> list[dict]:
         """One row per configuration (the CSV rows)."""
         rows = []
         for r in self.runs:
             rows.append({"k": r.k, "ratio": r.ratio, "removed": r.removed, "source": r.source,
-                         "acc_before": r.before["final_accuracy"], "acc_after": r.after["final_accuracy"],
+                         "accuracy_before": r.before["final_accuracy"], "accuracy_after": r.after["final_accuracy"],
                          "dm_before": r.before["final_dm"], "dm_after": r.after["final_dm"],
                          "tp_before": r.tp_before, "tp_after": r.tp_after, "restored": r.restored,
                          "first_loss": r.train.get("first_loss"), "last_loss": r.train.get("last_loss"),
@@ -196,7 +224,7 @@ class RecoveryResult:
             run.json(RECOVER_FILE, self.to_dict())
             run.text(RECOVER_CSV, buf.getvalue())
             if plots:
-                run.figures(plot_recovery, self, out)
+                run.draw_figures(self, out)
         return out
 
     @classmethod
@@ -259,7 +287,7 @@ def recover_study(
             written after every finished configuration but the last, marked ``"partial": true``).
         export_dir: save every recovered model (``save_pretrained`` + tokenizer) in a subfolder here
             (``00_k12``: configuration index and number of removed layers).
-        progress: progress bars.
+        progress: progress bars, and a line per configuration on the ``declens`` logger (INFO; the CLI prints them).
         plots: with ``out_dir``, draw the figures.
         **hparams: fine-tuning hyper-parameters (:class:`FinetuneConfig` fields: ``epochs``, ``lr``,
             ``batch_size``, ``grad_accum``, ``max_steps``, ``lora_r``, ``lora_alpha``, ...).
@@ -276,9 +304,7 @@ def recover_study(
                            "(--from-prune), not both and not neither")
     prune_info = None
     if prune is not None:
-        from ..pruning.run import PruneResult
-
-        pres = prune if isinstance(prune, PruneResult) else PruneResult.load(prune)
+        pres = load_result(prune, kind="prune") if isinstance(prune, (str, Path)) else prune
         configs = configs_from_prune(pres, ratios, prune_method, num_layers=n_dense)
         if pres.config.get("model") != lm.spec:
             warnings.warn(f"the prune run was made with model {pres.config.get('model')!r}, this study uses "
@@ -324,7 +350,7 @@ def recover_study(
     dense_block = None
     if dense:
         if progress:
-            print("analysing the dense model ...", flush=True)
+            logger.info("analysing the dense model ...")
         d = analyze(lm, eval_data, fmt, **akw)
         dense_block = {"summary": d.metrics.summary(), **_layer_block(d)}
     runs: list[RecoveryRun] = []
@@ -338,7 +364,7 @@ def recover_study(
         removed = list(c.removed)
         k = len(removed)
         if progress:
-            print(f"[{n + 1}/{len(configs)}] removing {k} of {n_dense} layers ({k / n_dense:.1%}): {removed}", flush=True)
+            logger.info(f"[{n + 1}/{len(configs)}] removing {k} of {n_dense} layers ({k / n_dense:.1%}): {removed}")
         t0 = time.perf_counter()
         pm = state_copy(lm, removed, list(c.merges) if c.merges else None)
         before = analyze(pm, eval_data, fmt, **akw)
@@ -375,95 +401,4 @@ def _export_name(n: int, c: PrunedConfig) -> str:
     return f"{n:02d}_k{len(c.removed)}"
 
 
-# ------------------------------------------------------------------------------------------------
-# Figures and printing
-
-
-def plot_recovery(res: RecoveryResult, out_dir: str | Path) -> list[Path]:
-    """``recover_dm.png`` (per configuration: DM per layer before vs after, dense for reference) and
-    ``recover_loss.png`` (training loss per step of every configuration)."""
-    from ..plots import TP_COLOR, plt, save_figure
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = []
-    n = max(1, len(res.runs))
-    cols = min(3, n)
-    rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(5.5 * cols, 3.6 * rows), squeeze=False)
-    for ax in axes.flat[n:]:
-        ax.set_visible(False)
-    for ax, r in zip(axes.flat, res.runs):
-        if res.dense:
-            ax.plot(res.dense["layer_ids"], res.dense["dm"], "-", color="0.6", lw=1.2, label="dense")
-        lb, la = r.layers_before, r.layers_after
-        ax.plot(lb["layer_ids"], lb["dm"], "-o", ms=2.5, color="#d62728", lw=1.3, label="pruned, before")
-        ax.plot(la["layer_ids"], la["dm"], "-o", ms=2.5, color="#1f77b4", lw=1.3, label="pruned, after fine-tuning")
-        for x in r.removed:
-            ax.axvline(x, color="0.85", lw=2, zorder=0)
-        if r.tp_before is not None:
-            ax.axvline(r.tp_before, color="#d62728", ls=":", lw=1, label=f"TP before ({r.tp_before})")
-        if r.tp_after is not None:
-            ax.axvline(r.tp_after, color=TP_COLOR, ls="--", lw=1, label=f"TP after ({r.tp_after})")
-        ax.axhline(0, color="k", lw=0.8)
-        state = "restored" if r.restored else ("TP kept" if r.tp_before is not None else "not restored")
-        ax.set_title(f"{r.k} removed ({r.ratio:.1%}): {state}", fontsize=9)
-        ax.set_xlabel("layer (dense id; grey bars: removed)")
-        ax.set_ylabel("mean Decision Margin")
-        ax.legend(fontsize=6, loc="best")
-    cfg = res.config
-    fig.suptitle(f"{Path(str(cfg.get('model'))).name} · {cfg.get('task')} · {cfg.get('format')} · "
-                 f"{cfg['finetune']['method']} fine-tuning on {cfg['train']['task']} ({cfg['train']['sequences']} rows)",
-                 fontsize=10)
-    fig.tight_layout()
-    paths.append(save_figure(fig, out / "recover_dm.png"))
-    fig, ax = plt.subplots(figsize=(7, 4))
-    cmap = plt.get_cmap("viridis")
-    for i, r in enumerate(res.runs):
-        losses = r.train.get("losses") or []
-        ax.plot(range(1, len(losses) + 1), losses, "-", lw=1.2, color=cmap(i / max(1, n - 1)),
-                label=f"{r.k} removed ({r.ratio:.1%})")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("answer-token loss")
-    ax.set_title("Fine-tuning loss")
-    ax.legend(fontsize=7)
-    paths.append(save_figure(fig, out / "recover_loss.png"))
-    return paths
-
-
-def print_recovery(res: RecoveryResult, console=None) -> None:
-    """A table: per configuration, accuracy / final DM / TP before -> after, ``restored`` and the loss."""
-    from rich import box
-    from rich.console import Console
-    from rich.table import Table
-
-    console = console or Console()
-    hp = res.config["finetune"]
-    t = Table(title=f"{hp['method']} fine-tuning on {res.config['train']['task']} ({res.config['train']['sequences']} rows, "
-                    f"{hp['epochs']} epoch(s), lr {hp['lr']:g}, batch {hp['effective_batch']}): before → after",
-              header_style="bold", box=box.SIMPLE_HEAD)
-    wide = console.width >= 100  # else the layer ids are listed below the table
-    for col in ("ratio (k)", "accuracy", "final DM", "TP", "restored", "train loss"):
-        t.add_column(col, justify="right", no_wrap=True)
-    if wide:
-        t.add_column("removed layer ids", overflow="fold")
-    tp = lambda x: "none" if x is None else str(x)  # noqa: E731
-    if res.dense:
-        s = res.dense["summary"]
-        t.add_row("dense", f"{s['final_accuracy']:.3f}", f"{s['final_dm']:+.2f}", tp(s["transition_layer"]), "", "",
-                  *([""] if wide else []))
-    for r in res.runs:
-        ids = ",".join(map(str, r.removed))
-        t.add_row(f"{r.ratio:.1%} ({r.k})", f"{r.before['final_accuracy']:.3f}→{r.after['final_accuracy']:.3f}",
-                  f"{r.before['final_dm']:+.2f}→{r.after['final_dm']:+.2f}", f"{tp(r.tp_before)}→{tp(r.tp_after)}",
-                  "yes" if r.restored else "no", f"{r.train['first_loss']:.2f}→{r.train['last_loss']:.2f}",
-                  *([ids] if wide else []))
-    console.print(t)
-    if not wide:
-        for r in res.runs:
-            console.print(f"  {r.ratio:.1%} ({r.k}) removed layers: {','.join(map(str, r.removed))}")
-    console.print("TP: Transition Point (dense layer id); restored: no TP before fine-tuning, a TP after")
-
-
-__all__ = ["PrunedConfig", "RecoveryResult", "RecoveryRun", "configs_from_prune", "plot_recovery", "print_recovery",
-           "recover_study"]
+__all__ = ["PrunedConfig", "RecoveryResult", "RecoveryRun", "configs_from_prune", "recover_study"]

@@ -29,7 +29,7 @@ from typing import Any, Callable, Sequence
 
 from ..errors import DeclensError
 from ..models import LoadedModel
-from ..results import RunWriter, provenance, verify_run_folder
+from ..results import RunWriter, figure_drawer, load_result, provenance, register_result, verify_run_folder
 from ..tasks import load_task
 
 STAGES = ("analysis", "prune", "baselines", "cka", "noise", "ablate", "recover", "correlate")
@@ -53,6 +53,10 @@ class StudyConfig:
         recover_ratios: ratios whose best IP set is fine-tuned (empty: no fine-tuning).
         finetune: fine-tuning recipe overrides (``declens.finetune.FinetuneConfig`` fields).
         stages: the stages to run (default all).
+        ip_order: a removal order (dense layer ids) that the prune stage replays (method ``replay``)
+            instead of choosing each layer by Block Influence (``ip`` and ``phase``); for random-weight
+            benchmarks, where Block Influence is meaningless. Every later stage and the findings then
+            use the replayed trajectory in IP's place and say so.
     """
 
     tasks: list[str]
@@ -71,6 +75,28 @@ class StudyConfig:
     recover_ratios: list[float] = field(default_factory=lambda: [0.25, 0.5])
     finetune: dict = field(default_factory=dict)
     stages: list[str] = field(default_factory=lambda: list(STAGES))
+    ip_order: list[int] | None = None
+
+    @property
+    def ip_method(self) -> str:
+        """The prune stage's method standing for Iterative Pruning: ``replay`` with ``ip_order``, else ``ip``."""
+        return "replay" if self.ip_order else "ip"
+
+    def check_order(self, num_layers: int) -> None:
+        """Refuse an ``ip_order`` that this ``num_layers``-layer model cannot replay to ``ip_max_ratio``."""
+        from ..pruning.run import max_removed_for
+
+        o = self.ip_order
+        if not o:
+            return
+        bad = [i for i in o if not 0 <= i < num_layers]
+        if bad:
+            raise DeclensError(f"--ip-order names layer(s) {bad} outside 0..{num_layers - 1} of this {num_layers}-layer "
+                               "model; give dense layer ids of this model")
+        k = max_removed_for(self.ip_max_ratio, num_layers)
+        if len(o) < k:
+            raise DeclensError(f"--ip-order has {len(o)} layers but ip-max-ratio {self.ip_max_ratio} removes {k} of "
+                               f"{num_layers}; give {k} layers or lower --ip-max-ratio to {len(o) / num_layers:.4g}")
 
     def check(self) -> None:
         """Refuse impossible settings before any model work (one clear line each)."""
@@ -89,6 +115,13 @@ class StudyConfig:
             raise DeclensError(f"cka-ratio {self.cka_ratio} is beyond ip-max-ratio {self.ip_max_ratio}; raise the latter")
         if any(r > self.ip_max_ratio for r in self.recover_ratios):
             raise DeclensError(f"recover ratios {self.recover_ratios} go beyond ip-max-ratio {self.ip_max_ratio}")
+        if self.ip_order is not None:
+            o = self.ip_order
+            if not o or any(not isinstance(i, int) or isinstance(i, bool) or i < 0 for i in o):
+                raise DeclensError(f"--ip-order must list dense layer ids (integers >= 0) like 24,23,25, not {o}")
+            dup = sorted({i for i in o if o.count(i) > 1})
+            if dup:
+                raise DeclensError(f"--ip-order repeats layer(s) {dup}; name each layer once")
 
 
 @dataclass
@@ -102,6 +135,7 @@ class StageEvent:
     seconds: float = 0.0
 
 
+@register_result("study", "study.json", "study")
 @dataclass
 class Study:
     """Everything one study produced, keyed by stage and then by ``<task>_<format>`` (or ``main``)."""
@@ -110,6 +144,12 @@ class Study:
     folder: Path
     results: dict[str, dict[str, Any]] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
+    SCHEMA_VERSION = 1  #: of ``study.json`` (see :func:`declens.results.register_result`)
+
+    @classmethod
+    def load(cls, folder: str | Path) -> "Study":
+        """Reload a study folder (see :func:`load_study`)."""
+        return load_study(folder)
 
     def get(self, stage: str, key: str = "main") -> Any:
         return self.results.get(stage, {}).get(key)
@@ -167,6 +207,7 @@ def run_study(lm: LoadedModel, cfg: StudyConfig, out_dir: str | Path,
     from .decision import analyze
 
     cfg.check()
+    cfg.check_order(lm.num_layers)
     out = Path(out_dir)
     study = Study(cfg, out)
     r = _Runner(study, on_event)
@@ -186,9 +227,10 @@ def run_study(lm: LoadedModel, cfg: StudyConfig, out_dir: str | Path,
         for t in cfg.tasks:
             folder = out / "prune" / _key(t, main_fmt)
             r.stage("prune", _key(t, main_fmt), folder,
-                    lambda t=t, folder=folder: prune(lm, data[t], main_fmt, ["ip", "phase"], max_ratio=cfg.ip_max_ratio,
-                                                     calib_samples=cfg.calib_samples, seed=cfg.seed,
-                                                     skip=SkipPrun(enabled=True), out_dir=folder, progress=progress),
+                    lambda t=t, folder=folder: prune(lm, data[t], main_fmt, ["replay"] if cfg.ip_order else ["ip", "phase"],
+                                                     max_ratio=cfg.ip_max_ratio, calib_samples=cfg.calib_samples,
+                                                     seed=cfg.seed, skip=SkipPrun(enabled=True), out_dir=folder,
+                                                     progress=progress, order=cfg.ip_order),
                     PruneResult.load, _prune_line)
 
     if "baselines" in cfg.stages and cfg.baselines:
@@ -226,17 +268,12 @@ def stage_folders(study: Study) -> list[Path]:
 
 def write_study(study: Study, prov: dict, findings=None) -> None:
     """Write ``study.json``, ``findings.json``, ``findings.md`` and ``report.html`` into the study folder
-    (one run folder: the manifest last), the findings computed from the study's results when not given."""
-    import tempfile
-
-    from ..report import build_report
-
+    (one run folder: the manifest last), the findings computed from the study's results when not given.
+    The page is rendered by the presentation layer (:func:`declens.report.study_page`, looked up by kind)."""
     findings = findings or study_findings([study])
     out = study.folder
-    with tempfile.TemporaryDirectory() as tmp:
-        page = build_report(stage_folders(study), Path(tmp) / "report.html",
-                            title=f"declens study: {prov.get('model', {}).get('spec', '')}", preface=findings.html())
-        html = page.read_bytes()
+    html = figure_drawer("study")(stage_folders(study), title=f"declens study: {prov.get('model', {}).get('spec', '')}",
+                                  preface=findings.html())
     with RunWriter(out, "study") as w:
         w.json("study.json", {"kind": "study", "config": asdict(study.config), "provenance": prov,
                               "timings_s": study.timings,
@@ -263,7 +300,7 @@ def _cka_stage(lm, cfg, study, r, data, progress) -> None:
     pr = study.get("prune", _key(cfg.tasks[0], cfg.formats[0]))
     if pr is None:
         raise DeclensError("the cka stage needs the prune stage of the first task; add 'prune' to --stages")
-    remove = _best_removed(pr, cfg.cka_ratio)
+    remove = _best_removed(pr, cfg.cka_ratio, cfg.ip_method)
     folder = study.folder / "cka"
 
     def run():
@@ -317,12 +354,13 @@ def _recover_stage(lm, cfg, study, r, data, out, progress) -> None:
     if pr is None:
         raise DeclensError("the recover stage needs the prune stage of the first task; add 'prune' to --stages")
     folder = out / "recover"
-    ratios = _recover_ratios(pr, cfg.recover_ratios)
+    ratios = _recover_ratios(pr, cfg.recover_ratios, cfg.ip_method)
+    L = pr.runs[cfg.ip_method].num_layers
     if not ratios:
         raise DeclensError(f"no Iterative Pruning state at or below the recover ratios {cfg.recover_ratios} "
-                           f"(one layer of {pr.runs['ip'].num_layers} is {1 / pr.runs['ip'].num_layers:.1%}); raise --recover-ratios")
+                           f"(one layer of {L} is {1 / L:.1%}); raise --recover-ratios")
     r.stage("recover", "main", folder,
-            lambda: recover_study(lm, data, cfg.tasks[0], prune=pr, ratios=ratios,
+            lambda: recover_study(lm, data, cfg.tasks[0], prune=pr, ratios=ratios, prune_method=cfg.ip_method,
                                   fmt=cfg.formats[0], train_seed=cfg.seed, out_dir=folder, progress=progress,
                                   **cfg.finetune),
             RecoveryResult.load,
@@ -353,13 +391,13 @@ def _correlate_stage(cfg, study, r, out) -> None:
         verify_run_folder(folder)
     except DeclensError:
         try:
-            correlate(dirs)  # cheap (reads result files): refuse here, not as a failed stage
+            correlate(dirs, cfg.ip_method)  # cheap (reads result files): refuse here, not as a failed stage
         except DeclensError as e:
             r.on_event(StageEvent("correlate", "main", "omit", str(e).split(". Missing")[0]))
             return
 
     def run():
-        res = correlate(dirs)
+        res = correlate(dirs, cfg.ip_method)
         res.save(folder)
         return res
 
@@ -379,6 +417,8 @@ def _prune_line(res) -> str:
     for m in res.runs:
         c = res.critical.get(m)
         parts.append(f"{m}: critical ratio {'not reached' if c is None else format(c, '.1%')}")
+    if "replay" in res.runs:
+        parts.append("IP replayed from the given removal order (--ip-order), not chosen by Block Influence")
     return "; ".join(parts)
 
 
@@ -395,10 +435,17 @@ def study_findings(studies: Sequence[Study], cfg=None, compare_table: dict | Non
         dense, pr = st.get("analysis", key), st.get("prune", key)
         if dense is None:
             continue
-        fs = [claim_sharp_transition(dense, cfg), claim_option_dynamics(dense, cfg),
-              claim_decisive_first(dense, pr, cfg), claim_collapse_in_silent(dense, pr, cfg),
+        replayed = bool(st.config.ip_order) and pr is not None and "replay" in pr.runs
+        first = claim_decisive_first(dense, None if replayed else pr, cfg)
+        if replayed:  # a given order says nothing about which layers Block Influence picks first
+            first.note = REPLAYED + "; this claim is about IP's own choice, so it is not tested"
+        fs = [claim_sharp_transition(dense, cfg), claim_option_dynamics(dense, cfg), first,
+              claim_collapse_in_silent(dense, _as_ip(pr) if replayed else pr, cfg),
               claim_cka(st.get("cka"), cfg), claim_noise(st.get("noise"), cfg, analysis=dense),
               claim_ablation(st.get("ablate"), cfg), claim_recovery(st.get("recover"), cfg)]
+        if replayed:
+            for f in (fs[3], fs[4], fs[7]):  # the collapse, CKA and recovery follow the replayed trajectory
+                f.note = f"{REPLAYED}; {f.note}" if f.note else REPLAYED
         for f in fs:
             f.source = f"{st.folder.name}:{key}"
         found += fs
@@ -407,6 +454,17 @@ def study_findings(studies: Sequence[Study], cfg=None, compare_table: dict | Non
     found += [claim_correlation(corr, cfg), claim_table5(compare_table, cfg), idea_safe_margin(corr, cfg),
               idea_phase_aware(prunes, cfg)]
     return Findings({"findings": asdict(cfg), "studies": [str(s.folder) for s in studies]}, found)
+
+
+#: the note on every finding that follows a replayed trajectory (``StudyConfig.ip_order``)
+REPLAYED = "IP was replayed from the given removal order (ip_order), not chosen by Block Influence"
+
+
+def _as_ip(prune_result):
+    """``prune_result`` with its ``replay`` trajectory standing in as ``ip`` (for the findings)."""
+    from dataclasses import replace as _replace
+
+    return _replace(prune_result, runs={**prune_result.runs, "ip": prune_result.runs["replay"]})
 
 
 def _correlation_over(studies: Sequence[Study]):
@@ -418,24 +476,11 @@ def _correlation_over(studies: Sequence[Study]):
     n = sum(len(st.results.get("prune", {})) for st in studies)
     if n < 3:
         return None
+    methods = {st.config.ip_method for st in studies}
     try:
-        return correlate(dirs)
+        return correlate(dirs, methods.pop() if len(methods) == 1 else "ip")
     except DeclensError:
         return None
-
-
-def _loaders() -> dict[str, Callable[[Path], Any]]:
-    from ..pruning.run import PruneResult
-    from ..results import AnalysisResult
-    from .ablation import AblationResult
-    from .cka import CKAResult
-    from .correlation import CorrelationResult
-    from .noise import NoiseResult
-    from .recovery import RecoveryResult
-
-    return {"analysis": AnalysisResult.load, "prune": PruneResult.load, "baselines": PruneResult.load,
-            "cka": CKAResult.load, "noise": NoiseResult.load, "ablate": AblationResult.load,
-            "recover": RecoveryResult.load, "correlate": CorrelationResult.load}
 
 
 def load_study(folder: str | Path) -> Study:
@@ -450,9 +495,8 @@ def load_study(folder: str | Path) -> Study:
     _, d = read_result_file(folder, "study.json", "study")
     cfg = StudyConfig(**d["config"])
     study = Study(cfg, folder, timings=d.get("timings_s", {}))
-    load = _loaders()
     for stage, keys in d.get("stages", {}).items():
         for key in keys:
             sub = folder / stage / key if stage in ("analysis", "prune", "baselines") else folder / stage
-            study.results.setdefault(stage, {})[key] = load[stage](sub)
+            study.results.setdefault(stage, {})[key] = load_result(sub, kind="prune" if stage == "baselines" else stage)
     return study

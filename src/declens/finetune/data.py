@@ -2,7 +2,7 @@
 
 Rows come from a task's *training* split (ARC-Easy / ARC-Challenge: ``train``; MMLU: ``dev``),
 written in exactly the format that is evaluated, through the evaluation's own prompt builders
-(:func:`declens.analyses.decision.prepare`):
+(:func:`declens.formats.prepare`):
 
 - ``letter``: the letter prompt (question, lettered options, ``Answer:``) followed by the gold
   option's label token (``" A"``), i.e. the very decision token the lens reads;
@@ -160,7 +160,7 @@ def training_sequences(lm: LoadedModel, data: TaskData, fmt: str = "letter", max
     gold continuation. No few-shot examples. A sequence longer than ``max_length`` keeps the
     tokenizer's special prefix (BOS) and the end of the prompt, and its whole answer.
     """
-    from ..analyses.decision import encoder_for, prepare
+    from ..formats import encoder_for, prepare
 
     if fmt not in FORMATS:
         raise DeclensError(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}")

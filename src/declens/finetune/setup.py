@@ -47,7 +47,9 @@ def copy_model(lm: LoadedModel) -> LoadedModel:
     model = copy.deepcopy(lm.model)
     detach_inference_tensors(model)
     model.eval()
-    return LoadedModel(model=model, tokenizer=lm.tokenizer, spec=lm.spec, source=dict(lm.source))
+    out = LoadedModel(model=model, tokenizer=lm.tokenizer, spec=lm.spec, source=dict(lm.source))
+    out.options = lm.options  # runs the way the original does
+    return out
 
 
 def pruned_copy(lm: LoadedModel, remove: Sequence[int]) -> LoadedModel:

@@ -128,7 +128,7 @@ def answer_loss(lm: LoadedModel, seqs: Sequence[TrainSeq], batch_size: int = 16)
     The LM head runs only at the positions that predict an answer token (position ``j - 1`` for
     answer token ``j``), which saves the vocabulary projection of every prompt position.
     """
-    from ..analyses.decision import encoder_for
+    from ..formats import encoder_for
 
     if not seqs:
         raise DeclensError("no training sequences to measure a loss on")
@@ -143,9 +143,7 @@ def answer_loss(lm: LoadedModel, seqs: Sequence[TrainSeq], batch_size: int = 16)
             b = {k: v.to(lm.device) for k, v in _collate([seqs[i] for i in order[s : s + batch_size]], pad).items()}
             h = parts.decoder(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False).last_hidden_state
             sel = b["labels"][:, 1:] != IGNORE_INDEX
-            logits = parts.head(h[:, :-1][sel]).float()
-            if parts.softcap:
-                logits = torch.tanh(logits / parts.softcap) * parts.softcap
+            logits = parts.logit_transform(parts.head(h[:, :-1][sel]).float())
             y = b["labels"][:, 1:][sel]
             total += float(torch.nn.functional.cross_entropy(logits, y, reduction="sum"))
             count += int(y.numel())
@@ -210,7 +208,7 @@ def _callback(log: TrainLog, progress: bool):
 def _trainer_run(lm: LoadedModel, seqs: list[TrainSeq], cfg: FinetuneConfig, progress: bool, merge: bool) -> TrainLog:
     from transformers import PrinterCallback, ProgressCallback, Trainer, TrainingArguments
 
-    from ..analyses.decision import encoder_for
+    from ..formats import encoder_for
 
     device, dtype, model = lm.device, lm.dtype, lm.model
     was_grad = {n: p.requires_grad for n, p in model.named_parameters()}

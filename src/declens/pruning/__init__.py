@@ -2,8 +2,8 @@
 
 from .engine import Evaluation, PruningEngine
 from .export import export_pruned
-from .methods import METHODS, MethodRun, PruneRecord, SkipPrun, critical_ratio
+from .methods import METHODS, MethodOptions, MethodRun, PruneRecord, SkipPrun, critical_ratio, register_method
 from .run import PruneResult, prune
 
-__all__ = ["METHODS", "Evaluation", "MethodRun", "PruneRecord", "PruneResult", "PruningEngine", "SkipPrun",
-           "critical_ratio", "export_pruned", "prune"]
+__all__ = ["METHODS", "Evaluation", "MethodOptions", "MethodRun", "PruneRecord", "PruneResult", "PruningEngine",
+           "SkipPrun", "critical_ratio", "export_pruned", "prune", "register_method"]

@@ -18,8 +18,7 @@ import torch
 from torch import Tensor
 
 from .. import distributed
-from ..analyses.decision import encoder_for
-from ..formats import ClozeRequests, LetterRequests
+from ..formats import ClozeRequests, LetterRequests, encoder_for
 from ..metrics import LayerMetrics, compute_metrics
 from ..models import LoadedModel
 from ..runner import Batch, Probe, collate, default_max_tokens, forward, plan_batches
@@ -61,6 +60,14 @@ class _CacheProbe(Probe):
 
     def layer(self, pos, layer_id, inputs, output):
         self.store.append(inputs.to("cpu", copy=True) if self.offload else inputs)
+        return None
+
+
+class _OutputProbe(_CacheProbe):
+    """Keeps the output of every layer run (a pruned state's inputs to its following kept layers)."""
+
+    def layer(self, pos, layer_id, inputs, output):
+        self.store.append(output.to("cpu", copy=True) if self.offload else output)
         return None
 
 
@@ -112,6 +119,10 @@ class PruningEngine:
         self.angular: np.ndarray | None = None
         #: layer-token units run (layers x real tokens) and what full recomputation would have run
         self.work = {"run": 0, "full": 0}
+        #: a pruned state held for calibration-only evaluations (:meth:`hold`): its removed set and,
+        #: once built, [my calib batch] -> {position -> that state's input to the layer there}
+        self._held: list[int] | None = None
+        self._held_cache: list[dict[int, Tensor]] | None = None
 
     @property
     def num_layers(self) -> int:
@@ -134,7 +145,7 @@ class PruningEngine:
     # ---------------------------------------------------------------------------- dense pass
 
     def _prepare(self, rs: _RowSet) -> None:
-        rs.plan = plan_batches([len(r) for r in rs.rows], self.max_tokens)
+        rs.plan = plan_batches([len(r) for r in rs.rows], self.max_tokens, batch_cost=self.parts.options.batch_cost)
         js = distributed.my_batches(rs.plan)  # all batches in a single process
         rs.batches = [collate(rs.rows, rs.plan[j], self.pad, self.device) for j in js]
         rs.mine = [i for j in js for i in rs.plan[j]]
@@ -216,9 +227,11 @@ class PruningEngine:
         m = min(dense.index(i) for i in [*removed, *changed])
         return keep, [p for p in keep if p >= m], m
 
-    def _run_set(self, rs: _RowSet, keep: list[int], run: list[int], m: int | None, probes_for) -> list[Tensor | None]:
+    def _run_set(self, rs: _RowSet, keep: list[int], run: list[int], m: int | None, probes_for,
+                 starts: Sequence[Tensor] | None = None) -> list[Tensor | None]:
         """Run the kept layers after ``m`` over every batch of a row set; return each batch's final
-        normalised hidden states (None where nothing had to run)."""
+        normalised hidden states (None where nothing had to run). ``starts``: each batch's input to
+        position ``m`` (default: the dense prefix cache)."""
         finals = []
         for j, b in enumerate(rs.batches):
             tokens = int(b.lengths.sum())
@@ -229,7 +242,7 @@ class PruningEngine:
             self.work["run"] += tokens * len(run)
             start = None
             if m is not None:
-                start = rs.cache[j][m]
+                start = rs.cache[j][m] if starts is None else starts[j]
                 if start.device != self.device:
                     start = start.to(self.device)
             finals.append(forward(self.parts, b, probes_for(j), layers=run, start_hidden=start, defer=True))
@@ -276,25 +289,71 @@ class PruningEngine:
             ev.scores = self.plan.assemble(out, layer_ids)
             ev.metrics = self._metrics(ev.scores)
         if (bi and not shared_bi) or (nll and self.calib):
-            ev.nll = self._nll(keep, run, m, infl if not shared_bi else None, want=nll)
+            calib_infl = infl if not shared_bi else None
+            starts = None
+            if calib_infl is None and not changed:  # NLL only: may start from the held state's prefix
+                run, m, starts = self._from_held(removed, keep, run, m)
+            ev.nll = self._nll(keep, run, m, calib_infl, want=nll, starts=starts)
         if bi:
             got = infl.block_influence()
             ev.bi = {lid: (got[lid] if lid in got else self.dense_bi[lid]) for lid in layer_ids}
         return ev
 
-    def _nll(self, keep, run, m, infl: InfluenceProbe | None = None, want: bool = True) -> float | None:
-        """Run the calibration rows (feeding ``infl``); return their mean next-token NLL if ``want``."""
+    def hold(self, removed: Sequence[int] | None) -> None:
+        """Hold the pruned state without ``removed`` (dense ids; None releases it) for calibration-only
+        evaluations (NLL, as SLEB's candidates): an evaluation that removes ``removed`` plus more layers
+        then starts from this state's input to the first further removed layer instead of from the dense
+        prefix. The state's layer inputs on the calibration rows are computed on first use (one pass over
+        its layers from its first removed one, counted as run work) and kept like the dense cache."""
+        self._held = sorted(removed) if removed and self.reuse and self.calib else None
+        self._held_cache = None
+
+    def _from_held(self, removed: list[int], keep: list[int], run: list[int], m: int | None):
+        """``(run, m, starts)`` of a calibration-only evaluation of ``removed``: from the held state's
+        prefix when it reaches further than the dense one, else unchanged (``starts`` None)."""
+        held = self._held
+        if held is None or m is None or not set(held) < set(removed):
+            return run, m, None
+        pos = self.dense_ids.index
+        m_new = min(pos(i) for i in removed if i not in held)
+        if m_new <= min(pos(i) for i in held):  # the dense prefix reaches as far
+            return run, m, None
+        if self._held_cache is None:
+            self._held_cache = self._held_pass()
+        return [p for p in keep if p >= m_new], m_new, [c[m_new] for c in self._held_cache]
+
+    def _held_pass(self) -> list[dict[int, Tensor]]:
+        """The held state's input to each of its layers from its first removed one, per calibration batch."""
+        if not self.calib.batches:
+            self._dense_calib(None)
+        _, run, m = self._suffix(self._held)
+        out = []
+        for j, b in enumerate(self.calib.batches):
+            start = self.calib.cache[j][m]  # the input of the first kept layer after m is the dense one
+            states = [start]
+            if len(run) > 1:  # the last kept layer's output is no candidate's input
+                outs = _OutputProbe(self.offload)
+                forward(self.parts, b, [outs], layers=run[:-1], start_hidden=start.to(self.device))
+                self.work["run"] += int(b.lengths.sum()) * (len(run) - 1)
+                states += outs.store
+            out.append(dict(zip(run, states)))
+        return out
+
+    def _nll(self, keep, run, m, infl: InfluenceProbe | None = None, want: bool = True,
+             starts: Sequence[Tensor] | None = None) -> float | None:
+        """Run the calibration rows (feeding ``infl``); return their mean next-token NLL if ``want``.
+        ``starts``: each calibration batch's input to position ``m`` (default: the dense prefix cache)."""
         if not self.calib.batches:  # calibration rows were served by the evaluation pass until now
             self._dense_calib(None)
-        finals = self._run_set(self.calib, keep, run, m, lambda j: [infl] if infl is not None else [])
+        finals = self._run_set(self.calib, keep, run, m, lambda j: [infl] if infl is not None else [], starts)
         if not want:
             return None
         tot, cnt = 0.0, 0
         for j, (b, fin) in enumerate(zip(self.calib.batches, finals)):
             with torch.inference_mode():
-                if fin is None:  # nothing ran: the last kept layer's output is the dense input of m
-                    fin = self.parts.norm(self.calib.cache[j][m].to(self.device))
-                s, n = next_token_nll(fin, b, self.parts.head, self.parts.softcap)
+                if fin is None:  # nothing ran: the last kept layer's output is the input of m
+                    fin = self.parts.norm((self.calib.cache[j][m] if starts is None else starts[j]).to(self.device))
+                s, n = next_token_nll(fin, b, self.parts.head, self.parts.logit_transform)
             tot += s
             cnt += n
         if distributed.active():

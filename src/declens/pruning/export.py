@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -19,61 +19,15 @@ import torch
 from torch import Tensor
 
 from ..errors import DeclensError, LayerSpecError
-from ..models import LoadedModel
+from ..models import LOGIT_TOLERANCE, LoadedModel, LogitCheck, compare_logits
 from ..presets import clear_quantizer
 from ..surgery import check_removal, dense_layer_ids, keep_positions, layer_view, remove_layers, removed_dense_ids
 
-#: Largest ``max |reloaded - in-memory|`` logit difference accepted by the export self-check, relative
-#: to the logit scale ``max(1, max |in-memory logit|)``, per dtype. The reload runs the same weights,
-#: so only kernel-level rounding may differ: ~1e-6 relative in float32; 16-bit dtypes round every
-#: matmul (float16 has a 2^-11 unit roundoff, bfloat16 2^-8), hence the looser bounds. A wrong layer
-#: set differs by O(1) of the scale. Dtypes not listed use the float32 bound.
-EXPORT_TOLERANCE: dict[torch.dtype, float] = {torch.float64: 1e-8, torch.float32: 1e-4, torch.float16: 1e-2,
-                                              torch.bfloat16: 5e-2}
+#: The self-check's tolerance per dtype, relative to the logit scale: the rule every comparison of a
+#: model's logits uses (:data:`declens.models.LOGIT_TOLERANCE`; the load-time lens check uses it too).
+EXPORT_TOLERANCE = LOGIT_TOLERANCE
 
 PROBE_TEXT = "The quick brown fox jumps over the lazy dog. Question: why?"
-
-
-@dataclass(frozen=True)
-class LogitCheck:
-    """Outcome of comparing a reloaded model's logits with the in-memory model's.
-
-    Attributes:
-        max_abs_logit_diff: ``max |got - ref|`` over the probe's logits.
-        logit_scale: ``max(1, max |ref|)``.
-        rel_logit_diff: ``max_abs_logit_diff / logit_scale``.
-        tolerance: the largest accepted ``rel_logit_diff``.
-        ok: ``rel_logit_diff <= tolerance`` (and every value finite).
-    """
-
-    max_abs_logit_diff: float
-    logit_scale: float
-    rel_logit_diff: float
-    tolerance: float
-    ok: bool
-
-
-def export_tolerance(dtype: torch.dtype) -> float:
-    """The self-check tolerance (relative to the logit scale) for a model in ``dtype``."""
-    return EXPORT_TOLERANCE.get(dtype, EXPORT_TOLERANCE[torch.float32])
-
-
-def compare_logits(ref: Tensor, got: Tensor, dtype: torch.dtype, tolerance: float | None = None) -> LogitCheck:
-    """Compare ``[B, T, V]`` logits of a reloaded model (``got``) with the in-memory model's (``ref``).
-
-    Args:
-        dtype: the model's dtype (picks the tolerance, see :data:`EXPORT_TOLERANCE`).
-        tolerance: override the dtype's tolerance (relative to the logit scale).
-    """
-    tol = export_tolerance(dtype) if tolerance is None else float(tolerance)
-    if ref.shape != got.shape:
-        return LogitCheck(float("inf"), float("nan"), float("inf"), tol, False)
-    ref, got = ref.float(), got.float()
-    diff = float((got - ref).abs().max())
-    scale = max(1.0, float(ref.abs().max()))
-    rel = diff / scale
-    ok = bool(torch.isfinite(got).all()) and rel <= tol
-    return LogitCheck(diff, scale, rel, tol, ok)
 
 
 def probe_ids(lm: LoadedModel) -> Tensor:

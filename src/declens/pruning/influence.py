@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from .. import distributed
+from ..kernels import LogitTransform
 from ..runner import Batch, Probe, to_device
 
 
@@ -130,19 +131,18 @@ def angular_distances(last_states: dict[int, list[Tensor]], layer_ids: list[int]
     return D
 
 
-def next_token_nll(final_hidden: Tensor, batch: Batch, head, softcap: float | None) -> tuple[float, int]:
+def next_token_nll(final_hidden: Tensor, batch: Batch, head, transform: LogitTransform) -> tuple[float, int]:
     """Sum of next-token negative log-likelihoods over the real tokens of a batch, and their count.
 
-    ``final_hidden`` is the decoder's normalised output (the LM head's input).
+    ``final_hidden`` is the decoder's normalised output (the LM head's input); ``transform`` the
+    model's output transform (``DecoderParts.logit_transform``: logit scaling, soft-capping).
     """
     total, count = 0.0, 0
     for b in range(batch.size):
         n = int(batch.lengths[b])
         if n < 2:
             continue
-        z = head(final_hidden[b, : n - 1]).float()
-        if softcap:
-            z = torch.tanh(z / softcap) * softcap
+        z = transform(head(final_hidden[b, : n - 1]).float())
         tgt = batch.input_ids[b, 1:n]
         total += float(torch.nn.functional.cross_entropy(z, tgt, reduction="sum"))
         count += n - 1

@@ -46,7 +46,7 @@ from ..models import DecoderParts
 from ..runner import Batch, collate, forward, plan_batches
 from ..surgery import dense_layer_ids, keep_positions
 from .influence import InfluenceProbe
-from .methods import Memo, MethodRun, PruneRecord
+from .methods import Memo, MethodRun, PruneRecord, register_method
 
 MERGE_METHODS = ("laco", "mka")
 #: config attribute of an exported merged model: which layer absorbed which (dense ids) and how
@@ -313,7 +313,7 @@ class CalibRows:
         self.parts = eng.parts
         self.reuse = eng.reuse
         rows = eng.calib.rows[:n]
-        plan = plan_batches([len(r) for r in rows], eng.max_tokens)
+        plan = plan_batches([len(r) for r in rows], eng.max_tokens, batch_cost=eng.parts.options.batch_cost)
         self.batches = [collate(rows, idx, eng.pad, eng.device) for idx in plan]
         self.inputs, self.finals = [], []
         last = InfluenceProbe(keep_last=True)
@@ -575,6 +575,12 @@ def run_merging(memo: Memo, method: str, max_removed: int, cfg: MergeConfig | No
     if method == "mka":
         return run_mka(memo, max_removed, cfg.mka, cfg.norms)
     raise DeclensError(f"unknown merging method {method!r}; use one of {', '.join(MERGE_METHODS)}")
+
+
+register_method("laco", lambda memo, k, o: run_merging(memo, "laco", k, o.merge),
+                "LaCo: fold layers into a kept one by Reserving-Differences-while-Seeking-Common (merged weights)")
+register_method("mka", lambda memo, k, o: run_merging(memo, "mka", k, o.merge),
+                "MKA: fuse the most similar adjacent layers, weighted by manifold similarity (merged weights)")
 
 
 def spec_from_record(rec: PruneRecord) -> MergeSpec:

@@ -15,6 +15,9 @@ removed layers, evaluated the same way (accuracy and the full per-layer decision
 - ``laco``, ``mka``: the layer-merging baselines (LaCo's RDSC, MKA's manifold-aligned fusion), which
   fold layers into a kept one with new weights (:mod:`declens.pruning.merging`).
 
+Every method is registered by name in :data:`METHODS` (:func:`register_method`) with the one signature
+:data:`MethodFn`; ``prune``, ``--method`` and the option checks know exactly the registered names.
+
 SKIP-Prun (every rule explicit and configurable, see :class:`SkipPrun` and docs/METHOD.md, "SKIP-Prun
 restart and collapse rules"): a step *collapses* when it meets the collapse criterion against its
 parent (``abs``: accuracy falls more than ``drop``; ``rel``: it loses more than ``rel_drop`` of the
@@ -33,14 +36,12 @@ so the removed set at one ratio need not contain the set at the ratio before.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
 from ..errors import DeclensError
 from .engine import Evaluation, PruningEngine
-
-METHODS = ("ip", "shortgpt", "sleb", "angular", "last", "random", "phase", "replay", "laco", "mka")
 
 
 RESTART_RULES = ("best_any", "parent_ratio")
@@ -446,49 +447,118 @@ def run_sleb(memo: Memo, max_removed: int) -> MethodRun:
     current: list[int] = []
     while len(current) < max_removed:
         keep = [l for l in memo.engine.dense_ids if l not in current]
+        memo.engine.hold(current)  # every candidate shares the current state's layers before it
         cand = {l: memo.get(current + [l], scores=False, nll=True)["nll"] for l in keep}
         layer = min(cand, key=lambda l: (cand[l], l))
         current = current + [layer]
         run.records.append(memo.record("sleb", len(current), current, layer,
                                        candidates={l: float(np.exp(v)) for l, v in cand.items()},
                                        note="candidates: calibration perplexity after removing each layer"))
+    memo.engine.hold(None)
     return run
+
+
+@dataclass(frozen=True)
+class MethodOptions:
+    """What a pruning method may read besides the memo and its budget (one object, so every method has
+    the one signature :data:`MethodFn`).
+
+    Attributes:
+        skip: SKIP-Prun policy (``ip``, ``phase``).
+        seed: seed of ``random``.
+        order: removal order of ``replay`` (dense ids); None for the others.
+        merge: a :class:`~declens.pruning.merging.MergeConfig` (``laco``, ``mka``); None: its defaults.
+    """
+
+    skip: SkipPrun = field(default_factory=SkipPrun)
+    seed: int = 0
+    order: list[int] | None = None
+    merge: Any = None
+
+
+#: a pruning method: ``(memo, max_removed, options) -> MethodRun`` holding the dense state (``k = 0``) and
+#: one state per number of removed layers up to ``max_removed``, every one evaluated through ``memo``
+MethodFn = Callable[[Memo, int, MethodOptions], MethodRun]
+
+
+@dataclass(frozen=True)
+class PruningMethod:
+    """One registered pruning method (see :func:`register_method`).
+
+    Attributes:
+        name: what ``--method`` / ``prune(methods=...)`` call it.
+        run: the method (:data:`MethodFn`).
+        summary: one line on what it removes (docs, listings).
+    """
+
+    name: str
+    run: MethodFn
+    summary: str
+
+
+#: name -> method, in registration order; ``--method`` accepts exactly these names
+METHODS: dict[str, PruningMethod] = {}
+
+
+def register_method(name: str, run: MethodFn, summary: str) -> PruningMethod:
+    """Register a pruning method under ``name``; ``prune``, ``--method`` and every check of method names
+    then know it. The built-in ones are registered below (``laco`` and ``mka`` in
+    :mod:`declens.pruning.merging`).
+
+    Raises:
+        DeclensError: ``name`` is taken or not a plain lower-case word (it is a comma-separated CLI value).
+    """
+    if name in METHODS:
+        raise DeclensError(f"a pruning method {name!r} is already registered; pick another name")
+    if not name or not all(c.isalnum() or c in "_-" for c in name) or name != name.lower():
+        raise DeclensError(f"pruning method name {name!r}: use lower-case letters, digits, '-' or '_'")
+    METHODS[name] = PruningMethod(name, run, summary)
+    return METHODS[name]
 
 
 def run_method(memo: Memo, method: str, max_removed: int, skip: SkipPrun | None = None, seed: int = 0,
                order: list[int] | None = None, merge=None) -> MethodRun:
-    """Run one method up to ``max_removed`` removed layers (``order``: the removal order of ``replay``;
-    ``merge``: a :class:`~declens.pruning.merging.MergeConfig` for ``laco`` / ``mka``)."""
+    """Run one registered method up to ``max_removed`` removed layers (``order``: the removal order of
+    ``replay``; ``merge``: a :class:`~declens.pruning.merging.MergeConfig` for ``laco`` / ``mka``)."""
+    if method not in METHODS:
+        raise DeclensError(f"unknown pruning method {method!r}; use one of {', '.join(METHODS)}")
+    opts = MethodOptions(skip=skip or SkipPrun(), seed=seed, order=order, merge=merge)
+    return METHODS[method].run(memo, max_removed, opts)
+
+
+def _run_replay(memo: Memo, max_removed: int, opts: MethodOptions) -> MethodRun:
+    order = opts.order
+    if not order:
+        raise DeclensError("method 'replay' needs a removal order (--order 24,23,25,...)")
+    from ..surgery import check_removal
+
+    check_removal(memo.engine.parts, order)  # dense ids, also on an already-pruned model
+    if len(order) < max_removed:
+        raise DeclensError(f"the replay order has {len(order)} layers but {max_removed} removals were asked for")
+    return run_order(memo, "replay", list(order), max_removed, bi=True)
+
+
+def _run_random(memo: Memo, max_removed: int, opts: MethodOptions) -> MethodRun:
     ids = memo.engine.dense_ids
-    if method in ("laco", "mka"):
-        from .merging import run_merging
+    order = [ids[i] for i in np.random.default_rng(opts.seed).permutation(len(ids))]
+    return run_order(memo, "random", order, max_removed)
 
-        return run_merging(memo, method, max_removed, merge)
-    if method == "replay":
-        if not order:
-            raise DeclensError("method 'replay' needs a removal order (--order 24,23,25,...)")
-        from ..surgery import check_removal
 
-        check_removal(memo.engine.parts, order)  # dense ids, also on an already-pruned model
-        if len(order) < max_removed:
-            raise DeclensError(f"the replay order has {len(order)} layers but {max_removed} removals were asked for")
-        return run_order(memo, "replay", list(order), max_removed, bi=True)
-    if method == "ip":
-        return run_ip(memo, max_removed, skip)
-    if method == "phase":
-        return run_ip(memo, max_removed, skip, phase_only=True, method="phase")
-    if method == "shortgpt":
-        return run_order(memo, "shortgpt", _lowest(memo.bi([])), max_removed)
-    if method == "last":
-        return run_order(memo, "last", list(reversed(ids[:-1])), max_removed)
-    if method == "random":
-        order = [ids[i] for i in np.random.default_rng(seed).permutation(len(ids))]
-        return run_order(memo, "random", order, max_removed)
-    if method == "angular":
-        return run_angular(memo, max_removed)
-    if method == "sleb":
-        return run_sleb(memo, max_removed)
-    raise DeclensError(f"unknown pruning method {method!r}; use one of {', '.join(METHODS)}")
+register_method("ip", lambda memo, k, o: run_ip(memo, k, o.skip),
+                "Iterative Pruning: remove the lowest Block Influence layer of the current model, step by step "
+                "(SKIP-Prun restarts with --skip-prun)")
+register_method("shortgpt", lambda memo, k, o: run_order(memo, "shortgpt", _lowest(memo.bi([])), k),
+                "one shot: the k lowest-BI layers of the dense model")
+register_method("sleb", lambda memo, k, o: run_sleb(memo, k),
+                "remove the layer whose removal raises calibration perplexity least, step by step")
+register_method("angular", lambda memo, k, o: run_angular(memo, k),
+                "the contiguous block of k layers whose input and output are closest in angular distance")
+register_method("last", lambda memo, k, o: run_order(memo, "last", list(reversed(memo.engine.dense_ids[:-1])), k),
+                "the deepest layers before the final one")
+register_method("random", _run_random, "a seeded random order (--seed)")
+register_method("phase", lambda memo, k, o: run_ip(memo, k, o.skip, phase_only=True, method="phase"),
+                "Iterative Pruning restricted to the current model's Decisive Phase")
+register_method("replay", _run_replay, "remove layers in a given order (--order), measuring what ip measures")
 
 
 def critical_ratio(run: MethodRun, keep: float = 0.25) -> float | None:

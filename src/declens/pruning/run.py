@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import math
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -14,11 +15,11 @@ from pathlib import Path
 from typing import Sequence
 
 from .. import distributed
-from ..analyses.decision import prepare
 from ..errors import DeclensError
-from ..formats import FORMATS
+from ..formats import FORMATS, prepare
 from ..models import LoadedModel
-from ..results import RunWriter, atomic_write_json, check_run_folder_kind, config_key, provenance, read_result_file
+from ..results import (RunWriter, atomic_write_json, check_run_folder_kind, config_key, provenance, read_result_file,
+                       load_result, register_result)
 from ..tasks import TaskData, load_task, subsample
 from .engine import PruningEngine, calibration_sequences
 from .merging import MERGE_METHODS, MergeConfig
@@ -28,6 +29,8 @@ PRUNE_FILE = "prune.json"
 STATE_FILE = ".prune-state.json"
 #: config entries that steer the search but do not change any evaluation (left out of the resume key)
 _SEARCH_ONLY = ("methods", "max_ratio", "max_removed", "skip_prun", "collapse_keep", "order")
+#: a line per pruning step (INFO, with ``progress``); the CLI shows them on standard output
+logger = logging.getLogger(__name__)
 
 
 def max_removed_for(ratio: float, num_layers: int) -> int:
@@ -40,6 +43,7 @@ def max_removed_for(ratio: float, num_layers: int) -> int:
     return min(k, num_layers - 1)
 
 
+@register_result("prune", PRUNE_FILE, "prune")
 @dataclass
 class PruneResult:
     """Everything a ``prune`` run produced."""
@@ -49,6 +53,7 @@ class PruneResult:
     runs: dict[str, MethodRun]
     critical: dict[str, float | None]
     work: dict = field(default_factory=dict)
+    SCHEMA_VERSION = 1  #: of ``prune.json`` (see :func:`declens.results.register_result`)
 
     def to_dict(self) -> dict:
         return {
@@ -100,10 +105,13 @@ class PruneResult:
             run.text("table.csv", table)
             run.text("steps.csv", buf.getvalue())
             if plots:
-                from ..plots import plot_prune
-
-                run.figures(plot_prune, self, out)
+                run.draw_figures(self, out)
         return out
+
+
+def _work_entry(run: int, full: int) -> dict:
+    """Layer-token work run, what full recomputation would have run, and the share saved by reuse."""
+    return {"layer_tokens_run": run, "layer_tokens_full": full, "share_saved": round(0.0 if full == 0 else 1 - run / full, 4)}
 
 
 def best_states(prune: "PruneResult | str | Path", method: str, num_layers: int | None = None,
@@ -123,7 +131,7 @@ def best_states(prune: "PruneResult | str | Path", method: str, num_layers: int 
     Raises:
         DeclensError: no such method, another model's run, a ratio the run lacks, or no pruned state.
     """
-    res = prune if isinstance(prune, PruneResult) else PruneResult.load(prune)
+    res = prune if isinstance(prune, PruneResult) else load_result(prune, kind="prune")
     if method not in res.runs:
         raise DeclensError(f"the prune run has no method {method!r}; it ran: {', '.join(res.runs)}")
     L = int(res.config["num_layers"])
@@ -237,7 +245,7 @@ def prune(
         decision_score: cloze: ``raw`` or ``norm`` scores for DM / OF.
         max_tokens: padded tokens per batch.
         out_dir: write results here; a killed run with the same config resumes from its state file.
-        progress: progress bars.
+        progress: progress bars, and a line per step on the ``declens`` logger (INFO; the CLI prints them).
         plots: draw the figures into ``out_dir``.
         order: removal order for the ``replay`` method (dense ids).
         calib_from_eval: draw the calibration rows from the evaluated rows themselves (then Block
@@ -304,20 +312,23 @@ def prune(
             if rec.index < 0:  # a look-up of a state already reported, not a step
                 return
             tp = "none" if rec.transition_layer is None else rec.transition_layer
-            print(f"  {rec.method} #{rec.index}: removed {len(rec.removed)} {rec.removed} -> accuracy {rec.accuracy:.3f}, "
-                  f"final DM {rec.final_dm:+.3f}, Transition Point {tp} [{time.perf_counter() - t0:.0f} s]", flush=True)
+            logger.info(f"  {rec.method} #{rec.index}: removed {len(rec.removed)} {rec.removed} -> accuracy {rec.accuracy:.3f}, "
+                     f"final DM {rec.final_dm:+.3f}, Transition Point {tp} [{time.perf_counter() - t0:.0f} s]")
 
         memo.on_record = report
-    runs = {}
+    runs, per_method = {}, {}
     for m in methods:
         if talk:
-            print(f"pruning with {m} up to {K} of {L} layers ...", flush=True)
+            logger.info(f"pruning with {m} up to {K} of {L} layers ...")
+        before, t_m = engine.total_work(), time.perf_counter()
         runs[m] = run_method(memo, m, K, skip=skip, seed=seed, order=list(order) if order else None, merge=merge)
+        after = engine.total_work()
+        per_method[m] = _work_entry(after["run"] - before["run"], after["full"] - before["full"])
+        per_method[m]["seconds"] = round(time.perf_counter() - t_m, 3)
     elapsed = time.perf_counter() - t0
     total = engine.total_work()
-    work = {"reuse": reuse, "layer_tokens_run": total["run"], "layer_tokens_full": total["full"],
-            "share_saved": round(engine.work_saved(), 4), "evaluations": len(memo.data),
-            "resumed_evaluations": len(stored), "ranks": distributed.world()}
+    work = {"reuse": reuse, **_work_entry(total["run"], total["full"]), "evaluations": len(memo.data),
+            "resumed_evaluations": len(stored), "ranks": distributed.world(), "methods": per_method}
     prov = provenance(lm, data, timing={"prune_s": round(elapsed, 2), "evaluations_run": len(memo.data) - len(stored),
                                         "evaluations_restored": len(stored)})
     res = PruneResult(config=config, provenance=prov, runs=runs,
