@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from declens.analyses.cka import (CKAError, cka_matrix, cka_rows, cka_study, collect_states, linear_cka)
+from declens.analyses.cka import (CKAConfig, CKAError, cka_matrix, cka_rows, cka_study, collect_states, linear_cka)
 from declens.analyses.decision import prepare
 from declens.errors import LayerSpecError
 from declens.surgery import keep_positions
@@ -123,7 +123,7 @@ def test_cka_matrix_equals_pairwise(n):
 
 def test_dense_against_itself_has_unit_diagonal(tiny):
     data = load_task("arc_easy", limit=4, seed=0)
-    res = cka_study(tiny, data, remove=[], n_samples=None, progress=False)
+    res = cka_study(tiny, data, remove=[], config=CKAConfig(n_samples=None), progress=False)
     L = tiny.num_layers
     assert res.hidden.shape == res.decision.shape == (L, L)
     np.testing.assert_allclose(np.diag(res.hidden), 1.0, atol=1e-9)
@@ -137,7 +137,7 @@ def test_pruned_view_with_prefix_reuse_equals_plain_passes(tiny):
     pass of the pruned view gives the same matrices, and an unpruned layer best-matches itself."""
     data = load_task("arc_easy", limit=4, seed=0)
     remove = [2]
-    res = cka_study(tiny, data, remove=remove, n_samples=None, progress=False)
+    res = cka_study(tiny, data, remove=remove, config=CKAConfig(n_samples=None), progress=False)
     assert res.pruned_ids == [0, 1, 3] and res.dense_ids == [0, 1, 2, 3]
     rows = cka_rows(prepare(tiny, data, "letter"))
     dense = collect_states(tiny, rows, max_tokens=200)  # another batching, too
@@ -160,10 +160,10 @@ def test_cloze_rows_and_subsample():
 
     lm = make_tiny("qwen2")
     data = load_task("piqa", limit=10, seed=0)
-    res = cka_study(lm, data, remove=[0, 3], fmt="cloze", n_samples=5, seed=1, progress=False)
+    res = cka_study(lm, data, remove=[0, 3], fmt="cloze", config=CKAConfig(n_samples=5, seed=1), progress=False)
     assert res.config["n_samples"] == 5 and res.config["kept_layer_ids"] == [1, 2]
     assert res.hidden.shape == (2, 4)
-    again = cka_study(lm, data, remove=[0, 3], fmt="cloze", n_samples=5, seed=1, progress=False)
+    again = cka_study(lm, data, remove=[0, 3], fmt="cloze", config=CKAConfig(n_samples=5, seed=1), progress=False)
     assert np.array_equal(res.hidden, again.hidden) and np.array_equal(res.decision, again.decision)
 
 
@@ -177,7 +177,7 @@ def test_bad_requests_raise():
     with pytest.raises(LayerSpecError):
         cka_study(lm, data, remove=[9], progress=False)
     with pytest.raises(CKAError):
-        cka_study(lm, load_task("arc_easy", limit=5), remove=[1], n_samples=0, progress=False)
+        cka_study(lm, load_task("arc_easy", limit=5), remove=[1], config=CKAConfig(n_samples=0), progress=False)
 
 
 def test_save_writes_json_npz_and_figures(tmp_path):
@@ -202,7 +202,7 @@ def test_save_writes_json_npz_and_figures(tmp_path):
 def test_smollm2_pruned_cka(smollm2, tmp_path):
     data = load_task("arc_challenge", limit=24, seed=0)
     remove = list(range(18, 27))
-    res = cka_study(smollm2, data, remove=remove, n_samples=20, progress=False)
+    res = cka_study(smollm2, data, remove=remove, config=CKAConfig(n_samples=20), progress=False)
     L = smollm2.num_layers
     assert res.hidden.shape == res.decision.shape == (L - len(remove), L)
     assert np.isfinite(res.hidden).all() and np.isfinite(res.decision).all()

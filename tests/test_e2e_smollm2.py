@@ -79,9 +79,9 @@ def test_iterative_pruning_and_export_on_real_model(tmp_path):
 def test_ablation_around_the_transition_point_on_real_model(smollm2, tmp_path):
     """Table 1 on the real model: the dense column equals a plain analysis of the same rows, and
     removing a layer near the Transition Point changes the decision scores."""
-    from declens.analyses.ablation import ablate
+    from declens.analyses.ablation import AblateConfig, ablate
 
-    res = ablate(smollm2, "arc_easy", ["arc_easy", "piqa"], "cloze", window=1, tp=20, limit=6, seed=0,
+    res = ablate(smollm2, "arc_easy", ["arc_easy", "piqa"], "cloze", AblateConfig(window=1, tp=20, limit=6, seed=0),
                  out_dir=tmp_path, progress=False)
     assert res.eval.labels == ["dense", "19", "20", "21", "19,20", "20,21"]
     ref = analyze(smollm2, load_task("arc_easy", limit=6, seed=0), "cloze", progress=False)

@@ -75,12 +75,12 @@ def test_embedding_readout_cloze_and_saved(tmp_path):
 def test_cka_with_embeddings():
     from conftest import make_tiny
 
-    from declens.analyses.cka import cka_study
+    from declens.analyses.cka import CKAConfig, cka_study
 
     lm = make_tiny("llama")
     data = load_task("arc_easy", limit=8, seed=0)
-    a = cka_study(lm, data, [1, 2], n_samples=None, progress=False, include_embeddings=True)
-    b = cka_study(lm, data, [1, 2], n_samples=None, progress=False)
+    a = cka_study(lm, data, [1, 2], config=CKAConfig(n_samples=None, include_embeddings=True), progress=False)
+    b = cka_study(lm, data, [1, 2], config=CKAConfig(n_samples=None), progress=False)
     assert a.pruned_ids == [EMBEDDING_ID, 0, 3] and a.dense_ids == [EMBEDDING_ID, 0, 1, 2, 3]
     assert a.config["num_layers"] == 4 and a.config["include_embeddings"] is True
     assert a.hidden[0, 0] == pytest.approx(1.0)  # the same embedding output in both models

@@ -109,12 +109,12 @@ def test_accuracy_cka_composite(pruned, tmp_path):
     """Figure 2: the 60% state of a prune run compared by CKA, drawn under the accuracy curve."""
     from PIL import Image
 
-    from declens.analyses.cka import cka_study
+    from declens.analyses.cka import CKAConfig, cka_study
     from declens.plots import plot_accuracy_cka
 
     lm, data, res = pruned
     removed = res.runs["ip"].best_by_k()[3].removed
-    cka = cka_study(lm, data, removed, n_samples=None, progress=False)
+    cka = cka_study(lm, data, removed, config=CKAConfig(n_samples=None), progress=False)
     path = plot_accuracy_cka(res, cka, tmp_path / "accuracy_cka.png", method="ip")
     with Image.open(path) as im:
         assert im.size[0] > 800 and im.size[1] > 600

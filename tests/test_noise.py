@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from declens.analyses.decision import analyze, encoder_for, prepare
-from declens.analyses.noise import (NoiseProbe, NoiseSpecError, add_noise, noise_seed, noise_study, parse_scales,
-                                    validate_scales)
+from declens.analyses.noise import (NoiseConfig, NoiseProbe, NoiseSpecError, add_noise, noise_seed, noise_study,
+                                    parse_scales, validate_scales)
 from declens.errors import LayerSpecError
 from declens.metrics import margins
 from declens.runner import collate, forward, plan_batches
@@ -52,13 +52,13 @@ def test_validation_errors():
     lm = make_tiny("llama")
     data = load_task("arc_easy", limit=2)
     with pytest.raises(NoiseSpecError, match=">= 0"):
-        noise_study(lm, data, scales=(0, -1), progress=False)
+        noise_study(lm, data, config=NoiseConfig(scales=(0, -1)), progress=False)
     with pytest.raises(NoiseSpecError, match="repeats"):
-        noise_study(lm, data, scales=(0,), repeats=0, progress=False)
+        noise_study(lm, data, config=NoiseConfig(scales=(0,), repeats=0), progress=False)
     with pytest.raises(LayerSpecError):
-        noise_study(lm, data, scales=(0,), layers=[4], progress=False)
+        noise_study(lm, data, config=NoiseConfig(scales=(0,), layers=[4]), progress=False)
     with pytest.raises(LayerSpecError):
-        noise_study(lm, data, scales=(0,), layers=[1, 1], progress=False)
+        noise_study(lm, data, config=NoiseConfig(scales=(0,), layers=[1, 1]), progress=False)
 
 
 def test_add_noise_statistics_padding_and_batch_independence():
@@ -90,7 +90,7 @@ def test_scale_zero_exact_and_prefix_reuse_equals_full_forward(tiny):
     noised state without a forward pass) equals a full forward pass with a noise probe. The full passes
     batch the rows differently, which the per-row draws make irrelevant."""
     data = load_task("arc_easy", limit=3, seed=0)
-    res = noise_study(tiny, data, scales=(0.0, 0.5), seed=3, repeats=2, progress=False)
+    res = noise_study(tiny, data, config=NoiseConfig(scales=(0.0, 0.5), seed=3, repeats=2), progress=False)
     L = tiny.num_layers
     assert res.dm.shape == (L, 2) and res.dm_runs.shape == (2, L, 2) and res.layer_ids == list(range(L))
     clean = res.dense["final_dm"]
@@ -109,7 +109,7 @@ def test_dense_pass_equals_the_decision_analysis():
 
     lm = make_tiny("gemma3")
     data = load_task("arc_challenge", limit=4, seed=3)
-    res = noise_study(lm, data, scales=(0.0,), layers=[3], progress=False)
+    res = noise_study(lm, data, config=NoiseConfig(scales=(0.0,), layers=[3]), progress=False)
     ref = analyze(lm, data, "letter", progress=False)
     np.testing.assert_allclose(res.dense["dm"], ref.metrics.dm, atol=1e-5)
     np.testing.assert_allclose(res.dense["accuracy"], ref.metrics.acc)
@@ -122,7 +122,8 @@ def test_cloze_packed_prefix_reuse_matches_full_forward():
 
     lm = make_tiny("mistral")
     data = load_task("piqa", limit=4, seed=0)
-    res = noise_study(lm, data, fmt="cloze", scales=(0.0, 0.5), layers=[0, 3], seed=1, progress=False)
+    res = noise_study(lm, data, fmt="cloze", config=NoiseConfig(scales=(0.0, 0.5), layers=[0, 3], seed=1),
+                      progress=False)
     assert res.config["packed_rows"] is True
     plan = ScoringPlan(lm.parts, prepare(lm, data, "cloze"))
     pad = encoder_for(lm).pad_id
@@ -140,11 +141,13 @@ def test_same_seed_same_heatmap_other_seed_differs():
 
     lm = make_tiny("gemma2")
     data = load_task("arc_easy", limit=3, seed=0)
-    kw = dict(scales=(0.0, 0.5), progress=False)
-    a = noise_study(lm, data, seed=0, **kw)
-    b = noise_study(lm, data, seed=0, max_tokens=100, **kw)  # another batching (one row per batch): the same draws
-    c = noise_study(lm, data, seed=1, **kw)
-    assert np.array_equal(a.dm, noise_study(lm, data, seed=0, **kw).dm)  # bit-identical
+    kw = dict(scales=(0.0, 0.5))
+    a = noise_study(lm, data, config=NoiseConfig(seed=0, **kw), progress=False)
+    # another batching (one row per batch): the same draws
+    b = noise_study(lm, data, config=NoiseConfig(seed=0, max_tokens=100, **kw), progress=False)
+    c = noise_study(lm, data, config=NoiseConfig(seed=1, **kw), progress=False)
+    again = noise_study(lm, data, config=NoiseConfig(seed=0, **kw), progress=False)
+    assert np.array_equal(a.dm, again.dm)  # bit-identical
     np.testing.assert_allclose(a.dm, b.dm, atol=1e-4)
     assert np.array_equal(a.dm[:, 0], c.dm[:, 0])
     assert not np.allclose(a.dm[:, 1:], c.dm[:, 1:])
@@ -155,7 +158,7 @@ def test_phase_summary_and_save(tmp_path):
 
     lm = make_tiny("qwen3")
     data = load_task("arc_easy", limit=4, seed=2)
-    res = noise_study(lm, data, scales=(0.0, 1.0), layers=[0, 2, 3], progress=False)
+    res = noise_study(lm, data, config=NoiseConfig(scales=(0.0, 1.0), layers=[0, 2, 3]), progress=False)
     # force known phases to check the summary arithmetic
     res.dense["decisive_layers"], res.dense["silent_layers"] = [2, 3], [0, 1]
     ps = res.phase_summary()
@@ -178,7 +181,8 @@ def test_phase_summary_and_save(tmp_path):
 @pytest.mark.slow
 def test_smollm2_noise(smollm2, tmp_path):
     data = load_task("arc_easy", limit=16, seed=0)
-    res = noise_study(smollm2, data, fmt="letter", scales=(0.0, 1.0), layers=[15, 29], progress=False)
+    res = noise_study(smollm2, data, fmt="letter", config=NoiseConfig(scales=(0.0, 1.0), layers=[15, 29]),
+                      progress=False)
     ref = analyze(smollm2, data, "letter", progress=False)
     assert res.dense["final_dm"] == pytest.approx(ref.metrics.final_dm, abs=1e-4)
     assert res.dense["transition_layer"] == ref.metrics.transition_layer
@@ -232,8 +236,9 @@ def test_sigma_choice_changes_the_study_on_a_model_with_a_massive_first_token():
     with torch.no_grad():
         emb = lm.model.get_input_embeddings().weight
         emb[first.pop()] *= 5000.0  # ~1000 per unit against layer outputs of std ~5
-    kw = dict(scales=(0.0, 0.5), layers=[1], seed=2, progress=False, requests=req)
-    res = {m: noise_study(lm, data, sigma=m, **kw) for m in ("all", "no-first", "per-token")}
+    kw = dict(scales=(0.0, 0.5), layers=[1], seed=2)
+    res = {m: noise_study(lm, data, config=NoiseConfig(sigma=m, **kw), progress=False, requests=req)
+           for m in ("all", "no-first", "per-token")}
     for m, r in res.items():
         assert r.config["sigma"] == m and set(r.extra["sigma_by_mode"]) == {"all", "no-first", "per-token"}
     by = res["all"].extra["sigma_by_mode"]
@@ -249,7 +254,7 @@ def test_sigma_choice_changes_the_study_on_a_model_with_a_massive_first_token():
         forward(lm.parts, b, [NoiseProbe(1, 0.5, "per-token", seed=2), plan.probe(ref, {3: 0})])
     np.testing.assert_allclose(res["per-token"].scores[0, 0, 1], plan.assemble(ref, [3]).scores[0], atol=2e-4, rtol=1e-4)
     with pytest.raises(NoiseSpecError, match="--sigma"):
-        noise_study(lm, data, sigma="first", **kw)
+        noise_study(lm, data, config=NoiseConfig(sigma="first", **kw), progress=False, requests=req)
 
 
 def test_cli_sigma_option(model_dir, tmp_path):

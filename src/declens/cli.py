@@ -431,7 +431,7 @@ def ablate(
     """Remove each layer and adjacent pair around the Transition Point; evaluate on all tasks (Table 1)."""
 
     def go():
-        from .analyses.ablation import ablate as run_ablate
+        from .analyses.ablation import AblateConfig, ablate as run_ablate
         from .cli_tables import print_eval
         from .checks import check_options, check_task_names
 
@@ -442,8 +442,8 @@ def ablate(
         folder = _ready(Path(out) if out else Path("runs") / f"ablate_{_slug(model)}_{_slug(task)}")
         lm = _load(model, dtype, device, device_map, max_memory, allow_truncation,
                    execution=_execution(fastpath, batch_cost, checkpoint_every, fused_lse))
-        res = run_ablate(lm, task, names, fmt, window=window, tp=tp, limit=limit, seed=seed, pairs=pairs,
-                         max_tokens=max_tokens, out_dir=folder)
+        res = run_ablate(lm, task, names, fmt, AblateConfig(window=window, tp=tp, limit=limit, seed=seed, pairs=pairs,
+                                                            max_tokens=max_tokens), out_dir=folder)
         console.print(f"Transition Point: layer {res.transition_layer} ({task}, {fmt})")
         print_eval(res.eval, console)
         _truncation_note(lm)
@@ -559,7 +559,7 @@ def cka(
     """CKA of every pruned layer with every dense layer, on token-averaged and decision-token states."""
 
     def go():
-        from .analyses.cka import check_rows, cka_study, from_prune_run, state_from_prune
+        from .analyses.cka import CKAConfig, check_rows, cka_study, from_prune_run, state_from_prune
         from .checks import check_options, check_task_fields
         from .surgery import parse_layer_ids
         from .tasks import load_task
@@ -586,8 +586,9 @@ def cka(
                         num_fewshot)
         lm = _load(model, dtype, device, device_map, max_memory, allow_truncation,
                    execution=_execution(fastpath, batch_cost, checkpoint_every, fused_lse))
-        res = cka_study(lm, data, parse_layer_ids(drop), fmt, n_samples=None, seed=seed, max_tokens=max_tokens,
-                        num_fewshot=num_fewshot, include_embeddings=include_embeddings)
+        res = cka_study(lm, data, parse_layer_ids(drop), fmt,
+                        CKAConfig(n_samples=None, seed=seed, max_tokens=max_tokens, num_fewshot=num_fewshot,
+                                  include_embeddings=include_embeddings))
         if pruned is not None:
             from_prune_run(res, pruned, prune_method)
         res.save(folder)
@@ -651,7 +652,7 @@ def noise(
     """Final Decision Margin with Gaussian noise (scaled to each layer's std) added to one layer at a time."""
 
     def go():
-        from .analyses.noise import noise_study, parse_scales, validate_sigma
+        from .analyses.noise import NoiseConfig, noise_study, parse_scales, validate_sigma
         from .checks import check_format_options, check_options, check_task_fields
         from .surgery import parse_layer_ids
         from .tasks import load_task
@@ -668,8 +669,9 @@ def noise(
                         num_fewshot)
         lm = _load(model, dtype, device, device_map, max_memory, allow_truncation,
                    execution=_execution(fastpath, batch_cost, checkpoint_every, fused_lse))
-        res = noise_study(lm, data, fmt, scales=a, layers=parse_layer_ids(layers) or None, seed=seed, repeats=repeats,
-                          max_tokens=max_tokens, num_fewshot=num_fewshot, decision_score=decision_score, sigma=sigma)
+        res = noise_study(lm, data, fmt, NoiseConfig(scales=a, layers=parse_layer_ids(layers) or None, seed=seed,
+                                                     repeats=repeats, max_tokens=max_tokens, num_fewshot=num_fewshot,
+                                                     decision_score=decision_score, sigma=sigma))
         res.save(folder)
         print_noise(res)
         _truncation_note(lm)

@@ -76,21 +76,42 @@ class AblationResult:
         return out
 
 
-def ablate(lm: LoadedModel, task: str, tasks: Sequence[str], fmt: str = "letter", window: int = 2,
-           tp: int | None = None, limit: int | None = None, seed: int = 0, pairs: bool = True,
-           max_tokens: int | None = None, out_dir: str | Path | None = None, progress: bool = True) -> AblationResult:
+@dataclass(frozen=True)
+class AblateConfig:
+    """Knobs of :func:`ablate` (recorded in ``ablate.json``'s ``config`` under the same keys as before).
+
+    Attributes:
+        window: layers on each side of the Transition Point (>= 0).
+        tp: the Transition Point (dense layer id) to centre the window on instead of measuring it; ``None``: measure.
+        limit: rows per task (``None``: all); ``seed``: the row sample.
+        seed: seed of the row sample.
+        pairs: also remove adjacent pairs inside the window.
+        max_tokens: truncate prompts to this many tokens (``None``: the model's limit).
+    """
+
+    window: int = 2
+    tp: int | None = None
+    limit: int | None = None
+    seed: int = 0
+    pairs: bool = True
+    max_tokens: int | None = None
+
+
+def ablate(lm: LoadedModel, task: str, tasks: Sequence[str], fmt: str = "letter", config: AblateConfig | None = None,
+           out_dir: str | Path | None = None, progress: bool = True) -> AblationResult:
     """Remove single layers and adjacent pairs around the Transition Point; evaluate on ``tasks``.
 
     Args:
         lm: the dense model.
-        task: the task whose dense analysis locates the Transition Point (ignored with ``tp``).
+        task: the task whose dense analysis locates the Transition Point (ignored with ``config.tp``).
         tasks: tasks to evaluate every configuration on.
         fmt: scoring format.
-        window: layers on each side of the Transition Point.
-        tp: the Transition Point (dense id) to use instead of measuring it.
-        limit, seed: rows per task.
-        pairs: also remove adjacent pairs.
+        config: window, Transition Point, rows and seed (:class:`AblateConfig`; ``None``: the defaults).
+        out_dir: write the run folder there (``None``: don't write).
+        progress: show progress bars.
     """
+    cfg = config if config is not None else AblateConfig()
+    window, tp, limit, seed, pairs, max_tokens = cfg.window, cfg.tp, cfg.limit, cfg.seed, cfg.pairs, cfg.max_tokens
     t0 = time.perf_counter()
     dense = analyze(lm, load_task(task, limit=limit, seed=seed), fmt, progress=progress, plots=False)
     if tp is None:

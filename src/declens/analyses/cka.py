@@ -439,37 +439,49 @@ def _select(data: TaskData, n_samples: int | None, seed: int) -> TaskData:
                                selection={**data.selection, "cka_samples": n_samples, "cka_seed": seed})
 
 
+@dataclass(frozen=True)
+class CKAConfig:
+    """Knobs of :func:`cka_study` (recorded in ``cka.json``'s ``config`` under the same keys as before).
+
+    Attributes:
+        n_samples: rows to compare (the paper: 500 ARC-Challenge questions); ``None``: all of the data.
+            When the data hold more, ``n_samples`` rows are drawn with ``seed`` (deterministically, order kept).
+        seed: seed of the row draw.
+        max_tokens: padded tokens per batch (``None``: sized to the device).
+        num_fewshot: solved examples prepended to each prompt.
+        include_embeddings: also compare the embedding output (the first layer's input, the same in
+            both models) as layer ``EMBEDDING_ID`` (-1, shown ``emb``): first row and first column.
+    """
+
+    n_samples: int | None = 500
+    seed: int = 0
+    max_tokens: int | None = None
+    num_fewshot: int = 0
+    include_embeddings: bool = False
+
+
 def cka_study(
     lm: LoadedModel,
     data: TaskData,
     remove: Sequence[int],
     fmt: str = "letter",
-    n_samples: int | None = 500,
-    seed: int = 0,
-    max_tokens: int | None = None,
+    config: CKAConfig | None = None,
     progress: bool = True,
     *,
-    num_fewshot: int = 0,
     requests: LetterRequests | ClozeRequests | None = None,
-    include_embeddings: bool = False,
 ) -> CKAResult:
     """CKA of every layer of the pruned view (without dense ids ``remove``) with every dense layer.
 
     Args:
         lm: the (dense) model.
-        data: the task rows; when it holds more than ``n_samples`` items, ``n_samples`` of them are
-            drawn with ``seed`` (deterministically, order kept).
+        data: the task rows; when it holds more than ``config.n_samples`` items, that many of them are
+            drawn with ``config.seed`` (deterministically, order kept).
         remove: dense ids of the layers to remove (empty: the dense model against itself).
         fmt: ``letter`` (rows are the lettered prompts; the decision token is the last prompt token)
             or ``cloze`` (rows are the items' contexts, see :func:`cka_rows`).
-        n_samples: rows to compare (the paper: 500 ARC-Challenge questions); None: all of ``data``.
-        seed: seed of the row draw.
-        max_tokens: padded tokens per batch (default: sized to the device).
+        config: rows, seed, batch budget, few-shot and embeddings (:class:`CKAConfig`; ``None``: the defaults).
         progress: show a progress bar.
-        num_fewshot: solved examples prepended to each prompt.
         requests: prebuilt requests for exactly the selected rows (skips tokenization).
-        include_embeddings: also compare the embedding output (the first layer's input, the same in
-            both models) as layer ``EMBEDDING_ID`` (-1, shown ``emb``): first row and first column.
 
     Returns:
         The :class:`CKAResult` with ``[L_pruned, L_dense]`` matrices for both signals.
@@ -482,6 +494,9 @@ def cka_study(
 
     from .decision import encoder_for, prepare
 
+    cfg = config if config is not None else CKAConfig()
+    n_samples, seed, max_tokens = cfg.n_samples, cfg.seed, cfg.max_tokens
+    num_fewshot, include_embeddings = cfg.num_fewshot, cfg.include_embeddings
     if fmt not in FORMATS:
         raise DeclensError(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
     remove = [int(i) for i in remove]

@@ -406,21 +406,40 @@ def _cache_budget(lm: LoadedModel, max_tokens: int | None) -> int:
     return max(256, min(default_max_tokens(lm.parts), CACHE_BYTES // max(per_token, 1)))
 
 
+@dataclass(frozen=True)
+class NoiseConfig:
+    """Knobs of :func:`noise_study` (recorded in ``noise.json``'s ``config`` under the same keys as before).
+
+    Attributes:
+        scales: noise scales ``a`` (each >= 0; 0 is the clean model); the heatmap's columns ``S``.
+        layers: dense ids of the layers to perturb, the heatmap's rows ``P`` (``None``: every layer).
+        seed: seed of the noise draws (see the module docstring).
+        repeats: independent draws ``R`` per (layer, scale); ``dm`` / ``acc`` are their mean.
+        max_tokens: padded tokens per batch (``None``: sized to the device and to the kept states).
+        num_fewshot: solved examples prepended to each prompt.
+        decision_score: cloze only: DM / accuracy on ``raw`` log-likelihoods or per-character ``norm``.
+        sigma: how the noise scale is measured: ``no-first`` (default), ``all`` or ``per-token`` (see the
+            module docstring).
+    """
+
+    scales: Sequence[float] = DEFAULT_SCALES
+    layers: Sequence[int] | None = None
+    seed: int = 0
+    repeats: int = 1
+    max_tokens: int | None = None
+    num_fewshot: int = 0
+    decision_score: str = "raw"
+    sigma: str = DEFAULT_SIGMA
+
+
 def noise_study(
     lm: LoadedModel,
     data: TaskData,
     fmt: str = "letter",
-    scales: Sequence[float] = DEFAULT_SCALES,
-    layers: Sequence[int] | None = None,
-    seed: int = 0,
-    repeats: int = 1,
-    max_tokens: int | None = None,
+    config: NoiseConfig | None = None,
     progress: bool = True,
     *,
-    num_fewshot: int = 0,
-    decision_score: str = "raw",
     requests: LetterRequests | ClozeRequests | None = None,
-    sigma: str = DEFAULT_SIGMA,
 ) -> NoiseResult:
     """Final-layer Decision Margin with noise ``a * sigma_l * eps`` added to the output of one layer ``l``.
 
@@ -428,17 +447,10 @@ def noise_study(
         lm: the model (dense, or an exported pruned model: layers keep their dense ids).
         data: the task rows.
         fmt: ``letter`` or ``cloze``.
-        scales: noise scales ``a`` (each >= 0; 0 is the clean model).
-        layers: dense ids of the layers to perturb (default: every layer).
-        seed: seed of the noise draws (see the module docstring).
-        repeats: independent draws per (layer, scale); ``dm`` / ``acc`` are their mean.
-        max_tokens: padded tokens per batch (default: sized to the device and to the kept states).
+        config: scales, layers, seed, repeats, batch budget, few-shot, decision score and sigma rule
+            (:class:`NoiseConfig`; ``None``: the defaults).
         progress: show progress bars.
-        num_fewshot: solved examples prepended to each prompt.
-        decision_score: cloze only: DM / accuracy on ``raw`` log-likelihoods or per-character ``norm``.
         requests: prebuilt requests (from :func:`~declens.analyses.decision.prepare`).
-        sigma: how the noise scale is measured: ``no-first`` (default), ``all`` or ``per-token`` (see the
-            module docstring).
 
     Returns:
         The :class:`NoiseResult`.
@@ -450,6 +462,9 @@ def noise_study(
 
     from .decision import encoder_for, prepare
 
+    cfg = config if config is not None else NoiseConfig()
+    scales, layers, seed, repeats, max_tokens = cfg.scales, cfg.layers, cfg.seed, cfg.repeats, cfg.max_tokens
+    num_fewshot, decision_score, sigma = cfg.num_fewshot, cfg.decision_score, cfg.sigma
     if fmt not in FORMATS:
         raise DeclensError(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
     if decision_score not in ("raw", "norm"):

@@ -295,7 +295,7 @@ def _best_removed(prune_result, ratio: float, method: str = "ip") -> list[int]:
 
 
 def _cka_stage(lm, cfg, study, r, data, progress) -> None:
-    from .cka import CKAResult, cka_study
+    from .cka import CKAConfig, CKAResult, cka_study
 
     pr = study.get("prune", _key(cfg.tasks[0], cfg.formats[0]))
     if pr is None:
@@ -304,7 +304,8 @@ def _cka_stage(lm, cfg, study, r, data, progress) -> None:
     folder = study.folder / "cka"
 
     def run():
-        res = cka_study(lm, data, remove, cfg.formats[0], n_samples=cfg.cka_rows, seed=cfg.seed, progress=progress)
+        res = cka_study(lm, data, remove, cfg.formats[0], CKAConfig(n_samples=cfg.cka_rows, seed=cfg.seed),
+                        progress=progress)
         res.save(folder)
         return res
 
@@ -314,12 +315,13 @@ def _cka_stage(lm, cfg, study, r, data, progress) -> None:
 
 
 def _noise_stage(lm, cfg, r, data, out, progress) -> None:
-    from .noise import NoiseResult, noise_study
+    from .noise import NoiseConfig, NoiseResult, noise_study
 
     folder = out / "noise"
 
     def run():
-        res = noise_study(lm, data, cfg.formats[0], scales=cfg.noise_scales, seed=cfg.seed, repeats=cfg.noise_repeats,
+        res = noise_study(lm, data, cfg.formats[0],
+                          NoiseConfig(scales=cfg.noise_scales, seed=cfg.seed, repeats=cfg.noise_repeats),
                           progress=progress)
         res.save(folder)
         return res
@@ -333,7 +335,7 @@ def _noise_stage(lm, cfg, r, data, out, progress) -> None:
 
 
 def _ablate_stage(lm, cfg, study, r, out, progress) -> None:
-    from .ablation import AblationResult, ablate
+    from .ablation import AblateConfig, AblationResult, ablate
 
     dense = study.get("analysis", _key(cfg.tasks[0], cfg.formats[0]))
     tp = None if dense is None else dense.metrics.transition_layer
@@ -342,8 +344,9 @@ def _ablate_stage(lm, cfg, study, r, out, progress) -> None:
         r.on_event(StageEvent("ablate", "main", "omit", f"the dense model has no Transition Point on {cfg.tasks[0]}"))
         return
     r.stage("ablate", "main", folder,
-            lambda: ablate(lm, cfg.tasks[0], cfg.tasks, cfg.formats[0], window=cfg.ablate_window, tp=tp,
-                           limit=cfg.limit, seed=cfg.seed, out_dir=folder, progress=progress),
+            lambda: ablate(lm, cfg.tasks[0], cfg.tasks, cfg.formats[0],
+                           AblateConfig(window=cfg.ablate_window, tp=tp, limit=cfg.limit, seed=cfg.seed),
+                           out_dir=folder, progress=progress),
             AblationResult.load, lambda x: f"around layer {x.transition_layer} on {len(x.eval.tasks)} task(s)")
 
 
