@@ -59,6 +59,47 @@ def test_torchrun_analyze_and_prune_equal_one_process(llama_dir, tmp_path):
     assert [r["accuracy"] for r in p1] == [r["accuracy"] for r in p2]
 
 
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (read from /proc): torchrun may start its ranks in their own sessions."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            found.append(c)
+            todo.append(c)
+    return found
+
+
+def _kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL torchrun and every rank it started, and wait until none of them runs any more."""
+    pids = _descendants(proc.pid)
+    os.killpg(proc.pid, signal.SIGKILL)
+    for p in pids:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait(timeout=60)
+    def running(p: int) -> bool:
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie no longer runs
+        except (OSError, IndexError):
+            return False
+
+    deadline = time.monotonic() + 60
+    while any(running(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
 def test_torchrun_prune_resumes_after_a_kill(llama_dir, tmp_path):
     """A torchrun prune killed midway resumes (every rank replays the stored evaluations: same collectives
     on all ranks, no hang) to the trajectory and accuracies of one uninterrupted process."""
@@ -85,7 +126,7 @@ def test_torchrun_prune_resumes_after_a_kill(llama_dir, tmp_path):
                 pass
     finally:
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+            _kill_tree(proc)  # a rank left running would finish the run and remove the resume state
         proc.wait(timeout=60)
     assert stored >= 4 and not (out / "prune.json").exists(), "the run ended before it could be killed"
 
