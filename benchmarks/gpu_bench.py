@@ -33,10 +33,10 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
-from declens.analyses.decision import analyze, encoder_for, prepare, score  # noqa: E402
+from declens.analyses.decision import AnalyzeConfig, analyze, encoder_for, prepare, score  # noqa: E402
 from declens.execution import ExecutionOptions  # noqa: E402
 from declens.models import LoadedModel  # noqa: E402
-from declens.pruning import prune  # noqa: E402
+from declens.pruning import PruneConfig, prune  # noqa: E402
 from declens.runner import collate, plan_batches  # noqa: E402
 from declens.tasks import load_task  # noqa: E402
 
@@ -176,14 +176,14 @@ def run_model(name, shape, args, device, tok, peak):
         lm.options = options
         sync()
         t = time.perf_counter()
-        res = analyze(lm, data, "letter", progress=False, max_tokens=mt)  # first call: includes any compilation
+        res = analyze(lm, data, "letter", AnalyzeConfig(max_tokens=mt), progress=False)  # first call: includes any compilation
         sync()
         first = time.perf_counter() - t
         times = []
         for _ in range(args.repeats):
             sync()
             t = time.perf_counter()
-            res = analyze(lm, data, "letter", progress=False, max_tokens=mt)
+            res = analyze(lm, data, "letter", AnalyzeConfig(max_tokens=mt), progress=False)
             sync()
             times.append(time.perf_counter() - t)
         sync()
@@ -211,7 +211,7 @@ def run_model(name, shape, args, device, tok, peak):
         from torch.profiler import ProfilerActivity, profile
 
         with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
-            analyze(lm, data, "letter", progress=False, max_tokens=best[2])
+            analyze(lm, data, "letter", AnalyzeConfig(max_tokens=best[2]), progress=False)
             sync()
         table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
         with open(os.path.join(args.out, f"profile_{name}.txt"), "w") as f:
@@ -224,9 +224,9 @@ def run_model(name, shape, args, device, tok, peak):
         torch.cuda.empty_cache() if device.type == "cuda" else None
         sync()
         t = time.perf_counter()
-        pr = prune(lm, data, "letter", methods=["replay"], order=order, max_ratio=k / cfg.num_hidden_layers,
-                   calib_samples=256, calib_from_eval=True, reuse=reuse, progress=False, plots=False,
-                   max_tokens=best[2])
+        pr = prune(lm, data, "letter", PruneConfig(["replay"], order=order, max_ratio=k / cfg.num_hidden_layers,
+                                                   calib_samples=256, calib_from_eval=True, reuse=reuse,
+                                                   max_tokens=best[2]), progress=False, plots=False)
         sync()
         key = "ip_replay_s" if reuse else "ip_replay_no_reuse_s"
         row[key] = round(time.perf_counter() - t, 3)

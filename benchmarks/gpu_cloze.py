@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
-from declens.analyses.decision import analyze, prepare  # noqa: E402
+from declens.analyses.decision import AnalyzeConfig, analyze, prepare  # noqa: E402
 from declens.execution import FASTPATH_MODES, ExecutionOptions  # noqa: E402
 from declens.models import LoadedModel  # noqa: E402
 from declens.tasks import load_task  # noqa: E402
@@ -50,7 +50,7 @@ def timed(lm, data, req, lens_layers):
     torch.cuda.reset_peak_memory_stats()
     sync()
     t = time.perf_counter()
-    res = analyze(lm, data, "cloze", requests=req, progress=False, lens_layers=lens_layers)
+    res = analyze(lm, data, "cloze", AnalyzeConfig(lens_layers=lens_layers), requests=req, progress=False)
     sync()
     return time.perf_counter() - t, res, torch.cuda.max_memory_allocated() / 2**30
 
@@ -107,8 +107,8 @@ def main() -> None:
         sub = load_task("hellaswag", limit=args.profile, seed=2)
         sreq = prepare(lm, sub, "cloze")
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            analyze(lm, sub, "cloze", requests=sreq, progress=False,
-                    lens_layers=None if args.profile_lens == "all" else "last")
+            analyze(lm, sub, "cloze", AnalyzeConfig(lens_layers=None if args.profile_lens == "all" else "last"),
+                    requests=sreq, progress=False)
             sync()
         table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30)
         print(table)

@@ -10,7 +10,7 @@ shipped tokenizer (SmolLM2's), then, for each task, times in this one process:
     (``prompt_parity.StockTasks.build``: the stock YAML and ``utils.py`` with a
     ``datasets.Dataset`` built from the rows in the fields of the Hugging Face dataset it reads;
     there is no dataset hub on the GPU machine);
-(b) declens: ``load_task`` + ``analyze(lm, data, fmt, lens_layers="last")`` (HellaSwag cloze, MMLU
+(b) declens: ``load_task`` + ``analyze(lm, data, fmt, AnalyzeConfig(lens_layers="last"))`` (HellaSwag cloze, MMLU
     letter), the model's own output only, as lm-eval reads it.
 
 Each tool's time is its whole run once the model is on the GPU: lm-eval's covers building its task
@@ -74,9 +74,14 @@ sys.path.insert(0, os.path.dirname(__file__))
 from gpu_bench import LLAMA3_8B, build, sync
 from prompt_parity import STOCK, StockTasks, declens_requests
 
-from declens.analyses.decision import analyze
+from declens.analyses.decision import AnalyzeConfig, analyze
+from declens.execution import FASTPATH_MODES, ExecutionOptions
+from declens.formats import prepare
 from declens.models import LoadedModel
 from declens.tasks import get_spec, load_task, read_split, subsample
+
+#: declens reads only the model's own output (the final layer), as lm-eval does
+LAST = AnalyzeConfig(lens_layers="last")
 
 # declens task -> (split, format): HellaSwag validation in the cloze format, MMLU test with letter prompts
 TASKS = {"hellaswag": ("validation", "cloze"), "mmlu": ("test", "letter")}
@@ -150,12 +155,15 @@ def run_declens(lm: LoadedModel, task: str, limit: int | None, seed: int) -> tup
     sync()
     t = time.perf_counter()
     data = load_task(task, split=split, limit=limit, seed=seed)
-    res = analyze(lm, data, fmt, lens_layers="last", progress=False, plots=False)
+    req = prepare(lm, data, fmt)  # tokenizing (timed: part of the run), split out to show where the time goes
+    t_prep = time.perf_counter() - t
+    res = analyze(lm, data, fmt, LAST, requests=req, progress=False, plots=False)
     sync()
     seconds = time.perf_counter() - t
     s = res.scores
     norm = None if s.norm_scores is None else np.asarray(s.norm_scores[-1], dtype=np.float64)
-    return Run(seconds=seconds, scores=np.asarray(s.scores[-1], dtype=np.float64), norm=norm), data
+    return Run(seconds=seconds, scores=np.asarray(s.scores[-1], dtype=np.float64), norm=norm,
+               extra={"load_and_tokenize_s": round(t_prep, 2), "fastpath": lm.options.fastpath}), data
 
 
 def _gap(v: np.ndarray) -> float:
@@ -216,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-batch-size", type=int, default=64, help="lm-eval's max_batch_size for batch_size=auto (its default 64)")
     ap.add_argument("--warmup", type=int, default=32, help="rows of each tool's untimed warm-up run (0: none)")
     ap.add_argument("--order", default="lm_eval,declens", help="which tool runs first on each task")
+    ap.add_argument("--fastpath", default="auto", choices=FASTPATH_MODES,
+                    help="declens' lean decoder loop: auto, off or compile (its best setting, as lm-eval gets batch auto)")
     ap.add_argument("--tiny", action="store_true", help="tiny random Llama on the CPU (smoke test)")
     ap.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for gpu_lmeval.json")
     args = ap.parse_args(argv)
@@ -236,6 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     sync()
     lm = LoadedModel(model=model, tokenizer=tok, spec="llama3-8b-random" + ("-tiny" if args.tiny else ""),
                      source={"kind": "random-config", "shape": "llama3-8b", "tiny": args.tiny})
+    lm.options = ExecutionOptions(fastpath=args.fastpath)
     report = {"env": {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
                       "torch": torch.__version__, "transformers": transformers.__version__, "lm_eval": lm_eval.__version__,
                       "dtype": str(next(model.parameters()).dtype), "model_build_s": round(time.perf_counter() - t, 2),
@@ -250,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.warmup:
             widx = subsample(n_split, min(args.warmup, n_split), args.seed + 1)
             run_lmeval(model, tok, stock, task, widx, args.max_batch_size)
-            analyze(lm, load_task(task, split=split, limit=args.warmup, seed=args.seed + 1), fmt, lens_layers="last",
+            analyze(lm, load_task(task, split=split, limit=args.warmup, seed=args.seed + 1), fmt, LAST,
                     progress=False, plots=False)
         runs: dict = {}
         data = None

@@ -52,9 +52,9 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 from gpu_bench import flops_per_token, matmul_peak
 
-from declens.analyses.decision import analyze, prepare
+from declens.analyses.decision import AnalyzeConfig, analyze, prepare
 from declens.models import LoadedModel
-from declens.pruning import PruningEngine, prune
+from declens.pruning import PruneConfig, PruningEngine, prune
 from declens.tasks import load_task
 
 #: Llama-3-70B's config (meta-llama/Meta-Llama-3-70B config.json)
@@ -316,10 +316,10 @@ def main() -> None:
         rec.update(questions=len(req.prompts), tokens=n_tok, forward_pflop=round(flops / 1e15, 3),
                    floor_s_one_gpu_at_peak=round(flops / peak, 2) if peak else None)
     with rep.stage("warmup_64_rows"):
-        analyze(lm, load_task("arc_challenge", limit=64, seed=1), "letter", progress=False, plots=False,
-                max_tokens=a.max_tokens)
+        analyze(lm, load_task("arc_challenge", limit=64, seed=1), "letter", AnalyzeConfig(max_tokens=a.max_tokens),
+                progress=False, plots=False)
     with rep.stage("analysis") as rec:
-        res = analyze(lm, data, "letter", progress=False, plots=False, max_tokens=a.max_tokens)
+        res = analyze(lm, data, "letter", AnalyzeConfig(max_tokens=a.max_tokens), progress=False, plots=False)
         sync_all()
         rec["layers_read"] = int(res.scores.scores.shape[0])
         rec["final_acc"] = res.metrics.final_acc
@@ -331,8 +331,9 @@ def main() -> None:
     if a.skip_ip:
         return
     with rep.stage("iterative_pruning") as rec, step_timer(rep, rec):
-        pr = prune(lm, data, "letter", methods=["ip"], max_ratio=a.ip_steps / L, calib_samples=a.calib_samples,
-                   calib_from_eval=a.calib_from_eval, progress=False, plots=False, max_tokens=a.max_tokens)
+        pr = prune(lm, data, "letter", PruneConfig(["ip"], max_ratio=a.ip_steps / L, calib_samples=a.calib_samples,
+                                                   calib_from_eval=a.calib_from_eval, max_tokens=a.max_tokens),
+                   progress=False, plots=False)
         recs = pr.runs["ip"].records
         rec["removed_order"] = [r.layer for r in recs if r.layer is not None]
         rec["accuracy_by_step"] = [round(r.accuracy, 4) for r in recs]

@@ -35,11 +35,11 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 sys.path.insert(0, os.path.dirname(__file__))
 
 from declens import distributed  # noqa: E402
-from declens.analyses.decision import analyze  # noqa: E402
+from declens.analyses.decision import AnalyzeConfig, analyze  # noqa: E402
 from declens.execution import ExecutionOptions  # noqa: E402
 from declens.metrics import margins, predictions  # noqa: E402
 from declens.models import LoadedModel  # noqa: E402
-from declens.pruning import prune  # noqa: E402
+from declens.pruning import PruneConfig, prune  # noqa: E402
 from declens.tasks import load_task  # noqa: E402
 from gpu_bench import LLAMA3_8B, ORDERS, build  # noqa: E402
 
@@ -94,14 +94,14 @@ def main():
     order = ORDERS["llama3-8b"][: a.ip_steps]
     if a.mode in ("single", "ddp"):
         analyze(lm, load_task("arc_challenge", limit=64, seed=1), "letter", progress=False)  # warm-up
-        res, t_an = timed(lambda: analyze(lm, data, "letter", progress=False, max_tokens=MT))
+        res, t_an = timed(lambda: analyze(lm, data, "letter", AnalyzeConfig(max_tokens=MT), progress=False))
         times = [t_an]
         for _ in range(2):
-            res, t = timed(lambda: analyze(lm, data, "letter", progress=False, max_tokens=MT))
+            res, t = timed(lambda: analyze(lm, data, "letter", AnalyzeConfig(max_tokens=MT), progress=False))
             times.append(t)
-        pr, t_ip = timed(lambda: prune(lm, data, "letter", methods=["replay"], order=order, max_ratio=len(order) / 32,
-                                       calib_samples=256, calib_from_eval=True, progress=False, plots=False,
-                                       max_tokens=MT))
+        pr, t_ip = timed(lambda: prune(lm, data, "letter",
+                                       PruneConfig(["replay"], order=order, max_ratio=len(order) / 32, calib_samples=256,
+                                                   calib_from_eval=True, max_tokens=MT), progress=False, plots=False))
         if distributed.is_main():
             save(a.out, a.mode, res, {"mode": a.mode, "ranks": distributed.world(), "analyze_s": [round(x, 3) for x in times],
                                       "ip_replay_s": round(t_ip, 3), "ip_steps": len(order),
@@ -114,7 +114,7 @@ def main():
     from accelerate import dispatch_model, infer_auto_device_map
 
     lm.options = ExecutionOptions(fastpath="off")
-    ref, t_ref = timed(lambda: analyze(lm, data, "letter", progress=False, max_tokens=MT))
+    ref, t_ref = timed(lambda: analyze(lm, data, "letter", AnalyzeConfig(max_tokens=MT), progress=False))
     n = torch.cuda.device_count()
     dmap = infer_auto_device_map(model, max_memory={i: a.cap for i in range(n)},
                                  no_split_module_classes=[type(model.model.layers[0]).__name__])
@@ -124,10 +124,10 @@ def main():
     model = dispatch_model(model, device_map=dmap)
     lm = LoadedModel(model=model, tokenizer=tok, spec="llama3-8b-random-sharded", source={"kind": "random-config"})
     analyze(lm, load_task("arc_challenge", limit=64, seed=1), "letter", progress=False)  # warm-up
-    res, t_sh = timed(lambda: analyze(lm, data, "letter", progress=False, max_tokens=MT))
-    pr, t_ip = timed(lambda: prune(lm, data, "letter", methods=["replay"], order=order[:3], max_ratio=3 / 32,
-                                   calib_samples=64, calib_from_eval=True, progress=False, plots=False,
-                                   max_tokens=MT))
+    res, t_sh = timed(lambda: analyze(lm, data, "letter", AnalyzeConfig(max_tokens=MT), progress=False))
+    pr, t_ip = timed(lambda: prune(lm, data, "letter",
+                                   PruneConfig(["replay"], order=order[:3], max_ratio=3 / 32, calib_samples=64,
+                                               calib_from_eval=True, max_tokens=MT), progress=False, plots=False))
     np.savez(os.path.join(a.out, "shard_ref.npz"), scores=ref.scores.scores, gold=ref.scores.gold)
     layer_devices = sorted({str(p.device) for p in model.model.layers.parameters()})
     save(a.out, "shard", res, {"mode": "shard", "gpus": n, "cap_per_gpu": a.cap, "layer_devices": layer_devices,

@@ -142,13 +142,13 @@ def test_missing_or_empty_folders_are_clear_errors(tmp_path):
 def test_real_result_files_are_read_like_the_objects(tmp_path):
     """The real analyze and prune code on a tiny model: the files give the TPs the objects hold."""
     from declens.analyses.decision import analyze
-    from declens.pruning.run import prune
+    from declens.pruning.run import PruneConfig, prune
     from declens.tasks import load_task
 
     lm = make_tiny("llama", layers=4)
     data = load_task("piqa", limit=6, seed=0)
     a = analyze(lm, data, "cloze", out_dir=tmp_path / "a", progress=False, plots=False)
-    p = prune(lm, data, "cloze", ["ip", "last"], max_ratio=0.5, calib_samples=4, out_dir=tmp_path / "p",
+    p = prune(lm, data, "cloze", PruneConfig(["ip", "last"], max_ratio=0.5, calib_samples=4), out_dir=tmp_path / "p",
               progress=False, plots=False)
     (da,) = dense_decisions(find_runs(tmp_path / "a")[0])
     (dp,) = dense_decisions(find_runs(tmp_path / "p")[0])

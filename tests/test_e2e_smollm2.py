@@ -60,10 +60,10 @@ def test_demo_command(tmp_path):
 
 def test_iterative_pruning_and_export_on_real_model(tmp_path):
     from declens.models import load_model
-    from declens.pruning import export_pruned, prune
+    from declens.pruning import PruneConfig, export_pruned, prune
 
     lm = load_model("smollm2-135m", dtype="float32", device="cpu", progress=False)
-    res = prune(lm, load_task("arc_easy", limit=16, seed=0), "cloze", methods=["ip"], max_ratio=0.1, calib_samples=8,
+    res = prune(lm, load_task("arc_easy", limit=16, seed=0), "cloze", PruneConfig(["ip"], max_ratio=0.1, calib_samples=8),
                 out_dir=tmp_path / "prune", progress=False)
     recs = res.runs["ip"].records
     assert [r.k for r in recs] == [0, 1, 2, 3]

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from declens.analyses.decision import analyze, encoder_for, prepare
+from declens.analyses.decision import AnalyzeConfig, analyze, encoder_for, prepare
 from declens.lens import EMBEDDING_ID, Lens
 from declens.metrics import margins
 from declens.runner import Probe, collate, forward
@@ -29,7 +29,7 @@ def test_embedding_readout_is_the_lens_on_the_first_layer_input(arch):
     lm = make_tiny(arch)
     data = load_task("arc_easy", limit=6, seed=1)
     req = prepare(lm, data, "letter")
-    with_emb = analyze(lm, data, "letter", progress=False, requests=req, include_embeddings=True)
+    with_emb = analyze(lm, data, "letter", AnalyzeConfig(include_embeddings=True), progress=False, requests=req)
     plain = analyze(lm, data, "letter", progress=False, requests=req)
     e = with_emb.extra["embedding"]
     assert e["layer"] == EMBEDDING_ID and with_emb.config["include_embeddings"] is True
@@ -60,7 +60,7 @@ def test_embedding_readout_cloze_and_saved(tmp_path):
 
     lm = make_tiny("qwen2")
     data = load_task("piqa", limit=4, seed=0)
-    res = analyze(lm, data, "cloze", progress=False, include_embeddings=True, out_dir=tmp_path)
+    res = analyze(lm, data, "cloze", AnalyzeConfig(include_embeddings=True), progress=False, out_dir=tmp_path)
     e = res.extra["embedding"]
     assert "accuracy_norm" in e and np.isfinite(e["dm"])
     d = json.loads((tmp_path / "result.json").read_text())

@@ -15,7 +15,7 @@ from declens.cli import app
 from declens.errors import DeclensError
 from declens.execution import ExecutionOptions
 from declens.runner import BATCH_COST_DIVISOR, plan_batches, run_batches
-from declens.scoring import ScoreState, score_letter
+from declens.scoring import Resume, ScoreState, score_letter
 from declens.tasks import load_task
 
 
@@ -94,7 +94,7 @@ def test_checkpoint_interval_option_reaches_the_scorer(every, saves_before_the_e
     def save(state: ScoreState) -> None:
         saved.append(int(state.done.sum()))
 
-    score_letter(lm.parts, req, encoder_for(lm).pad_id, max_tokens=64, save=save)
+    score_letter(lm.parts, req, encoder_for(lm).pad_id, max_tokens=64, resume=Resume(save=save))
     assert saved[-1] == len(req.prompts)
     assert (len(saved) > 1) == saves_before_the_end, saved
 

@@ -13,11 +13,12 @@ def pruned():
     """A real prune run (two methods, up to 60% of a 5-layer tiny model) and its dense model."""
     from conftest import make_tiny
 
-    from declens.pruning import prune
+    from declens.pruning import PruneConfig, prune
 
     lm = make_tiny("llama", layers=5)
     data = load_task("arc_easy", limit=8, seed=0)
-    res = prune(lm, data, methods=["ip", "last"], max_ratio=0.6, calib_samples=4, progress=False, plots=False)
+    res = prune(lm, data, "letter", PruneConfig(["ip", "last"], max_ratio=0.6, calib_samples=4), progress=False,
+                plots=False)
     return lm, data, res
 
 

@@ -37,7 +37,7 @@ LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
     ("formats", frozenset({"formats"})),
     ("execution", frozenset({"runner", "lens", "scoring"})),
     ("metrics", frozenset({"metrics"})),
-    ("results", frozenset({"results"})),
+    ("results", frozenset({"results", "runconfig"})),
     ("analyses", frozenset({"analyses", "pruning", "finetune", "checks"})),
     ("presentation", frozenset({"plots", "report"})),
     ("cli", frozenset({"cli", "cli_tables", "__main__", FACADE})),

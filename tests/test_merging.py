@@ -126,15 +126,15 @@ def test_npib_and_diffusion_map():
 
 
 def _tiny_prune(methods, tmp_path, **kw):
-    from declens.pruning import prune
+    from declens.pruning import PruneConfig, prune
     from declens.pruning.merging import LacoConfig, MergeConfig
     from declens.tasks import load_task
 
     lm = make_tiny("llama", layers=6)
     data = load_task("arc_easy", limit=12)
     merge = MergeConfig(laco=LacoConfig(threshold=-1.0, layers=3, low=0))
-    res = prune(lm, data, "cloze", methods, max_ratio=0.5, calib_samples=12, progress=False, plots=False,
-                merge=merge, out_dir=tmp_path, **kw)
+    res = prune(lm, data, "cloze", PruneConfig(methods, max_ratio=0.5, calib_samples=12, merge=merge, **kw),
+                progress=False, plots=False, out_dir=tmp_path)
     return lm, res
 
 

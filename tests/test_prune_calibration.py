@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from conftest import make_tiny, save_tiny
 from declens.cli import app
 from declens.errors import DeclensError
-from declens.pruning import prune
+from declens.pruning import PruneConfig, prune
 from declens.pruning.run import CALIB_TASK, calibration_data
 from declens.tasks import REGISTRY, load_task
 
@@ -47,10 +47,10 @@ def test_calibrating_on_the_evaluated_split_needs_calib_from_eval():
 def test_prune_records_the_calibration_rule():
     lm = make_tiny("llama", layers=4)
     data = load_task("piqa", limit=8)
-    kw = dict(methods=["last"], max_ratio=0.3, calib_samples=4, progress=False, plots=False)
-    cal = prune(lm, data, calib_task="piqa", **kw).config["calibration"]
+    kw = dict(methods=["last"], max_ratio=0.3, calib_samples=4)
+    cal = prune(lm, data, "letter", PruneConfig(calib_task="piqa", **kw), progress=False, plots=False).config["calibration"]
     assert cal["task"] == CALIB_TASK and cal["split"] == "train" and "fallback" in cal["calibration"]
-    cal = prune(lm, data, calib_from_eval=True, **kw).config["calibration"]
+    cal = prune(lm, data, "letter", PruneConfig(calib_from_eval=True, **kw), progress=False, plots=False).config["calibration"]
     assert cal["task"] == "piqa" and cal["calibration"] == "from evaluated rows"
 
 

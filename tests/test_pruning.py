@@ -10,10 +10,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import make_tiny
-from declens.analyses.decision import analyze, encoder_for, prepare
+from declens.analyses.decision import AnalyzeConfig, analyze, encoder_for, prepare
 from declens.errors import DeclensError, LayerSpecError
 from declens.metrics import compute_metrics
-from declens.pruning import PruningEngine, SkipPrun, export_pruned, prune
+from declens.pruning import PruneConfig, PruningEngine, SkipPrun, export_pruned, prune
 from declens.pruning.engine import Evaluation, calibration_sequences
 from declens.pruning.methods import Memo, critical_ratio, run_ip
 from declens.pruning.run import PruneResult, max_removed_for
@@ -33,7 +33,7 @@ def test_prefix_reuse_equals_full_recompute_and_analyze(tiny, fmt):
     for removed in ([2], [3, 1], [0], [3]):
         a = eng.evaluate(removed)
         b = plain.evaluate(removed)
-        c = analyze(tiny, data, fmt, remove=removed, progress=False)
+        c = analyze(tiny, data, fmt, AnalyzeConfig(remove=removed), progress=False)
         assert a.layer_ids == b.layer_ids == c.scores.layer_ids
         np.testing.assert_allclose(a.scores.scores, b.scores.scores, rtol=1e-5, atol=1e-4)
         np.testing.assert_allclose(a.scores.scores, c.scores.scores, rtol=1e-5, atol=1e-4)
@@ -47,7 +47,8 @@ def test_sleb_reuses_the_current_states_prefix_with_identical_choices():
     same removed layers and perplexities as full recomputation, with less layer work, recorded."""
     lm = make_tiny("llama", layers=8)
     data = load_task("arc_easy", limit=6)
-    held, full = (prune(lm, data, methods=["sleb"], max_ratio=0.5, calib_samples=6, reuse=r, progress=False, plots=False)
+    held, full = (prune(lm, data, "letter", PruneConfig(["sleb"], max_ratio=0.5, calib_samples=6, reuse=r), progress=False,
+                         plots=False)
                   for r in (True, False))
     a, b = held.runs["sleb"].records, full.runs["sleb"].records
     assert [r.removed for r in a] == [r.removed for r in b] and len(a) == 5
@@ -105,8 +106,8 @@ def test_bi_is_recomputed_on_the_pruned_model(tmp_path):
 def test_ip_is_deterministic_and_records_every_step():
     lm = make_tiny("llama", layers=6)
     data = load_task("arc_easy", limit=10)
-    a = prune(lm, data, methods=["ip"], max_ratio=0.5, calib_samples=6, progress=False)
-    b = prune(lm, data, methods=["ip"], max_ratio=0.5, calib_samples=6, progress=False)
+    a = prune(lm, data, "letter", PruneConfig(["ip"], max_ratio=0.5, calib_samples=6), progress=False)
+    b = prune(lm, data, "letter", PruneConfig(["ip"], max_ratio=0.5, calib_samples=6), progress=False)
     ra, rb = a.runs["ip"], b.runs["ip"]
     assert [r.to_dict() for r in ra.records] == [r.to_dict() for r in rb.records]
     assert [len(r.removed) for r in ra.records] == [0, 1, 2, 3]
@@ -122,8 +123,8 @@ def test_ip_is_deterministic_and_records_every_step():
 def test_every_baseline_runs_and_is_consistent():
     lm = make_tiny("gemma3", layers=6)
     data = load_task("piqa", limit=8)
-    res = prune(lm, data, methods=["shortgpt", "last", "random", "angular", "sleb", "phase"], max_ratio=0.34,
-                calib_samples=4, progress=False)
+    res = prune(lm, data, "letter", PruneConfig(["shortgpt", "last", "random", "angular", "sleb", "phase"], max_ratio=0.34,
+                                            calib_samples=4), progress=False)
     last = res.runs["last"].table()
     assert [r["removed"] for r in last] == [[4], [4, 3]]
     sg = res.runs["shortgpt"]
@@ -208,8 +209,9 @@ def test_critical_ratio():
 def test_killed_prune_resumes_to_identical_result(tmp_path, monkeypatch):
     lm = make_tiny("mistral", layers=6)
     data = load_task("arc_challenge", limit=10)
-    kw = dict(methods=["ip", "last"], max_ratio=0.5, calib_samples=6, progress=False, plots=False)
-    full = prune(lm, data, **kw)
+    cfg = PruneConfig(["ip", "last"], max_ratio=0.5, calib_samples=6)
+    kw = dict(progress=False, plots=False)
+    full = prune(lm, data, "letter", cfg, **kw)
 
     real = PruningEngine.evaluate
     calls = {"n": 0}
@@ -222,10 +224,10 @@ def test_killed_prune_resumes_to_identical_result(tmp_path, monkeypatch):
 
     monkeypatch.setattr(PruningEngine, "evaluate", dying)
     with pytest.raises(KeyboardInterrupt):
-        prune(lm, data, out_dir=tmp_path, **kw)
+        prune(lm, data, "letter", cfg, out_dir=tmp_path, **kw)
     assert (tmp_path / ".prune-state.json").exists() and not (tmp_path / "prune.json").exists()
     monkeypatch.setattr(PruningEngine, "evaluate", real)
-    resumed = prune(lm, data, out_dir=tmp_path, **kw)
+    resumed = prune(lm, data, "letter", cfg, out_dir=tmp_path, **kw)
     assert resumed.work["resumed_evaluations"] >= 3
     for m in ("ip", "last"):
         assert [r.to_dict() for r in resumed.runs[m].records] == [r.to_dict() for r in full.runs[m].records]
@@ -246,9 +248,8 @@ def test_ratio_too_small_and_unknown_method():
     with pytest.raises(DeclensError, match="removes no layer"):
         max_removed_for(0.01, 32)
     assert max_removed_for(0.5, 32) == 16 and max_removed_for(0.5, 36) == 18
-    lm = make_tiny("llama")
     with pytest.raises(DeclensError, match="unknown pruning method"):
-        prune(lm, load_task("piqa", limit=4), methods=["magic"], progress=False)
+        PruneConfig(["magic"])
 
 
 def test_engine_rejects_invalid_removals():
@@ -289,8 +290,8 @@ def test_analyze_on_exported_model_reports_dense_ids(tmp_path):
     res = analyze(back, load_task("piqa", limit=4), "letter", progress=False)
     assert res.metrics.layer_ids == [0, 2, 4]
     with pytest.raises(LayerSpecError, match="already removed"):
-        analyze(back, load_task("piqa", limit=4), "letter", remove=[1], progress=False)
-    res2 = analyze(back, load_task("piqa", limit=4), "letter", remove=[2], progress=False)
+        analyze(back, load_task("piqa", limit=4), "letter", AnalyzeConfig(remove=[1]), progress=False)
+    res2 = analyze(back, load_task("piqa", limit=4), "letter", AnalyzeConfig(remove=[2]), progress=False)
     assert res2.metrics.layer_ids == [0, 4]
 
 
@@ -337,7 +338,8 @@ def test_methods_are_a_registry_known_to_prune_the_checks_and_the_cli_help():
                     "the shallowest layers after the first")
     try:
         check_methods(["first", "last"], None)
-        res = prune(lm, data, methods=["first", "last"], max_ratio=0.5, calib_samples=4, progress=False, plots=False)
+        res = prune(lm, data, "letter", PruneConfig(["first", "last"], max_ratio=0.5, calib_samples=4), progress=False,
+                    plots=False)
     finally:
         del METHODS["first"]
     assert [r.removed for r in res.runs["first"].records] == [[], [1], [1, 2], [1, 2, 3]]

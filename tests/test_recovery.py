@@ -12,7 +12,7 @@ import torch
 from conftest import make_tiny
 
 from declens.analyses.decision import analyze, prepare
-from declens.analyses.recovery import RecoveryResult, configs_from_prune, recover_study
+from declens.analyses.recovery import RecoveryResult, RecoveryStudyConfig, configs_from_prune, recover_study
 from declens.finetune import (FinetuneConfig, answer_loss, export_model, finetune, load_training_data, merge_lora,
                               pruned_copy, training_sequences, training_split)
 from declens.errors import DeclensError
@@ -22,6 +22,8 @@ from declens.tasks import get_spec, load_task
 
 #: a short, fast schedule that visibly trains a tiny random model
 FAST = dict(epochs=3, batch_size=8, lr=3e-3, progress=False)
+#: FAST's fine-tuning hyper-parameters (a :class:`FinetuneConfig`'s fields)
+HP = {k: v for k, v in FAST.items() if k != "progress"}
 #: prompts cut to their last tokens keep the tiny tests fast (the tiny tokenizer makes long sequences)
 MAXLEN = 96
 
@@ -238,8 +240,10 @@ def test_recover_study_writes_results_and_models(train_rows, eval_rows, tmp_path
 
     lm = make_tiny("llama", layers=4)
     train = load_training_data("arc_easy", limit=16, seed=0)
-    res = recover_study(lm, eval_rows, train, [[1, 2]], fmt="letter", method="lora", measure_train_loss=True,
-                        max_length=MAXLEN, out_dir=tmp_path / "run", export_dir=tmp_path / "models", **FAST)
+    cfg = RecoveryStudyConfig(fmt="letter", finetune=FinetuneConfig(method="lora", max_length=MAXLEN, **HP),
+                              measure_train_loss=True)
+    res = recover_study(lm, eval_rows, train, [[1, 2]], cfg, out_dir=tmp_path / "run", export_dir=tmp_path / "models",
+                        progress=False)
     (r,) = res.runs
     assert r.k == 2 and r.ratio == pytest.approx(0.5) and r.removed == [1, 2] and r.source == "remove"
     assert r.train_loss_after < r.train_loss_before
@@ -265,11 +269,11 @@ def test_recover_study_writes_results_and_models(train_rows, eval_rows, tmp_path
 
 
 def test_recover_from_a_prune_run(eval_rows, tmp_path):
-    from declens.pruning import PruneResult, prune
+    from declens.pruning import PruneConfig, PruneResult, prune
 
     lm = make_tiny("llama", layers=4)
-    prune(lm, eval_rows, "letter", ["last"], max_ratio=0.5, calib_samples=4, out_dir=tmp_path / "p", progress=False,
-          plots=False)
+    prune(lm, eval_rows, "letter", PruneConfig(["last"], max_ratio=0.5, calib_samples=4), out_dir=tmp_path / "p",
+          progress=False, plots=False)
     best = PruneResult.load(tmp_path / "p").runs["last"].best_by_k()
     cfgs = configs_from_prune(tmp_path / "p", [0.25, 0.5], "last", num_layers=4)
     assert [list(c.removed) for c in cfgs] == [best[1].removed, best[2].removed] and cfgs[0].source == "prune:last"
@@ -280,8 +284,9 @@ def test_recover_from_a_prune_run(eval_rows, tmp_path):
         configs_from_prune(tmp_path / "p", None, "ip")
     with pytest.raises(DeclensError, match="4-layer model"):
         configs_from_prune(tmp_path / "p", None, "last", num_layers=6)
-    res = recover_study(lm, eval_rows, "arc_easy", prune=tmp_path / "p", ratios=[0.5], prune_method="last",
-                        train_samples=8, max_steps=1, max_length=MAXLEN, dense=False, **{**FAST, "epochs": 1})
+    cfg = RecoveryStudyConfig(ratios=[0.5], prune_method="last", train_samples=8, dense=False,
+                              finetune=FinetuneConfig(**{**HP, "epochs": 1}, max_steps=1, max_length=MAXLEN))
+    res = recover_study(lm, eval_rows, "arc_easy", None, cfg, prune=tmp_path / "p", progress=False)
     assert len(res.runs) == 1 and res.runs[0].removed == best[2].removed and res.runs[0].train["steps"] == 1
     assert res.runs[0].before["final_accuracy"] == pytest.approx(best[2].accuracy)  # same numbers as the prune run
     assert res.runs[0].layers_before["dm"] == pytest.approx(best[2].dm, abs=1e-5)
@@ -295,9 +300,9 @@ def test_bad_input_is_refused(eval_rows, train_rows, tmp_path):
     with pytest.raises(DeclensError, match="not empty"):  # refused before any training
         recover_study(lm, eval_rows, train_rows, [[1]], export_dir=tmp_path / "models")
     with pytest.raises(DeclensError, match="unknown fine-tuning method 'adam'"):
-        recover_study(lm, eval_rows, train_rows, [[1]], method="adam")
+        RecoveryStudyConfig(finetune=FinetuneConfig(method="adam"))
     with pytest.raises(DeclensError, match="unknown fine-tuning hyper-parameter"):
-        recover_study(lm, eval_rows, train_rows, [[1]], learning_rate=1e-3)
+        FinetuneConfig.make(learning_rate=1e-3)
     with pytest.raises(DeclensError, match="lr="):
         FinetuneConfig(lr=-1.0)
     with pytest.raises(DeclensError, match="schedule"):
@@ -313,7 +318,7 @@ def test_bad_input_is_refused(eval_rows, train_rows, tmp_path):
     with pytest.raises(DeclensError, match="no training split"):
         recover_study(lm, eval_rows, "hellaswag", [[1]])
     with pytest.raises(DeclensError, match="also evaluation rows"):
-        recover_study(lm, eval_rows, "arc_easy", [[1]], train_split="test")
+        recover_study(lm, eval_rows, "arc_easy", [[1]], RecoveryStudyConfig(train_split="test"))
     with pytest.raises(DeclensError, match="unknown fine-tuning method"):
         finetune(pruned_copy(lm, [1]), training_sequences(lm, train_rows, "letter"), "qlora")
 
@@ -328,9 +333,10 @@ def test_recover_smollm2_end_to_end(smollm2, tmp_path):
     export the merged model."""
     fp = smollm2.fingerprint()
     data = load_task("arc_easy", limit=16, seed=0)
-    res = recover_study(smollm2, data, "arc_easy", [[20, 21, 22]], fmt="letter", method="lora", train_samples=16,
-                        epochs=1, batch_size=8, lr=5e-4, measure_train_loss=True, dense=False, progress=False,
-                        out_dir=tmp_path / "run", export_dir=tmp_path / "models")
+    cfg = RecoveryStudyConfig(fmt="letter", finetune=FinetuneConfig(method="lora", epochs=1, batch_size=8, lr=5e-4),
+                              train_samples=16, measure_train_loss=True, dense=False)
+    res = recover_study(smollm2, data, "arc_easy", [[20, 21, 22]], cfg, progress=False, out_dir=tmp_path / "run",
+                        export_dir=tmp_path / "models")
     r = res.runs[0]
     assert r.k == 3 and r.layers_before["layer_ids"] == [i for i in range(30) if i not in (20, 21, 22)]
     assert r.train["steps"] == 2 and r.train_loss_after < r.train_loss_before

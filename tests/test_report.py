@@ -77,7 +77,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
 
     from declens.analyses.decision import analyze
     from declens.analyses.evaluate import evaluate_configs
-    from declens.pruning.run import prune
+    from declens.pruning.run import PruneConfig, prune
     from declens.plots import png_bytes
     from declens.results import RunWriter
     from declens.tasks import load_task
@@ -87,7 +87,8 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     data = load_task("arc_easy", limit=6, seed=0)
     out = {"analysis": root / "analysis", "prune": root / "prune", "eval": root / "eval", "cka": root / "cka"}
     analyze(lm, data, "cloze", out_dir=out["analysis"], progress=False)
-    prune(lm, data, "cloze", ["ip", "last"], max_ratio=0.5, calib_samples=4, out_dir=out["prune"], progress=False)
+    prune(lm, data, "cloze", PruneConfig(["ip", "last"], max_ratio=0.5, calib_samples=4), out_dir=out["prune"],
+          progress=False)
     evaluate_configs(lm, ["arc_easy", "piqa"], [[], [2]], ["cloze"], limit=4, out_dir=out["eval"], progress=False)
     # a kind the report has no section for: config, scalar summary, a row table and a figure
     fig, ax = plt.subplots(figsize=(3, 2))
@@ -190,7 +191,7 @@ def test_smollm2_analyze_prune_correlate_report(smollm2, tmp_path):
     """
     from declens.analyses.correlation import correlate, gather
     from declens.analyses.decision import analyze
-    from declens.pruning.run import prune
+    from declens.pruning.run import PruneConfig, prune
     from declens.tasks import load_task
 
     tasks = ("arc_easy", "piqa", "winogrande")
@@ -198,8 +199,8 @@ def test_smollm2_analyze_prune_correlate_report(smollm2, tmp_path):
     for task in tasks:
         data = load_task(task, limit=8, seed=0)
         a = analyze(smollm2, data, "cloze", out_dir=tmp_path / f"a-{task}", progress=False)
-        p = prune(smollm2, data, "cloze", ["ip"], max_ratio=0.07, calib_samples=4, out_dir=tmp_path / f"p-{task}",
-                  progress=False)
+        p = prune(smollm2, data, "cloze", PruneConfig(["ip"], max_ratio=0.07, calib_samples=4),
+                  out_dir=tmp_path / f"p-{task}", progress=False)
         # the prune run's dense record is the same model on the same rows: the same Transition Point
         assert p.runs["ip"].best_by_k()[0].transition_layer == a.metrics.transition_layer
         tps[task], crit[task] = a.metrics.transition_layer, p.critical["ip"]

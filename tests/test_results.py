@@ -10,7 +10,7 @@ import pytest
 import declens.runner
 import declens.scoring
 from conftest import make_tiny
-from declens.analyses.decision import analyze
+from declens.analyses.decision import AnalyzeConfig, analyze
 from declens.results import AnalysisResult
 from declens.tasks import load_task
 
@@ -54,7 +54,7 @@ def test_fingerprint_tracks_weights():
 def test_killed_run_resumes_to_identical_numbers(tmp_path, monkeypatch, fmt):
     lm = make_tiny("qwen3")
     data = load_task("arc_challenge", limit=24, seed=1)
-    full = analyze(lm, data, fmt, progress=False, max_tokens=200)
+    full = analyze(lm, data, fmt, AnalyzeConfig(max_tokens=200), progress=False)
 
     monkeypatch.setattr(declens.scoring, "CHECKPOINT_EVERY_S", 0.0)
     real_forward = declens.runner.forward
@@ -68,7 +68,7 @@ def test_killed_run_resumes_to_identical_numbers(tmp_path, monkeypatch, fmt):
 
     monkeypatch.setattr(declens.runner, "forward", dying_forward)
     with pytest.raises(KeyboardInterrupt):
-        analyze(lm, data, fmt, progress=False, max_tokens=200, out_dir=tmp_path)
+        analyze(lm, data, fmt, AnalyzeConfig(max_tokens=200), progress=False, out_dir=tmp_path)
     assert not (tmp_path / "result.json").exists()
     assert list((tmp_path / ".checkpoint").glob("*.npz"))
 
@@ -81,7 +81,7 @@ def test_killed_run_resumes_to_identical_numbers(tmp_path, monkeypatch, fmt):
         return real_forward(*args, **kwargs)
 
     monkeypatch.setattr(declens.runner, "forward", counting_forward)
-    resumed = analyze(lm, data, fmt, progress=False, max_tokens=200, out_dir=tmp_path)
+    resumed = analyze(lm, data, fmt, AnalyzeConfig(max_tokens=200), progress=False, out_dir=tmp_path)
     assert done_before == 4 and counted["n"] > 0
     total_batches = 3 + counted["n"]  # three batches survived the kill
     assert counted["n"] < total_batches
@@ -110,13 +110,13 @@ def _refused(r, what: str = "incomplete or was modified") -> None:
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     """Real analysis runs on 8 and on 6 rows (4 figures each) and a prune run, from the tiny model."""
-    from declens.pruning.run import prune
+    from declens.pruning.run import PruneConfig, prune
 
     root = tmp_path_factory.mktemp("folders")
     lm = make_tiny("qwen3")
     analyze(lm, load_task("arc_easy", limit=8, seed=0), "cloze", out_dir=root / "a8", progress=False)
     analyze(lm, load_task("arc_easy", limit=6, seed=0), "cloze", out_dir=root / "a6", progress=False)
-    prune(lm, load_task("arc_easy", limit=6, seed=0), "cloze", ["last"], max_ratio=0.5, calib_samples=4,
+    prune(lm, load_task("arc_easy", limit=6, seed=0), "cloze", PruneConfig(["last"], max_ratio=0.5, calib_samples=4),
           out_dir=root / "p", progress=False)
     return root
 
@@ -258,14 +258,14 @@ def test_files_of_the_previous_run_that_a_rerun_does_not_write_are_deleted(tmp_p
 
 def test_a_result_of_another_command_is_not_overwritten(tmp_path):
     from declens.errors import DeclensError
-    from declens.pruning.run import prune
+    from declens.pruning.run import PruneConfig, prune
 
     lm = make_tiny("qwen3")
     data = load_task("arc_easy", limit=6, seed=0)
     analyze(lm, data, "letter", out_dir=tmp_path, progress=False, plots=False)
     before = _manifest(tmp_path)
     with pytest.raises(DeclensError, match="holds the result of another command .kind analysis.*--out"):
-        prune(lm, data, "letter", ["last"], max_ratio=0.5, calib_samples=4, out_dir=tmp_path, progress=False)
+        prune(lm, data, "letter", PruneConfig(["last"], max_ratio=0.5, calib_samples=4), out_dir=tmp_path, progress=False)
     assert _manifest(tmp_path) == before
     AnalysisResult.load(tmp_path)
 

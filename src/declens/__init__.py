@@ -11,15 +11,18 @@ Quick start::
 
 from ._version import __version__  # noqa: F401 (re-exported)
 
-from .analyses.decision import analyze, prepare
+from .analyses.decision import AnalyzeConfig, analyze, prepare
+from .analyses.recovery import RecoveryStudyConfig
 from .errors import DeclensError
 from .execution import ExecutionOptions
 from .lens import Lens
 from .metrics import LayerMetrics, compute_metrics, transition_point
 from .models import LoadedModel, decoder_parts, load_model
+from .pruning import PruneConfig
 from .results import AnalysisResult, find_runs, load_result
 from .results import set_figure_drawers as _set_figure_drawers
 from .results import set_result_importer as _set_result_importer
+from .runconfig import RunConfig, load_run_config
 from .scoring import LayerScores
 from .surgery import DenseIds, Positions, dense_layer_ids, keep_positions, layer_view, positions_of, remove_layers
 from .tasks import Item, TaskData, TaskSpec, load_task
@@ -55,4 +58,6 @@ __all__ = [
     "TaskData", "TaskSpec", "analyze", "compute_metrics", "decoder_parts", "layer_view", "load_model",
     "load_task", "prepare", "remove_layers", "transition_point",
     "DenseIds", "Positions", "dense_layer_ids", "keep_positions", "positions_of", "ExecutionOptions",
+    "RunConfig", "load_run_config",
+    "AnalyzeConfig", "PruneConfig", "RecoveryStudyConfig",
 ]

@@ -191,18 +191,11 @@ def check_options(*, device: str | None = None, device_map: str | None = None, m
 
 
 def check_methods(methods: Sequence[str], order: str | None) -> None:
-    """Pruning methods exist; ``replay`` gets an ``--order`` and ``--order`` is only given with ``replay``."""
-    from .pruning.methods import METHODS
+    """Pruning methods exist; ``replay`` gets an ``--order`` and ``--order`` is only given with ``replay``
+    (:func:`declens.pruning.methods.check_method_names`, which :class:`~declens.pruning.PruneConfig` also runs)."""
+    from .pruning.methods import check_method_names
 
-    bad = [m for m in methods if m not in METHODS]
-    if bad or not methods:
-        raise DeclensError(f"unknown pruning method(s) {', '.join(bad) or '(none)'} (--method); use any of {', '.join(METHODS)}")
-    if len(set(methods)) != len(methods):
-        raise DeclensError(f"--method {','.join(methods)} names a method more than once; list each once")
-    if "replay" in methods and not order:
-        raise DeclensError("--method replay replays a removal order; give it with --order 24,23,25,...")
-    if order and "replay" not in methods:
-        raise DeclensError("--order is the removal order of --method replay; add replay to --method or drop --order")
+    check_method_names(methods, order)
 
 
 def check_calibration(calib_task: str | None, calib_split: str | None, calib_from_eval: bool) -> None:

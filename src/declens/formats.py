@@ -147,21 +147,39 @@ class Encoder:
     def pair(self, context: str, continuation: str, where: str = "a prompt") -> tuple[list[int], list[int]]:
         """Token ids of (context, continuation): trailing spaces of the context move to the
         continuation, the continuation's ids are what the joint encoding adds after the context's."""
-        n_sp = len(context) - len(context.rstrip())
-        if n_sp:
-            continuation = context[-n_sp:] + continuation
-            context = context[:-n_sp]
-        whole = self.encode(context + continuation)
-        ctx = self.encode(context)
-        cont = whole[len(ctx) :]
-        if whole[: len(ctx)] != ctx:  # the boundary merged into one token; fall back to separate encodings
-            cont = self.encode(continuation)
-        ctx = self.prefix + ctx
-        if not ctx:
-            ctx = self._fallback_context()
-        if not cont:
-            raise TokenizationError(f"the continuation {continuation!r} encodes to no tokens")
-        return self._fit(ctx, len(cont), where), cont
+        return self.pairs([(context, continuation)], [where])[0]
+
+    def pairs(self, items: Sequence[tuple[str, str]], wheres: Sequence[str] | None = None
+              ) -> list[tuple[list[int], list[int]]]:
+        """:meth:`pair` for many (context, continuation) pairs in one batched tokenizer call (parallel in
+        fast tokenizers; a context shared by several options is encoded once); ``wheres`` label each pair
+        in an error message."""
+        moved = []
+        for context, continuation in items:
+            n_sp = len(context) - len(context.rstrip())
+            if n_sp:
+                continuation, context = context[-n_sp:] + continuation, context[:-n_sp]
+            moved.append((context, continuation))
+        distinct = list(dict.fromkeys(c for c, _ in moved))
+        ids = self._batch([c + x for c, x in moved] + distinct)
+        whole_ids, ctx_ids = ids[: len(moved)], dict(zip(distinct, ids[len(moved):]))
+        out = []
+        for i, ((context, continuation), whole) in enumerate(zip(moved, whole_ids)):
+            ctx = ctx_ids[context]
+            cont = whole[len(ctx):]
+            if whole[: len(ctx)] != ctx:  # the boundary merged into one token; fall back to separate encodings
+                cont = self.encode(continuation)
+            ctx = self.prefix + ctx
+            if not ctx:
+                ctx = self._fallback_context()
+            if not cont:
+                raise TokenizationError(f"the continuation {continuation!r} encodes to no tokens")
+            out.append((self._fit(ctx, len(cont), wheres[i] if wheres else f"prompt {i + 1}"), cont))
+        return out
+
+    def _batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids of each text without special tokens, in one tokenizer call."""
+        return [list(x) for x in self.tok(list(texts), add_special_tokens=False)["input_ids"]] if texts else []
 
     def prompt(self, text: str, where: str = "a prompt") -> list[int]:
         ids = self.prefix + self.encode(text)
@@ -170,9 +188,8 @@ class Encoder:
     def prompts(self, texts: Sequence[str], names: Sequence[str] | None = None) -> list[list[int]]:
         """:meth:`prompt` for many texts in one batched tokenizer call (parallel in fast tokenizers);
         ``names`` label each text in an error message."""
-        batch = self.tok(list(texts), add_special_tokens=False)["input_ids"] if texts else []
-        return [self._fit(self.prefix + list(ids), 0, names[i] if names else f"prompt {i + 1}")
-                for i, ids in enumerate(batch)]
+        return [self._fit(self.prefix + ids, 0, names[i] if names else f"prompt {i + 1}")
+                for i, ids in enumerate(self._batch(texts))]
 
     def _fit(self, ctx: list[int], n_cont: int, where: str = "a prompt") -> list[int]:
         if self.max_length and len(ctx) + n_cont > self.max_length:
@@ -292,14 +309,19 @@ def build_cloze(data: TaskData, enc: Encoder, num_fewshot: int = 0, seed: int = 
     k_max = data.max_choices
     contexts, conts, texts = [], [], []
     cont_chars = np.zeros((len(data.items), k_max), dtype=np.int64)
+    all_pairs, wheres, spans = [], [], []
     for i, it in enumerate(data.items):
         pairs = cloze_texts(data, it, num_fewshot, seed)
-        enc_pairs = [enc.pair(c, x, f"the prompt of item {it.id!r}") for c, x in pairs]
-        contexts.append([p[0] for p in enc_pairs])
-        conts.append([p[1] for p in enc_pairs])
+        spans.append((len(all_pairs), len(all_pairs) + len(pairs)))
+        all_pairs += pairs
+        wheres += [f"the prompt of item {it.id!r}"] * len(pairs)
         texts.append(pairs)
         for k, (_, x) in enumerate(pairs):  # the option text without the " " delimiter, as lm-eval counts it
             cont_chars[i, k] = max(len(x.removeprefix(" ")), 1)
+    enc_pairs = enc.pairs(all_pairs, wheres)  # one batched tokenizer call for the whole task
+    for a, b in spans:
+        contexts.append([p[0] for p in enc_pairs[a:b]])
+        conts.append([p[1] for p in enc_pairs[a:b]])
     return ClozeRequests(
         contexts=contexts, continuations=conts, cont_chars=cont_chars,
         n_options=np.array([len(it.choices) for it in data.items]),

@@ -157,25 +157,35 @@ class PackedRow:
 
 
 def pack_sequences(seqs: Sequence[Sequence[int]]) -> tuple[PackedRow, list[list[int]]]:
-    """Pack sequences into a prefix tree; return the row and, per sequence, the row index of each of its tokens."""
+    """Pack sequences into a prefix tree; return the row and, per sequence, the row index of each of its tokens.
+
+    Tokens are numbered in insertion order: each sequence reuses the path of the earlier sequence it
+    shares the longest prefix with (the walk down a trie of the earlier sequences) and appends its
+    remaining tokens as new nodes, so the result equals inserting the sequences one by one into a trie.
+    """
     tokens: list[int] = []
     parents: list[int] = []
-    children: dict[tuple[int, int], int] = {}
     where: list[list[int]] = []
-    for seq in seqs:
-        node = -1
-        path = []
-        for tok in seq:
-            key = (node, int(tok))
-            nxt = children.get(key)
-            if nxt is None:
-                nxt = len(tokens)
-                tokens.append(int(tok))
-                parents.append(node)
-                children[key] = nxt
-            path.append(nxt)
-            node = nxt
-        where.append(path)
+    arrays = [np.asarray(s, dtype=np.int64).reshape(-1) for s in seqs]
+    for k, a in enumerate(arrays):
+        depth, src = 0, -1
+        for j in range(k):  # longest common prefix with any earlier sequence
+            b = arrays[j]
+            n = min(len(a), len(b))
+            if n <= depth:
+                continue
+            diff = np.flatnonzero(a[:n] != b[:n])
+            common = int(diff[0]) if len(diff) else n
+            if common > depth:
+                depth, src = common, j
+        path = where[src][:depth] if depth else []
+        first = len(tokens)
+        new = a[depth:].tolist()
+        if new:
+            tokens += new
+            parents.append(path[-1] if depth else -1)
+            parents += range(first, first + len(new) - 1)
+        where.append(path + list(range(first, first + len(new))))
     return PackedRow(tokens, parents), where
 
 
@@ -408,6 +418,19 @@ def default_max_tokens(parts: DecoderParts) -> int:
     return max(MIN_DEVICE_MAX_TOKENS, min(budget, MAX_DEVICE_MAX_TOKENS))
 
 
+@dataclass(frozen=True)
+class BatchHooks:
+    """Per-batch callbacks of :func:`run_batches`.
+
+    Attributes:
+        skip: predicate on a batch's indices: True skips the batch (already done: resume).
+        after: called with a batch's indices after it ran and the probes flushed (checkpointing).
+    """
+
+    skip: Callable[[list[int]], bool] | None = None
+    after: Callable[[list[int]], None] | None = None
+
+
 def run_batches(
     parts: DecoderParts,
     seqs: Sequence[Sequence[int]],
@@ -417,8 +440,7 @@ def run_batches(
     max_batch: int = MAX_BATCH_ROWS,
     layers: Sequence[int] | None = None,
     progress: str | None = None,
-    skip: Callable[[list[int]], bool] | None = None,
-    after_batch: Callable[[list[int]], None] | None = None,
+    hooks: BatchHooks | None = None,
     plan: list[list[int]] | None = None,
 ) -> list[list[int]]:
     """Run all sequences through the model in length-sorted batches with the given probes.
@@ -433,8 +455,7 @@ def run_batches(
         max_tokens: padded-token budget per batch (default: :func:`default_max_tokens`).
         layers: positions of the layers to run (None: all).
         progress: progress-bar label (None: no bar).
-        skip: predicate on a batch's indices: True skips it (resume).
-        after_batch: callback after each finished batch (checkpointing).
+        hooks: per-batch callbacks (resume and checkpointing, see :class:`BatchHooks`).
         plan: a precomputed batch plan (lists of indices) to follow instead of planning here.
 
     Under ``torchrun`` each rank runs its share of the batches (see :mod:`declens.distributed`);
@@ -451,15 +472,16 @@ def run_batches(
         plan = plan_batches([len(s) for s in seqs], max_tokens or default_max_tokens(parts), max_batch,
                             batch_cost=parts.options.batch_cost)
     todo = [plan[j] for j in distributed.my_batches(plan)]  # all of them in a single process
-    todo = [b for b in todo if not (skip and skip(b))]
+    hooks = hooks or BatchHooks()
+    todo = [b for b in todo if not (hooks.skip and hooks.skip(b))]
     bar = tqdm(total=sum(len(b) for b in todo), desc=progress, unit="seq", disable=progress is None, leave=False)
     try:
         for idx in todo:
             _run_with_backoff(parts, seqs, idx, probes, pad_id, device, layers)
             bar.update(len(idx))
-            if after_batch:
+            if hooks.after:
                 flush(probes)  # the callback (a checkpoint) reads the results
-                after_batch(idx)
+                hooks.after(idx)
     finally:
         bar.close()
     flush(probes)

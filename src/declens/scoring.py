@@ -20,7 +20,7 @@ from .formats import ClozeRequests, LetterRequests
 from .lens import EMBEDDING_ID, Lens
 from .models import DecoderParts
 from . import distributed
-from .runner import Batch, Probe, pack_sequences, run_batches, to_device
+from .runner import Batch, BatchHooks, Probe, pack_sequences, run_batches, to_device
 from .errors import LayerSpecError
 from .surgery import dense_ids_of, dense_layer_ids
 
@@ -105,6 +105,15 @@ def option_mask(n_options: np.ndarray, k: int) -> np.ndarray:
     return np.arange(k)[None, :] < np.asarray(n_options)[:, None]
 
 
+def _first_seen(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct values of ``keys`` ``[R]`` in order of first appearance, and each key's index among them ``[R]``."""
+    uniq, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+    order = np.argsort(first, kind="stable")
+    rank = np.empty(len(uniq), dtype=np.int64)
+    rank[order] = np.arange(len(uniq))
+    return uniq[order], rank[inverse.reshape(-1)]
+
+
 class ScoreState:
     """Partial results of a scoring run, for checkpoint and resume.
 
@@ -165,12 +174,12 @@ class LetterProbe(Probe):
 class ClozeProbe(Probe):
     """Sum of lens log-probabilities of continuation tokens, at every layer.
 
-    Each row carries reads ``(slot, position, target)``: the token ``target`` is predicted at
+    Each row carries reads ``[R, 3]`` ``(slot, position, target)``: the token ``target`` is predicted at
     ``position``; a slot (one option of one item) sums its reads. The full-vocabulary lens runs
     once per distinct (row, position), however many options read it.
     """
 
-    def __init__(self, lens: Lens, reads: Sequence[Sequence[tuple[int, int, int]]], out: np.ndarray,
+    def __init__(self, lens: Lens, reads: Sequence[np.ndarray], out: np.ndarray,
                  row_of: dict[int, int] | None = None):
         self.lens = lens
         self.reads = reads
@@ -181,29 +190,28 @@ class ClozeProbe(Probe):
 
     def start(self, batch: Batch) -> None:
         self.buf = {}
-        uniq: dict[tuple[int, int], int] = {}
-        urow, upos, ridx, rtgt, rslot, slots = [], [], [], [], [], {}
-        for b, s in enumerate(batch.index.tolist()):
-            for slot, pos, tgt in self.reads[s]:
-                u = uniq.setdefault((b, pos), len(uniq))
-                if u == len(urow):
-                    urow.append(b)
-                    upos.append(pos)
-                ridx.append(u)
-                rtgt.append(tgt)
-                rslot.append(slots.setdefault(slot, len(slots)))
-        order = sorted(range(len(ridx)), key=lambda r: ridx[r])
+        index = batch.index.tolist()
+        reads = [self.reads[s] for s in index]  # each [R_s, 3] (slot, position, target)
+        r = np.concatenate(reads) if reads else np.zeros((0, 3), dtype=np.int64)
+        b = np.repeat(np.arange(len(index), dtype=np.int64), [len(x) for x in reads])
+        # distinct (row, position) pairs, numbered in order of first appearance; slots likewise
+        span = int(r[:, 1].max(initial=0)) + 1
+        pair, ridx = _first_seen(b * span + r[:, 1])
+        slot_ids, rslot = _first_seen(r[:, 0])
+        order = np.argsort(ridx, kind="stable")  # reads grouped by the position they read
+        ridx_sorted = ridx[order]
         dev = batch.input_ids.device
-        ridx_sorted = [ridx[r] for r in order]
-        put = lambda xs: to_device(torch.as_tensor(xs, dtype=torch.long), dev)  # noqa: E731
-        self.urow, self.upos = put(urow), put(upos)
-        self.ridx, self.rtgt, self.rslot = put(ridx_sorted), put([rtgt[r] for r in order]), put([rslot[r] for r in order])
+        put = lambda xs: to_device(torch.from_numpy(np.ascontiguousarray(xs, dtype=np.int64)), dev)  # noqa: E731
+        self.urow, self.upos = put(pair // span), put(pair % span)
+        self.ridx, self.rtgt, self.rslot = put(ridx_sorted), put(r[order, 2]), put(rslot[order])
         w = self.lens.head.weight
         chunk = max(1, LOGIT_BUDGET["cuda" if w.is_cuda else "cpu"] // w.shape[0])
-        self.chunks = [(a, int(np.searchsorted(ridx_sorted, a)), int(np.searchsorted(ridx_sorted, a + chunk)))
-                       for a in range(0, len(urow), chunk)]  # (first position, first read, end read): host-side
+        firsts = np.arange(0, len(pair), chunk)
+        bounds = np.searchsorted(ridx_sorted, np.concatenate([firsts, firsts + chunk]))
+        self.chunks = [(int(a), int(r0), int(r1)) for a, r0, r1 in
+                       zip(firsts, bounds[: len(firsts)], bounds[len(firsts):])]  # (first position, first read, end read)
         self.chunk = chunk
-        self.slots = np.array(list(slots), dtype=np.int64)
+        self.slots = slot_ids
 
     def layer(self, pos, layer_id, inputs, output):
         row = self.row_of.get(layer_id) if self.row_of is not None else pos
@@ -274,7 +282,15 @@ class Checkpointer:
             self.last = time.monotonic()
 
 
-def cloze_rows(req: ClozeRequests, pack: bool = True) -> tuple[list, list[list[tuple[int, int, int]]], list[tuple[int, int]]]:
+def _reads(parts: Sequence[tuple[int, Sequence[int], Sequence[int]]]) -> np.ndarray:
+    """``[R, 3]`` int64 reads (slot, position, target) of one row from (slot, positions, targets) per option
+    (the positions of an option's continuation tokens: as many as targets, or more, then cut)."""
+    out = [np.stack([np.full(len(tg), slot, dtype=np.int64), np.asarray(pos[: len(tg)], dtype=np.int64),
+                     np.asarray(tg, dtype=np.int64)], axis=1) for slot, pos, tg in parts]
+    return np.concatenate(out) if out else np.zeros((0, 3), dtype=np.int64)
+
+
+def cloze_rows(req: ClozeRequests, pack: bool = True) -> tuple[list, list[np.ndarray], list[tuple[int, int]]]:
     """Rows to run for cloze scoring, the reads of each row, and the (item, option) of each slot.
 
     Each option is the sequence ``context + continuation[:-1]`` whose positions
@@ -283,21 +299,20 @@ def cloze_rows(req: ClozeRequests, pack: bool = True) -> tuple[list, list[list[t
     few-shot examples) runs once; without it every option is its own row (as lm-evaluation-harness does).
     """
     rows: list = []
-    reads: list[list[tuple[int, int, int]]] = []
+    reads: list[np.ndarray] = []
     owner: list[tuple[int, int]] = []
     for i, (ctxs, cs) in enumerate(zip(req.contexts, req.continuations)):
         seqs = [ctx + c[:-1] for ctx, c in zip(ctxs, cs)]
-        slots = list(range(len(owner), len(owner) + len(seqs)))
+        first_slot = len(owner)
         owner += [(i, k) for k in range(len(seqs))]
         if pack:
             row, where = pack_sequences(seqs)
             rows.append(row)
-            reads.append([(slots[k], where[k][len(ctx) - 1 + j], t)
-                          for k, (ctx, c) in enumerate(zip(ctxs, cs)) for j, t in enumerate(c)])
+            reads.append(_reads([(first_slot + k, where[k][len(ctx) - 1:], c) for k, (ctx, c) in enumerate(zip(ctxs, cs))]))
         else:
             for k, (ctx, c) in enumerate(zip(ctxs, cs)):
                 rows.append(seqs[k])
-                reads.append([(slots[k], len(ctx) - 1 + j, t) for j, t in enumerate(c)])
+                reads.append(_reads([(first_slot + k, range(len(ctx) - 1, len(ctx) - 1 + len(c)), c)]))
     return rows, reads, owner
 
 
@@ -347,16 +362,16 @@ class ScoringPlan:
         """Indices along axis 1 of the output array that the given rows fill (items, or option slots)."""
         if self.letter:
             return list(rows)
-        return sorted({slot for r in rows for slot, _, _ in self.reads[r]})
+        return np.unique(np.concatenate([self.reads[r][:, 0] for r in rows] or [np.zeros(0, np.int64)])).tolist()
 
     def items_done(self, done: np.ndarray) -> np.ndarray:
         """``[N]`` True for items all of whose rows are marked in ``done`` (``[rows]``)."""
         if self.letter:
             return done.astype(bool).copy()
         out = np.ones(len(self.req.contexts), dtype=bool)
-        for r, reads in enumerate(self.reads):
-            if not done[r]:
-                out[[self.owner[slot][0] for slot, _, _ in reads]] = False
+        item_of = np.array([o[0] for o in self.owner], dtype=np.int64)
+        for r in np.flatnonzero(~done.astype(bool)):
+            out[item_of[self.reads[r][:, 0]]] = False
         return out
 
     def new_out(self, n_layers: int) -> np.ndarray:
@@ -387,6 +402,22 @@ class ScoringPlan:
                            kind="loglik", norm_scores=norm.astype(np.float32))
 
 
+@dataclass
+class Resume:
+    """Checkpoint and resume of one :func:`score_requests` call.
+
+    Attributes:
+        state: partial results to resume from (from a checkpoint; None: start afresh).
+        save: called with the partial state now and then, and at the end (None: no checkpoint).
+        stats: if given, filled with ``items`` (all) and ``items_restored`` (items whose every row came
+            from ``state``, so were not scored by this call).
+    """
+
+    state: ScoreState | None = None
+    save: Callable[[ScoreState], None] | None = None
+    stats: dict | None = None
+
+
 def score_requests(
     parts: DecoderParts,
     req: LetterRequests | ClozeRequests,
@@ -394,11 +425,9 @@ def score_requests(
     layers: Sequence[int] | None = None,
     max_tokens: int | None = None,
     progress: str | None = None,
-    state: ScoreState | None = None,
-    save: Callable[[ScoreState], None] | None = None,
+    resume: Resume | None = None,
     pack: bool | None = None,
     read_layers: Sequence[int] | None = None,
-    stats: dict | None = None,
     embeddings: bool = False,
 ) -> LayerScores:
     """Per-layer option scores through the lens: option-token logits at the decision position
@@ -411,13 +440,10 @@ def score_requests(
         layers: positions of the layers to run (a pruned view, see :func:`~declens.surgery.keep_positions`); None: all.
         max_tokens: padded tokens per batch.
         progress: progress-bar label, or None.
-        state: partial results to resume from (from a checkpoint).
-        save: called with the partial state now and then, and at the end.
+        resume: partial results to start from, where to save them, and resume statistics (:class:`Resume`).
         pack: cloze: pack each item's options into one prefix-shared row (default: when possible).
         read_layers: dense ids of the layers to read through the lens (default: every layer run);
             ``[last id]`` reads only the model's own output, the cheapest way to get accuracy.
-        stats: if given, filled with ``items`` (all) and ``items_restored`` (items whose every row came
-            from ``state``, so were not scored by this call).
         embeddings: also read the embedding output (the first layer's input) through the lens, into
             ``LayerScores.embedding``.
     """
@@ -430,6 +456,8 @@ def score_requests(
         ids = [i for i in ids if i in set(read_layers)]
         row_of = {lid: r for r, lid in enumerate(ids)}
     plan = ScoringPlan(parts, req, pack)
+    resume = resume or Resume()
+    state, save, stats = resume.state, resume.save, resume.stats
     shapes = {"scores": plan.out_shape(len(ids))}
     if embeddings:
         shapes["embedding"] = plan.out_shape(1)
@@ -445,7 +473,7 @@ def score_requests(
     if embeddings:
         probes.append(InputRead(plan.probe(state.arrays["embedding"], {EMBEDDING_ID: 0})))
     used = run_batches(parts, plan.rows, probes, pad_id, max_tokens=max_tokens,
-                       layers=layers, progress=progress, skip=lambda idx: bool(state.done[idx].all()), after_batch=ck)
+                       layers=layers, progress=progress, hooks=BatchHooks(skip=lambda idx: bool(state.done[idx].all()), after=ck))
     if save:
         save(state)
     outs = {k: state.arrays[k] for k in shapes}

@@ -1,5 +1,5 @@
 """Analyses built on the decision lens: the layer-wise decision analysis and the mechanism studies."""
 
-from .decision import analyze, prepare, score
+from .decision import AnalyzeConfig, analyze, prepare, score
 
-__all__ = ["analyze", "prepare", "score"]
+__all__ = ["AnalyzeConfig", "analyze", "prepare", "score"]

@@ -245,7 +245,7 @@ class _Pruner:
 
     def best(self, method: str) -> dict:
         """dense-id state per number of removed layers (``best_by_k``) of ``method``."""
-        from ..pruning import PruneResult, SkipPrun, prune
+        from ..pruning import PruneConfig, PruneResult, SkipPrun, prune
         from ..pruning.run import max_removed_for
 
         if method in self.runs:
@@ -261,10 +261,10 @@ class _Pruner:
         except (DeclensError, OSError, KeyError, json.JSONDecodeError):
             res = None
         if res is None:
-            res = prune(self.lm, self.data, self.cfg.fmt, [method], max_ratio=self.max_ratio,
-                        calib_samples=self.cfg.calib_samples, seed=self.cfg.seed,
-                        skip=SkipPrun(enabled=self.cfg.skip_prun), max_tokens=self.cfg.max_tokens, out_dir=folder,
-                        progress=self.progress, plots=False)
+            pc = PruneConfig([method], max_ratio=self.max_ratio, calib_samples=self.cfg.calib_samples,
+                             seed=self.cfg.seed, skip=SkipPrun(enabled=self.cfg.skip_prun),
+                             max_tokens=self.cfg.max_tokens)
+            res = prune(self.lm, self.data, self.cfg.fmt, pc, out_dir=folder, progress=self.progress, plots=False)
             if keyfile is not None and distributed.is_main():
                 atomic_write_json(keyfile, {"key": self.key, "max_removed": res.config["max_removed"]})
         self.runs[method] = res.runs[method].best_by_k()

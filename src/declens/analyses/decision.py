@@ -11,6 +11,7 @@ Example:
 from __future__ import annotations
 
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -21,11 +22,11 @@ from ..lens import EMBEDDING_ID
 from ..metrics import readout_summary
 from ..models import LoadedModel
 from ..results import AnalysisResult, Checkpoint, check_run_folder_kind, config_key, provenance
-from ..scoring import LayerScores, score_requests
+from ..scoring import LayerScores, Resume, score_requests
 from ..surgery import dense_layer_ids, keep_positions
 from ..tasks import LETTERS, TaskData
 
-__all__ = ["analyze", "encoder_for", "parse_lens_layers", "prepare", "score"]
+__all__ = ["AnalyzeConfig", "analyze", "encoder_for", "parse_lens_layers", "prepare", "score"]
 
 
 def score(lm: LoadedModel, req: Requests, layers: Sequence[int] | None = None, max_tokens: int | None = None,
@@ -36,8 +37,8 @@ def score(lm: LoadedModel, req: Requests, layers: Sequence[int] | None = None, m
     pad = encoder_for(lm).pad_id
     state = checkpoint.load() if checkpoint else None
     save = checkpoint.save if checkpoint else None
-    return score_requests(lm.parts, req, pad, layers=layers, max_tokens=max_tokens, progress=progress, state=state,
-                          save=save, read_layers=read_layers, stats=stats, embeddings=embeddings)
+    return score_requests(lm.parts, req, pad, layers=layers, max_tokens=max_tokens, progress=progress,
+                          resume=Resume(state, save, stats), read_layers=read_layers, embeddings=embeddings)
 
 
 def parse_lens_layers(spec: str | Sequence[int] | None, kept_ids: Sequence[int]) -> list[int] | None:
@@ -54,24 +55,76 @@ def parse_lens_layers(spec: str | Sequence[int] | None, kept_ids: Sequence[int])
     return sorted(ids, key=list(kept_ids).index) if all(i in kept_ids for i in ids) else ids
 
 
+@dataclass(frozen=True)
+class AnalyzeConfig:
+    """Knobs of :func:`analyze` (recorded in the analysis' ``config`` under the same keys as before:
+    ``seed`` is recorded as ``fewshot_seed``, ``lens_layers`` as the layers actually read).
+
+    Attributes:
+        num_fewshot: solved examples prepended to every prompt (>= 0).
+        seed: seed of the few-shot draw (the row selection's seed lives in the :class:`TaskData`).
+        remove: dense ids of layers to remove (evaluates a pruned view of the model).
+        labels: option labels of the letter format.
+        label_prefix: text before each label in the answer (``" "`` -> ``" A"``).
+        decision_score: cloze only: ``raw`` (log-likelihood) or ``norm`` (per character) for DM/OF.
+        max_tokens: padded tokens per batch (``None``: sized to the device).
+        lens_layers: ``all`` / ``None`` (every layer), ``last`` (only the model's own output: accuracy at the
+            cost of a plain forward pass) or dense layer ids to read through the lens.
+        include_embeddings: also read the embedding output (before layer 0) through the lens; its metrics go
+            to ``res.extra["embedding"]`` (layer id ``-1``, shown ``emb``), outside the layer metrics, so the
+            Transition Point and the phases never count it.
+
+    Raises:
+        DeclensError: a bad value (one line naming it and the fix), when the config is built.
+    """
+
+    num_fewshot: int = 0
+    seed: int = 0
+    remove: Sequence[int] = ()
+    labels: str | Sequence[str] = LETTERS
+    label_prefix: str = " "
+    decision_score: str = "raw"
+    max_tokens: int | None = None
+    lens_layers: str | Sequence[int] | None = None
+    include_embeddings: bool = False
+
+    def __post_init__(self) -> None:
+        from ..checks import check_layer_spec, check_lens_layers, check_options
+        from ..surgery import parse_layer_ids
+
+        check_options(num_fewshot=self.num_fewshot, seed=self.seed, max_tokens=self.max_tokens,
+                      decision_score=self.decision_score)
+        check_layer_spec(self.remove, "remove")
+        object.__setattr__(self, "remove", tuple(parse_layer_ids(self.remove)))
+        if self.lens_layers is None or isinstance(self.lens_layers, str):
+            check_lens_layers(self.lens_layers)
+        else:
+            check_layer_spec(self.lens_layers, "lens_layers")
+            object.__setattr__(self, "lens_layers", tuple(parse_layer_ids(self.lens_layers)))
+        labs = list(self.labels)
+        if not labs or len(set(labs)) != len(labs):
+            raise DeclensError(f"labels {self.labels!r} must be distinct, non-empty labels like ABCD or A,B,C,D")
+
+    def to_dict(self) -> dict:
+        """The fields, JSON-ready (``AnalyzeConfig(**d)`` rebuilds an equal config)."""
+        d = asdict(self)
+        d["remove"] = list(self.remove)
+        d["labels"] = self.labels if isinstance(self.labels, str) else list(self.labels)
+        if self.lens_layers is not None and not isinstance(self.lens_layers, str):
+            d["lens_layers"] = list(self.lens_layers)
+        return d
+
+
 def analyze(
     lm: LoadedModel,
     data: TaskData,
     fmt: str = "letter",
+    config: AnalyzeConfig | None = None,
     *,
-    num_fewshot: int = 0,
-    seed: int = 0,
-    remove: Sequence[int] = (),
-    labels: str | Sequence[str] = LETTERS,
-    label_prefix: str = " ",
-    decision_score: str = "raw",
-    max_tokens: int | None = None,
+    requests: Requests | None = None,
     out_dir: str | Path | None = None,
     progress: bool = True,
-    requests: Requests | None = None,
     plots: bool = True,
-    lens_layers: str | Sequence[int] | None = None,
-    include_embeddings: bool = False,
 ) -> AnalysisResult:
     """Run the layer-wise decision analysis.
 
@@ -79,31 +132,22 @@ def analyze(
         lm: the model.
         data: the selected task rows.
         fmt: ``letter`` (decision token) or ``cloze`` (continuation log-likelihood).
-        num_fewshot: solved examples prepended to every prompt.
-        seed: seed of the few-shot draw (the row selection's seed lives in ``data``).
-        remove: original ids of layers to remove (evaluates a pruned view of the model).
-        labels: option labels of the letter format.
-        label_prefix: text before each label in the answer (``" "`` -> ``" A"``).
-        decision_score: cloze only: ``raw`` (log-likelihood) or ``norm`` (per character) for DM/OF.
-        max_tokens: padded tokens per batch.
+        config: few-shot, removed layers, labels, decision score, batch budget, lens layers and embeddings
+            (:class:`AnalyzeConfig`; ``None``: the defaults).
+        requests: prebuilt requests (from :func:`prepare`) to skip tokenization.
         out_dir: write results, plots and a resumable checkpoint here.
         progress: show progress bars.
-        requests: prebuilt requests (from :func:`prepare`) to skip tokenization.
         plots: with ``out_dir``, also draw the PNG figures (when more than one layer is read).
-        lens_layers: ``all`` (default), ``last`` (only the model's own output: accuracy at the cost
-            of a plain forward pass) or dense layer ids to read through the lens.
-        include_embeddings: also read the embedding output (before layer 0) through the lens; its
-            metrics go to ``res.extra["embedding"]`` (layer id ``-1``, shown ``emb``), outside the layer
-            metrics, so the Transition Point and the phases never count it.
 
     Returns:
         The :class:`~declens.results.AnalysisResult`.
     """
-    if decision_score not in ("raw", "norm"):
-        raise DeclensError(f"decision_score must be 'raw' or 'norm', not {decision_score!r}")
+    cfg = config if config is not None else AnalyzeConfig()
+    num_fewshot, seed, remove, labels, label_prefix = cfg.num_fewshot, cfg.seed, cfg.remove, cfg.labels, cfg.label_prefix
+    decision_score, max_tokens, include_embeddings = cfg.decision_score, cfg.max_tokens, cfg.include_embeddings
     layers = keep_positions(lm.parts, remove) if remove else None
     kept_ids = [dense_layer_ids(lm.parts)[p] for p in (layers or range(lm.num_layers))]
-    read = parse_lens_layers(lens_layers, kept_ids)
+    read = parse_lens_layers(cfg.lens_layers, kept_ids)
     t0 = time.perf_counter()
     req = requests if requests is not None else prepare(lm, data, fmt, num_fewshot, seed, labels, label_prefix)
     t_prep = time.perf_counter() - t0

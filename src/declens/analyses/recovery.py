@@ -20,8 +20,8 @@ Restoration
 Example:
     >>> lm = load_model("smollm2-135m", dtype="float32")
     >>> data = load_task("arc_easy", limit=100)
-    >>> res = recover_study(lm, data, "arc_easy", [[20, 21, 22]], fmt="cloze", method="lora",
-    ...                     epochs=1, train_samples=256, out_dir="runs/recover")
+    >>> cfg = RecoveryStudyConfig(fmt="cloze", finetune=FinetuneConfig(method="lora", epochs=1), train_samples=256)
+    >>> res = recover_study(lm, data, "arc_easy", [[20, 21, 22]], cfg, out_dir="runs/recover")
     >>> res.runs[0].restored, res.runs[0].after["final_dm"]
 """
 
@@ -40,12 +40,12 @@ from typing import Any, Sequence
 from ..errors import DeclensError
 from ..finetune import (FinetuneConfig, answer_loss, export_model, load_training_data, original_num_layers,
                         run_finetune, sequence_stats, state_copy, training_sequences)
-from ..formats import FORMATS, LetterRequests
+from ..formats import LetterRequests
 from ..models import LoadedModel
 from ..results import AnalysisResult, RunWriter, load_result, provenance, read_result_file, register_result
 from ..surgery import check_removal
 from ..tasks import LETTERS, TaskData, TaskSpec
-from .decision import analyze, prepare
+from .decision import AnalyzeConfig, analyze, prepare
 
 #: a line per configuration (INFO, with ``progress``); the CLI shows them on standard output
 logger = logging.getLogger(__name__)
@@ -237,30 +237,79 @@ class RecoveryResult:
                    dense=d.get("dense"))
 
 
+@dataclass(frozen=True)
+class RecoveryStudyConfig:
+    """Knobs of :func:`recover_study` (recorded in ``recover.json``'s ``config`` under the same keys as before:
+    ``finetune`` as its :meth:`FinetuneConfig.to_dict`, ``ratios`` / ``prune_method`` in ``prune``, the training
+    rows in ``train``).
+
+    Attributes:
+        fmt: ``letter`` or ``cloze``, for evaluation and for the training sequences alike.
+        finetune: the fine-tuning recipe (:class:`~declens.finetune.FinetuneConfig`: method, epochs, lr, ...).
+        ratios: with a prune run, the pruning ratios whose best state is fine-tuned (``None``: every ratio).
+        prune_method: with a prune run, which method's states (``ip``, ``shortgpt``, ...).
+        train_split, train_samples, train_seed: which training rows (default: the whole training split).
+        measure_train_loss: also measure the answer loss on the training rows before and after.
+        dense: also analyse the dense model (the reference DM curve).
+        labels, label_prefix: letter-format option labels.
+        max_tokens: padded tokens per batch for the analyses (``None``: sized to the device).
+
+    Raises:
+        DeclensError: a bad value (one line naming it and the fix), when the config is built.
+    """
+
+    fmt: str = "letter"
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    ratios: Sequence[float] | None = None
+    prune_method: str = "ip"
+    train_split: str | None = None
+    train_samples: int | None = None
+    train_seed: int = 0
+    measure_train_loss: bool = False
+    dense: bool = True
+    labels: str | Sequence[str] = LETTERS
+    label_prefix: str = " "
+    max_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        from ..checks import check_methods, check_options
+        from ..tasks import check_seed
+
+        check_options(fmt=self.fmt, train_samples=self.train_samples, max_tokens=self.max_tokens)
+        check_seed(self.train_seed, "train_seed")
+        if not isinstance(self.finetune, FinetuneConfig):
+            raise DeclensError(f"finetune must be a FinetuneConfig (FinetuneConfig.make(**hparams)), "
+                               f"not {type(self.finetune).__name__}")
+        check_methods([self.prune_method], None)
+        if self.ratios is not None:
+            object.__setattr__(self, "ratios", tuple(float(r) for r in self.ratios))
+            for r in self.ratios:
+                check_options(ratio=r)
+        labs = list(self.labels)
+        if not labs or len(set(labs)) != len(labs):
+            raise DeclensError(f"labels {self.labels!r} must be distinct, non-empty labels like ABCD or A,B,C,D")
+
+    def to_dict(self) -> dict:
+        """The fields, JSON-ready (``finetune`` as its :meth:`FinetuneConfig.to_dict`)."""
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d["finetune"] = self.finetune.to_dict()
+        d["ratios"] = None if self.ratios is None else list(self.ratios)
+        d["labels"] = self.labels if isinstance(self.labels, str) else list(self.labels)
+        return d
+
+
 def recover_study(
     lm: LoadedModel,
     eval_data: TaskData,
     train: str | TaskSpec | TaskData,
     removals: Sequence[Sequence[int]] | None = None,
+    config: RecoveryStudyConfig | None = None,
     *,
     prune: Any = None,
-    ratios: Sequence[float] | None = None,
-    prune_method: str = "ip",
-    fmt: str = "letter",
-    method: str = "lora",
-    train_split: str | None = None,
-    train_samples: int | None = None,
-    train_seed: int = 0,
-    measure_train_loss: bool = False,
-    dense: bool = True,
-    labels: str | Sequence[str] = LETTERS,
-    label_prefix: str = " ",
-    max_tokens: int | None = None,
     out_dir: str | Path | None = None,
     export_dir: str | Path | None = None,
     progress: bool = True,
     plots: bool = True,
-    **hparams: Any,
 ) -> RecoveryResult:
     """Fine-tune pruned configurations of ``lm`` and compare the decision lens before and after.
 
@@ -272,32 +321,25 @@ def recover_study(
         lm: the dense model.
         eval_data: the evaluated rows (e.g. ``load_task("arc_challenge", limit=200)``).
         train: the training task (name or spec: rows from its training split, see :func:`training_split`),
-            or a preloaded :class:`TaskData`, used as is (``train_split`` / ``train_samples`` ignored).
+            or a preloaded :class:`TaskData`, used as is (``config.train_split`` / ``train_samples`` ignored).
         removals: explicit configurations, each a list of dense layer ids to remove.
+        config: format, fine-tuning recipe, prune-run selection, training rows, train-loss measurement, dense
+            reference, labels and batch budget (:class:`RecoveryStudyConfig`; ``None``: the defaults).
         prune: a ``declens prune`` folder / ``prune.json`` / ``PruneResult``: take its best removed set
-            per ratio (``ratios``, default all) of ``prune_method``. Exclusive with ``removals``.
-        fmt: ``letter`` or ``cloze``, for evaluation and for the training sequences alike.
-        method: ``lora`` or ``full``.
-        train_split, train_samples, train_seed: which training rows (default: the whole training split).
-        measure_train_loss: also measure the answer loss on the training rows before and after.
-        dense: also analyse the dense model (the reference DM curve).
-        labels, label_prefix: letter-format option labels.
-        max_tokens: padded tokens per batch for the analyses.
+            per ratio (``config.ratios``, default all) of ``config.prune_method``. Exclusive with ``removals``.
         out_dir: write ``recover.json``, ``recover.csv`` and the figures here (``recover.json`` is also
             written after every finished configuration but the last, marked ``"partial": true``).
         export_dir: save every recovered model (``save_pretrained`` + tokenizer) in a subfolder here
             (``00_k12``: configuration index and number of removed layers).
         progress: progress bars, and a line per configuration on the ``declens`` logger (INFO; the CLI prints them).
         plots: with ``out_dir``, draw the figures.
-        **hparams: fine-tuning hyper-parameters (:class:`FinetuneConfig` fields: ``epochs``, ``lr``,
-            ``batch_size``, ``grad_accum``, ``max_steps``, ``lora_r``, ``lora_alpha``, ...).
 
     Returns:
         The :class:`RecoveryResult`.
     """
-    if fmt not in FORMATS:
-        raise DeclensError(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
-    hp = FinetuneConfig.make(method=method, **hparams)
+    cfg = config if config is not None else RecoveryStudyConfig()
+    fmt, hp, ratios, prune_method = cfg.fmt, cfg.finetune, cfg.ratios, cfg.prune_method
+    labels, label_prefix, max_tokens = cfg.labels, cfg.label_prefix, cfg.max_tokens
     n_dense = original_num_layers(lm)
     if (removals is None) == (prune is None):
         raise DeclensError("give the pruned configurations either as removal lists (--remove) or as a prune run "
@@ -324,7 +366,7 @@ def recover_study(
                 raise DeclensError("an empty removal list is the dense model; list the layers to remove")
             check_removal(lm.parts, rem)  # fail early on bad ids, before any training
             configs.append(PrunedConfig(tuple(rem), "remove"))
-    train_data = load_training_data(train, train_split, train_samples, train_seed)
+    train_data = load_training_data(train, cfg.train_split, cfg.train_samples, cfg.train_seed)
     if train_data.name == eval_data.name:
         overlap = {it.id for it in train_data.items} & {it.id for it in eval_data.items}
         if overlap:
@@ -346,12 +388,13 @@ def recover_study(
         "dtype": str(lm.dtype).replace("torch.", ""), "device": str(lm.device),
     }
     t_all = time.perf_counter()
-    akw = dict(requests=req, max_tokens=max_tokens, progress=progress, labels=labels, label_prefix=label_prefix)
+    akw = dict(requests=req, progress=progress)
+    acfg = AnalyzeConfig(labels=labels, label_prefix=label_prefix, max_tokens=max_tokens)
     dense_block = None
-    if dense:
+    if cfg.dense:
         if progress:
             logger.info("analysing the dense model ...")
-        d = analyze(lm, eval_data, fmt, **akw)
+        d = analyze(lm, eval_data, fmt, acfg, **akw)
         dense_block = {"summary": d.metrics.summary(), **_layer_block(d)}
     runs: list[RecoveryRun] = []
     export_root = Path(export_dir) if export_dir is not None else None
@@ -367,13 +410,13 @@ def recover_study(
             logger.info(f"[{n + 1}/{len(configs)}] removing {k} of {n_dense} layers ({k / n_dense:.1%}): {removed}")
         t0 = time.perf_counter()
         pm = state_copy(lm, removed, list(c.merges) if c.merges else None)
-        before = analyze(pm, eval_data, fmt, **akw)
-        loss_before = answer_loss(pm, seqs, hp.batch_size) if measure_train_loss else None
+        before = analyze(pm, eval_data, fmt, acfg, **akw)
+        loss_before = answer_loss(pm, seqs, hp.batch_size) if cfg.measure_train_loss else None
         t1 = time.perf_counter()
         log = run_finetune(pm, seqs, hp, progress=progress)
         t2 = time.perf_counter()
-        after = analyze(pm, eval_data, fmt, **akw)
-        loss_after = answer_loss(pm, seqs, hp.batch_size) if measure_train_loss else None
+        after = analyze(pm, eval_data, fmt, acfg, **akw)
+        loss_after = answer_loss(pm, seqs, hp.batch_size) if cfg.measure_train_loss else None
         t3 = time.perf_counter()
         tp_b, tp_a = before.metrics.transition_layer, after.metrics.transition_layer
         exp = None
@@ -401,4 +444,4 @@ def _export_name(n: int, c: PrunedConfig) -> str:
     return f"{n:02d}_k{len(c.removed)}"
 
 
-__all__ = ["PrunedConfig", "RecoveryResult", "RecoveryRun", "configs_from_prune", "recover_study"]
+__all__ = ["PrunedConfig", "RecoveryResult", "RecoveryRun", "RecoveryStudyConfig", "configs_from_prune", "recover_study"]

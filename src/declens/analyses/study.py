@@ -23,7 +23,7 @@ checkpoints, the prune state). Compute only: progress and summaries go to the ``
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -51,7 +51,8 @@ class StudyConfig:
         noise_scales, noise_repeats: the noise study's scales and draws.
         ablate_window: layers on each side of the Transition Point.
         recover_ratios: ratios whose best IP set is fine-tuned (empty: no fine-tuning).
-        finetune: fine-tuning recipe overrides (``declens.finetune.FinetuneConfig`` fields).
+        finetune: fine-tuning overrides: ``declens.finetune.FinetuneConfig`` fields and the recovery's own options
+            (``RecoveryStudyConfig`` fields such as ``train_samples``, ``train_split``, ``measure_train_loss``).
         stages: the stages to run (default all).
         ip_order: a removal order (dense layer ids) that the prune stage replays (method ``replay``)
             instead of choosing each layer by Block Influence (``ip`` and ``phase``); for random-weight
@@ -201,10 +202,10 @@ def run_study(lm: LoadedModel, cfg: StudyConfig, out_dir: str | Path,
     Returns:
         The :class:`Study` (results of every stage that ran or was reloaded).
     """
-    from ..pruning import SkipPrun, prune
+    from ..pruning import PruneConfig, SkipPrun, prune
     from ..pruning.run import PruneResult
     from ..results import AnalysisResult
-    from .decision import analyze
+    from .decision import AnalyzeConfig, analyze
 
     cfg.check()
     cfg.check_order(lm.num_layers)
@@ -219,27 +220,27 @@ def run_study(lm: LoadedModel, cfg: StudyConfig, out_dir: str | Path,
             for f in cfg.formats:
                 folder = out / "analysis" / _key(t, f)
                 r.stage("analysis", _key(t, f), folder,
-                        lambda t=t, f=f, folder=folder: analyze(lm, data[t], f, seed=cfg.seed, out_dir=folder,
-                                                                progress=progress),
+                        lambda t=t, f=f, folder=folder: analyze(lm, data[t], f, AnalyzeConfig(seed=cfg.seed),
+                                                                out_dir=folder, progress=progress),
                         AnalysisResult.load, _analysis_line)
 
     if "prune" in cfg.stages:
+        ip_config = PruneConfig(["replay"] if cfg.ip_order else ["ip", "phase"], max_ratio=cfg.ip_max_ratio,
+                                calib_samples=cfg.calib_samples, seed=cfg.seed, skip=SkipPrun(enabled=True),
+                                order=cfg.ip_order)
         for t in cfg.tasks:
             folder = out / "prune" / _key(t, main_fmt)
             r.stage("prune", _key(t, main_fmt), folder,
-                    lambda t=t, folder=folder: prune(lm, data[t], main_fmt, ["replay"] if cfg.ip_order else ["ip", "phase"],
-                                                     max_ratio=cfg.ip_max_ratio, calib_samples=cfg.calib_samples,
-                                                     seed=cfg.seed, skip=SkipPrun(enabled=True), out_dir=folder,
-                                                     progress=progress, order=cfg.ip_order),
+                    lambda t=t, folder=folder: prune(lm, data[t], main_fmt, ip_config, out_dir=folder, progress=progress),
                     PruneResult.load, _prune_line)
 
     if "baselines" in cfg.stages and cfg.baselines:
+        base_config = PruneConfig(list(cfg.baselines), max_ratio=cfg.baseline_ratio, calib_samples=cfg.calib_samples,
+                                  seed=cfg.seed)
         for t in cfg.tasks:
             folder = out / "baselines" / _key(t, main_fmt)
             r.stage("baselines", _key(t, main_fmt), folder,
-                    lambda t=t, folder=folder: prune(lm, data[t], main_fmt, list(cfg.baselines),
-                                                     max_ratio=cfg.baseline_ratio, calib_samples=cfg.calib_samples,
-                                                     seed=cfg.seed, out_dir=folder, progress=progress),
+                    lambda t=t, folder=folder: prune(lm, data[t], main_fmt, base_config, out_dir=folder, progress=progress),
                     PruneResult.load, _prune_line)
 
     if "cka" in cfg.stages:
@@ -351,7 +352,8 @@ def _ablate_stage(lm, cfg, study, r, out, progress) -> None:
 
 
 def _recover_stage(lm, cfg, study, r, data, out, progress) -> None:
-    from .recovery import RecoveryResult, recover_study
+    from ..finetune import FinetuneConfig
+    from .recovery import RecoveryResult, RecoveryStudyConfig, recover_study
 
     pr = study.get("prune", _key(cfg.tasks[0], cfg.formats[0]))
     if pr is None:
@@ -362,10 +364,13 @@ def _recover_stage(lm, cfg, study, r, data, out, progress) -> None:
     if not ratios:
         raise DeclensError(f"no Iterative Pruning state at or below the recover ratios {cfg.recover_ratios} "
                            f"(one layer of {L} is {1 / L:.1%}); raise --recover-ratios")
+    # cfg.finetune holds FinetuneConfig fields and the recovery's own options (train_samples, train_split, ...)
+    own = {f.name for f in fields(RecoveryStudyConfig)} - {"fmt", "finetune", "ratios", "prune_method", "train_seed"}
+    rcfg = RecoveryStudyConfig(fmt=cfg.formats[0], ratios=ratios, prune_method=cfg.ip_method, train_seed=cfg.seed,
+                               finetune=FinetuneConfig.make(**{k: v for k, v in cfg.finetune.items() if k not in own}),
+                               **{k: v for k, v in cfg.finetune.items() if k in own})
     r.stage("recover", "main", folder,
-            lambda: recover_study(lm, data, cfg.tasks[0], prune=pr, ratios=ratios, prune_method=cfg.ip_method,
-                                  fmt=cfg.formats[0], train_seed=cfg.seed, out_dir=folder, progress=progress,
-                                  **cfg.finetune),
+            lambda: recover_study(lm, data, cfg.tasks[0], None, rcfg, prune=pr, out_dir=folder, progress=progress),
             RecoveryResult.load,
             lambda x: "; ".join(f"{run.ratio:.0%}: DM {run.before['final_dm']:+.2f} -> {run.after['final_dm']:+.2f}"
                                 for run in x.runs))

@@ -36,7 +36,7 @@ so the removed set at one ratio need not contain the set at the ratio before.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -514,6 +514,20 @@ def register_method(name: str, run: MethodFn, summary: str) -> PruningMethod:
         raise DeclensError(f"pruning method name {name!r}: use lower-case letters, digits, '-' or '_'")
     METHODS[name] = PruningMethod(name, run, summary)
     return METHODS[name]
+
+
+def check_method_names(methods: Sequence[str], order: Sequence[int] | str | None) -> None:
+    """Pruning methods exist, each once; ``replay`` gets an ``--order`` and ``--order`` is only given with
+    ``replay`` (one-line :class:`DeclensError` naming the fix)."""
+    bad = [m for m in methods if m not in METHODS]
+    if bad or not methods:
+        raise DeclensError(f"unknown pruning method(s) {', '.join(bad) or '(none)'} (--method); use any of {', '.join(METHODS)}")
+    if len(set(methods)) != len(methods):
+        raise DeclensError(f"--method {','.join(methods)} names a method more than once; list each once")
+    if "replay" in methods and not order:
+        raise DeclensError("--method replay replays a removal order; give it with --order 24,23,25,...")
+    if order and "replay" not in methods:
+        raise DeclensError("--order is the removal order of --method replay; add replay to --method or drop --order")
 
 
 def run_method(memo: Memo, method: str, max_removed: int, skip: SkipPrun | None = None, seed: int = 0,

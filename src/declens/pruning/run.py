@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .. import distributed
-from ..errors import DeclensError
+from ..errors import DeclensError, LayerSpecError
 from ..formats import FORMATS, prepare
 from ..models import LoadedModel
 from ..results import (RunWriter, atomic_write_json, check_run_folder_kind, config_key, provenance, read_result_file,
@@ -23,7 +23,7 @@ from ..results import (RunWriter, atomic_write_json, check_run_folder_kind, conf
 from ..tasks import TaskData, load_task, subsample
 from .engine import PruningEngine, calibration_sequences
 from .merging import MERGE_METHODS, MergeConfig
-from .methods import METHODS, Memo, MethodRun, PruneRecord, SkipPrun, critical_ratio, run_method
+from .methods import Memo, MethodRun, PruneRecord, SkipPrun, check_method_names, critical_ratio, run_method
 
 PRUNE_FILE = "prune.json"
 STATE_FILE = ".prune-state.json"
@@ -33,10 +33,19 @@ _SEARCH_ONLY = ("methods", "max_ratio", "max_removed", "skip_prun", "collapse_ke
 logger = logging.getLogger(__name__)
 
 
+def check_ratio(ratio: float) -> None:
+    """A pruning ratio lies strictly between 0 and 1."""
+    try:
+        ok = 0 < ratio < 1
+    except TypeError:  # not a number
+        ok = False
+    if not ok:
+        raise DeclensError(f"pruning ratio must lie strictly between 0 and 1, got {ratio}")
+
+
 def max_removed_for(ratio: float, num_layers: int) -> int:
     """Number of layers removed at pruning ratio ``ratio`` (floor), validated."""
-    if not 0 < ratio < 1:
-        raise DeclensError(f"pruning ratio must lie strictly between 0 and 1, got {ratio}")
+    check_ratio(ratio)
     k = math.floor(ratio * num_layers + 1e-9)
     if k < 1:
         raise DeclensError(f"ratio {ratio} removes no layer of a {num_layers}-layer model; use at least {1 / num_layers:.3f}")
@@ -175,7 +184,7 @@ def calibration_data(data: TaskData, calib_task: str | None, calib_split: str | 
     and ``calib_split`` (default: that task's few-shot/train split, else another split that is not the
     evaluated one). A task whose only split is the evaluated one falls back to ARC-Challenge train. The
     rule applied is recorded in ``selection["calibration"]`` (``prune`` writes it into its config).
-    Evaluated rows are used only through ``prune(calib_from_eval=True)``.
+    Evaluated rows are used only through ``PruneConfig(calib_from_eval=True)``.
 
     Raises:
         DeclensError: ``calib_split`` is the evaluated split of the evaluated task, or ``n`` is not positive.
@@ -204,28 +213,96 @@ def calibration_data(data: TaskData, calib_task: str | None, calib_split: str | 
     return replace(calib, selection={**calib.selection, "calibration": rule})
 
 
+@dataclass(frozen=True)
+class PruneConfig:
+    """Knobs of :func:`prune` (recorded in ``prune.json``'s ``config`` under the same keys as before:
+    ``skip`` as ``skip_prun``, ``merge`` as ``merging`` when a merging method runs).
+
+    Attributes:
+        methods: any of :data:`~declens.pruning.methods.METHODS` (``ip``, ``shortgpt``, ``sleb``, ``angular``,
+            ``last``, ``random``, ``phase``, ``replay``, ``laco``, ``mka``, ...), each once.
+        max_ratio: prune up to this share of the layers (strictly between 0 and 1).
+        calib_samples: calibration rows for Block Influence / perplexity / angular distance.
+        calib_task, calib_split: where calibration rows come from (see :func:`calibration_data`).
+        calib_from_eval: draw the calibration rows from the evaluated rows themselves (then Block Influence
+            comes from the evaluation pass at no extra cost), as the paper's 256 ARC-Challenge samples.
+        skip: SKIP-Prun policy for ``ip`` and ``phase``.
+        seed: seed of the calibration draw and of ``random``.
+        reuse: reuse the dense prefix across steps (False recomputes everything, for comparison).
+        collapse_keep: critical-ratio criterion (see :func:`~declens.pruning.methods.critical_ratio`).
+        decision_score: cloze: ``raw`` or ``norm`` scores for DM / OF.
+        max_tokens: padded tokens per batch (``None``: sized to the device).
+        order: removal order for the ``replay`` method (dense ids); only with ``replay``.
+        merge: settings of the layer-merging methods ``laco`` and ``mka`` (see :mod:`declens.pruning.merging`).
+
+    Raises:
+        DeclensError: a bad value (one line naming it and the fix), when the config is built.
+    """
+
+    methods: Sequence[str] = ("ip",)
+    max_ratio: float = 0.5
+    calib_samples: int = 256
+    calib_task: str | None = None
+    calib_split: str | None = None
+    calib_from_eval: bool = False
+    skip: SkipPrun = field(default_factory=SkipPrun)
+    seed: int = 0
+    reuse: bool = True
+    collapse_keep: float = 0.25
+    decision_score: str = "raw"
+    max_tokens: int | None = None
+    order: Sequence[int] | None = None
+    merge: MergeConfig = field(default_factory=MergeConfig)
+
+    def __post_init__(self) -> None:
+        from ..surgery import parse_layer_ids
+        from ..tasks import check_seed
+
+        if isinstance(self.methods, str):
+            raise DeclensError(f"methods is a list of method names, e.g. [{self.methods!r}], not the string {self.methods!r}")
+        object.__setattr__(self, "methods", tuple(self.methods))
+        if self.order is not None:
+            order = parse_layer_ids(self.order)
+            bad = sorted({i for i in order if i < 0 or order.count(i) > 1})
+            if bad:
+                raise LayerSpecError(f"order {order} has negative or repeated layer id(s) {bad}; name each dense id once")
+            object.__setattr__(self, "order", tuple(order))
+        check_method_names(self.methods, self.order)
+        check_ratio(self.max_ratio)
+        check_seed(self.seed, "seed")
+        for name, lo in (("calib_samples", 1), ("max_tokens", 1)):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < lo):
+                raise DeclensError(f"{name} must be a whole number >= {lo}, got {v!r}")
+        if not (isinstance(self.collapse_keep, (int, float)) and 0 <= self.collapse_keep < 1):
+            raise DeclensError(f"collapse_keep (the critical-ratio share) must lie in [0, 1), got {self.collapse_keep!r}")
+        if self.decision_score not in ("raw", "norm"):
+            raise DeclensError(f"decision_score must be 'raw' or 'norm', not {self.decision_score!r}")
+        if self.calib_from_eval and (self.calib_task or self.calib_split):
+            raise DeclensError("--calib-from-eval takes the calibration rows from the evaluated rows; "
+                               "drop --calib-task/--calib-split")
+        if not isinstance(self.skip, SkipPrun) or not isinstance(self.merge, MergeConfig):
+            raise DeclensError("skip must be a SkipPrun and merge a MergeConfig (declens.pruning)")
+        if any(m in MERGE_METHODS for m in self.methods):
+            self.merge.validate()
+
+    def to_dict(self) -> dict:
+        """The fields, JSON-ready (``skip`` and ``merge`` as nested dicts)."""
+        d = asdict(self)
+        d["methods"] = list(self.methods)
+        d["order"] = list(self.order) if self.order else None
+        return d
+
+
 def prune(
     lm: LoadedModel,
     data: TaskData,
     fmt: str = "letter",
-    methods: Sequence[str] = ("ip",),
+    config: PruneConfig | None = None,
     *,
-    max_ratio: float = 0.5,
-    calib_samples: int = 256,
-    calib_task: str | None = None,
-    calib_split: str | None = None,
-    skip: SkipPrun | None = None,
-    seed: int = 0,
-    reuse: bool = True,
-    collapse_keep: float = 0.25,
-    decision_score: str = "raw",
-    max_tokens: int | None = None,
     out_dir: str | Path | None = None,
     progress: bool = True,
     plots: bool = True,
-    order: Sequence[int] | None = None,
-    calib_from_eval: bool = False,
-    merge: MergeConfig | None = None,
 ) -> PruneResult:
     """Run pruning methods and evaluate every pruned state.
 
@@ -233,46 +310,28 @@ def prune(
         lm: the dense model.
         data: evaluation rows.
         fmt: ``letter`` or ``cloze``.
-        methods: any of ``ip``, ``shortgpt``, ``sleb``, ``angular``, ``last``, ``random``, ``phase``,
-            ``replay``, ``laco``, ``mka``.
-        max_ratio: prune up to this share of the layers (strictly between 0 and 1).
-        calib_samples: calibration rows for Block Influence / perplexity / angular distance.
-        calib_task, calib_split: where calibration rows come from (see :func:`calibration_data`).
-        skip: SKIP-Prun policy for ``ip`` and ``phase``.
-        seed: seed of the calibration draw and of ``random``.
-        reuse: reuse the dense prefix across steps (False recomputes everything, for comparison).
-        collapse_keep: critical-ratio criterion (see :func:`~declens.pruning.methods.critical_ratio`).
-        decision_score: cloze: ``raw`` or ``norm`` scores for DM / OF.
-        max_tokens: padded tokens per batch.
+        config: methods, ratio, calibration, SKIP-Prun, seed, prefix reuse, critical-ratio rule, scores,
+            batch budget, replay order and merging (:class:`PruneConfig`; ``None``: the defaults, ``ip``).
         out_dir: write results here; a killed run with the same config resumes from its state file.
         progress: progress bars, and a line per step on the ``declens`` logger (INFO; the CLI prints them).
         plots: draw the figures into ``out_dir``.
-        order: removal order for the ``replay`` method (dense ids).
-        calib_from_eval: draw the calibration rows from the evaluated rows themselves (then Block
-            Influence comes from the evaluation pass at no extra cost), as the paper's 256 ARC-Challenge samples.
-        merge: settings of the layer-merging methods ``laco`` and ``mka`` (see :mod:`declens.pruning.merging`).
     """
     if fmt not in FORMATS:
         raise DeclensError(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
-    bad = [m for m in methods if m not in METHODS]
-    if bad or not methods:
-        raise DeclensError(f"unknown pruning method(s) {bad}; use any of {', '.join(METHODS)}")
-    skip = skip or SkipPrun()
+    cfg = config if config is not None else PruneConfig()
+    methods, max_ratio, calib_samples, seed = cfg.methods, cfg.max_ratio, cfg.calib_samples, cfg.seed
+    skip, merge, order, collapse_keep = cfg.skip, cfg.merge, cfg.order, cfg.collapse_keep
+    decision_score = cfg.decision_score
     merging = [m for m in methods if m in MERGE_METHODS]
-    merge = merge or MergeConfig()
-    if merging:
-        merge.validate()
     L = lm.num_layers
     K = max_removed_for(max_ratio, L)
     req = prepare(lm, data, fmt)
-    if calib_from_eval:
-        if calib_task or calib_split:
-            raise DeclensError("--calib-from-eval takes the calibration rows from the evaluated rows; drop --calib-task/--calib-split")
+    if cfg.calib_from_eval:
         idx = subsample(len(data.items), calib_samples, seed)
         calib = replace(data, items=[data.items[i] for i in idx],
                         selection={**data.selection, "calibration": "from evaluated rows", "rows_selected": len(idx)})
     else:
-        calib = calibration_data(data, calib_task, calib_split, calib_samples, seed)
+        calib = calibration_data(data, cfg.calib_task, cfg.calib_split, calib_samples, seed)
     calib_seqs = calibration_sequences(lm, prepare(lm, calib, fmt))
     config = {
         "model": lm.spec, "task": data.name, "format": fmt, **data.selection, "methods": list(methods),
@@ -300,7 +359,7 @@ def prune(
             stored = {}
     if distributed.active():  # every rank replays the same stored evaluations, so all run the same collectives
         stored = distributed.gather_objects(stored if distributed.is_main() else None)[0]
-    engine = PruningEngine(lm, req, calib_seqs, max_tokens=max_tokens, reuse=reuse, decision_score=decision_score,
+    engine = PruningEngine(lm, req, calib_seqs, max_tokens=cfg.max_tokens, reuse=cfg.reuse, decision_score=decision_score,
                            progress=progress)
     memo = Memo(engine, stored)
     if state_path is not None:
@@ -327,7 +386,7 @@ def prune(
         per_method[m]["seconds"] = round(time.perf_counter() - t_m, 3)
     elapsed = time.perf_counter() - t0
     total = engine.total_work()
-    work = {"reuse": reuse, **_work_entry(total["run"], total["full"]), "evaluations": len(memo.data),
+    work = {"reuse": cfg.reuse, **_work_entry(total["run"], total["full"]), "evaluations": len(memo.data),
             "resumed_evaluations": len(stored), "ranks": distributed.world(), "methods": per_method}
     prov = provenance(lm, data, timing={"prune_s": round(elapsed, 2), "evaluations_run": len(memo.data) - len(stored),
                                         "evaluations_restored": len(stored)})
