@@ -233,7 +233,7 @@ def run_model(name, shape, args, device, tok, peak):
         if reuse:
             row["ip_steps"] = k
             row["ip_share_of_work_saved"] = pr.work["share_saved"]
-            row["ip_final_acc_by_step"] = [round(r.accuracy, 4) for r in pr.runs["replay"].records]
+            row["ip_final_acc_by_step"] = [round(r.final_accuracy, 4) for r in pr.runs["replay"].records]
             row["ip_bi_measured_every_step"] = all(r.bi is not None for r in pr.runs["replay"].records)
     del lm, model
     gc.collect()

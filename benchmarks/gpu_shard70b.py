@@ -336,7 +336,7 @@ def main() -> None:
                    progress=False, plots=False)
         recs = pr.runs["ip"].records
         rec["removed_order"] = [r.layer for r in recs if r.layer is not None]
-        rec["accuracy_by_step"] = [round(r.accuracy, 4) for r in recs]
+        rec["accuracy_by_step"] = [round(r.final_accuracy, 4) for r in recs]
         rec["final_dm_by_step"] = [round(float(r.final_dm), 4) for r in recs]
         rec["work"] = pr.work
         rec["prune_s_internal"] = pr.provenance["timing"]["prune_s"]

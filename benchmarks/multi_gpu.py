@@ -105,7 +105,7 @@ def main():
         if distributed.is_main():
             save(a.out, a.mode, res, {"mode": a.mode, "ranks": distributed.world(), "analyze_s": [round(x, 3) for x in times],
                                       "ip_replay_s": round(t_ip, 3), "ip_steps": len(order),
-                                      "ip_acc": [r.accuracy for r in pr.runs["replay"].records],
+                                      "ip_acc": [r.final_accuracy for r in pr.runs["replay"].records],
                                       "ip_bi_step1": pr.runs["replay"].records[1].bi,
                                       "final_acc": res.metrics.final_acc,
                                       "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"})
@@ -134,7 +134,7 @@ def main():
                                "modules_per_device": {k: len(v) for k, v in per_dev.items()},
                                "unsharded_s": round(t_ref, 3), "sharded_s": round(t_sh, 3),
                                "ip_3_steps_sharded_s": round(t_ip, 3),
-                               "ip_acc": [r.accuracy for r in pr.runs["replay"].records],
+                               "ip_acc": [r.final_accuracy for r in pr.runs["replay"].records],
                                "final_acc": res.metrics.final_acc, "final_acc_unsharded": ref.metrics.final_acc})
 
 

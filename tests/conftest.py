@@ -183,8 +183,8 @@ def _record(method: str, k: int, L: int, acc: float, tp: int | None):
     removed = list(range(L - 2, L - 2 - k, -1))
     dm = [1.0 if tp is not None and i >= tp else -1.0 for i in kept]
     return PruneRecord(method=method, index=k, removed=removed, layer=removed[-1] if removed else None, k=k,
-                       ratio=k / L, accuracy=acc, final_dm=dm[-1], transition_layer=tp if k == 0 else None,
-                       chance=CHANCE, layer_ids=kept, dm=dm, acc_layers=[acc] * len(kept), kl=[0.0] * len(kept),
+                       ratio=k / L, final_accuracy=acc, final_dm=dm[-1], transition_layer=tp if k == 0 else None,
+                       chance=CHANCE, layer_ids=kept, dm=dm, accuracy=[acc] * len(kept), kl=[0.0] * len(kept),
                        option_frequency=[[0.5, 0.5]] * len(kept))
 
 

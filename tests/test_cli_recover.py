@@ -34,7 +34,7 @@ def test_recover_from_prune_command(model_dir, tmp_path):
     assert d["runs"][0]["k"] == 2 and d["config"]["prune"]["method"] == "last"
     best = [row for row in p["methods"]["last"]["table"] if row["removed_count"] == 2][0]
     assert d["runs"][0]["removed"] == best["removed"]
-    assert d["runs"][0]["before"]["final_accuracy"] == pytest.approx(best["accuracy"])
+    assert d["runs"][0]["before"]["final_accuracy"] == pytest.approx(best["final_accuracy"])
 
 
 @pytest.mark.parametrize("args, msg", [

@@ -9,7 +9,7 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from declens.analyses.compare import CompareConfig, CompareResult, compare
+from declens.analyses.compare import CompareConfig, CompareResult, compare, compare_averages
 from declens.cli import app
 from declens.errors import DeclensError
 from declens.finetune import FinetuneConfig, TrainData
@@ -44,6 +44,7 @@ def test_compare_end_to_end_and_resume(model_dir, tmp_path):
     d = json.loads((out / "compare.json").read_text())
     assert d["config"]["finetune"]["lr"] == 3e-3 and d["config"]["finetune"]["epochs"] == 1
     assert d["config"]["train_data"]["tasks"]["arc_easy"]["rows"] == 12 and d["cells"][0]["removed"] == [2]
+    assert compare_averages(out) == ({0.25: {"last": d["cells"][0]["average"]}}, True)  # what findings reads
     # 2. killed after its first new cell: two methods, two ratios
     lm = load_model(str(model_dir), dtype="float32", device="cpu", progress=False)
     seen = []
@@ -78,6 +79,10 @@ def test_compare_end_to_end_and_resume(model_dir, tmp_path):
     assert [t["method"] for t in table] == ["dense", "last", "shortgpt", "last", "shortgpt"]
     assert float(table[0]["avg"]) == pytest.approx(rows[0]["avg"], abs=0.01)
     assert (out / "table5.png").stat().st_size > 1000 and (out / "manifest.json").is_file()
+    want: dict = {}
+    for c in res.cells:
+        want.setdefault(c["ratio"], {})[c["method"]] = c["average"]
+    assert compare_averages(out) == (want, True)
     assert CompareResult.load(out).rows() == rows
     # 4. another recipe is another comparison: nothing is reused
     seen.clear()

@@ -56,7 +56,7 @@ def test_torchrun_analyze_and_prune_equal_one_process(llama_dir, tmp_path):
     p1 = json.loads((tmp_path / "p1" / "prune.json").read_text())["methods"]["ip"]["table"]
     p2 = json.loads((tmp_path / "p2" / "prune.json").read_text())["methods"]["ip"]["table"]
     assert [r["removed"] for r in p1] == [r["removed"] for r in p2] and len(p1) == 3
-    assert [r["accuracy"] for r in p1] == [r["accuracy"] for r in p2]
+    assert [r["final_accuracy"] for r in p1] == [r["final_accuracy"] for r in p2]
 
 
 def _descendants(pid: int) -> list[int]:
@@ -137,6 +137,6 @@ def test_torchrun_prune_resumes_after_a_kill(llama_dir, tmp_path):
     for m in ("ip", "sleb"):
         ra, rb = a["methods"][m]["records"], b["methods"][m]["records"]
         assert [(x["removed"], x["collapsed"], x["path"]) for x in ra] == [(x["removed"], x["collapsed"], x["path"]) for x in rb]
-        assert [x["accuracy"] for x in ra] == [x["accuracy"] for x in rb]
+        assert [x["final_accuracy"] for x in ra] == [x["final_accuracy"] for x in rb]
         assert [x["final_dm"] for x in ra] == pytest.approx([x["final_dm"] for x in rb], abs=1e-5)
         assert [x["removed"] for x in a["methods"][m]["table"]] == [x["removed"] for x in b["methods"][m]["table"]]

@@ -86,7 +86,7 @@ def test_ablation_around_the_transition_point_on_real_model(smollm2, tmp_path):
     assert res.eval.labels == ["dense", "19", "20", "21", "19,20", "20,21"]
     ref = analyze(smollm2, load_task("arc_easy", limit=6, seed=0), "cloze", progress=False)
     dense = res.eval.cells[("arc_easy", "cloze", "dense")]
-    assert dense["accuracy"] == pytest.approx(ref.metrics.final_acc)
+    assert dense["final_accuracy"] == pytest.approx(ref.metrics.final_acc)
     assert dense["final_dm"] == pytest.approx(ref.metrics.final_dm, abs=1e-4)
     assert res.dense_dm == pytest.approx(list(ref.metrics.dm), abs=1e-4)
     assert res.eval.cells[("arc_easy", "cloze", "20")]["final_dm"] != pytest.approx(dense["final_dm"], abs=1e-4)

@@ -86,3 +86,48 @@ def test_phase_aware_compares_methods_only_on_the_same_task(tmp_path):
     c = PruneResult.load(make_prune(tmp_path / "c", "m", "arc_easy", 8, 4, 1, 3, methods=("shortgpt",)))
     f = idea_phase_aware([a, b, c], CFG)
     assert set(f.numbers) == {"ip", "shortgpt"} and f.numbers["shortgpt"]["mean_difference"] > 0
+
+
+def _table5(avg: dict, complete: bool = True):
+    from declens.analyses.findings import claim_table5
+
+    return claim_table5(avg, FindingsConfig(), complete)
+
+
+def test_table5_claim_needs_every_named_baseline_and_a_strict_lead():
+    full = {0.125: {"ip": 0.50, "shortgpt": 0.45, "sleb": 0.44, "mka": 0.40},
+            0.25: {"ip": 0.41, "shortgpt": 0.40, "sleb": 0.39, "mka": 0.38}}
+    assert _table5(full).verdict == HOLDS
+    lost = {**full, 0.25: {**full[0.25], "sleb": 0.42}}
+    f = _table5(lost)
+    assert f.verdict == FAILS and f.numbers["ip_beaten_by"] == {0.125: [], 0.25: ["sleb"]}
+    assert _table5({0.125: {**full[0.125], "mka": 0.50}}).verdict == FAILS  # a tie is no win
+    # MKA never compared: IP leading the others proves nothing about the claim
+    no_mka = {r: {k: v for k, v in m.items() if k != "mka"} for r, m in full.items()}
+    f = _table5(no_mka)
+    assert f.verdict == UNTESTABLE and "mka at 0.125" in f.note and f.numbers["missing"] == {0.125: ["mka"], 0.25: ["mka"]}
+    # a stopped comparison: losing still fails it (the finished cells already show it), leading does not prove it
+    f = _table5(lost, complete=False)
+    assert f.verdict == FAILS and "partial" in f.note
+    assert _table5(full, complete=False).verdict == UNTESTABLE
+    assert _table5({0.3: {"ip": 0.4}}).verdict == UNTESTABLE  # nothing to compare IP with
+
+
+def test_compare_averages_reads_the_finished_cells_of_a_stopped_run(tmp_path):
+    import json
+
+    from declens.analyses.compare import compare_averages
+    from declens.errors import DeclensError
+
+    cells = tmp_path / "cmp" / "cells"
+    cells.mkdir(parents=True)
+    with pytest.raises(DeclensError, match="no finished comparison cell"):
+        compare_averages(tmp_path / "cmp")
+    rows = {"dense": {"method": "dense", "k": 0, "average": 0.43},
+            "ip_k3": {"method": "ip", "ratio": 0.125, "k": 3, "status": "done", "average": 0.45},
+            "sleb_k3": {"method": "sleb", "ratio": 0.125, "k": 3, "status": "done", "average": 0.47},
+            "sleb_k9": {"method": "sleb", "ratio": 0.3, "k": 9, "status": "unreached", "average": None}}
+    for name, c in rows.items():
+        (cells / f"{name}.json").write_text(json.dumps(c))
+    (cells / "mka_k3.json").write_text('{"method": "mka", "rat')  # cut off while being written
+    assert compare_averages(tmp_path / "cmp") == ({0.125: {"ip": 0.45, "sleb": 0.47}}, False)

@@ -165,9 +165,92 @@ def test_a_recover_folder_of_schema_1_loads_through_the_converter(runs, tmp_path
     assert run.data["table"] == json.loads((runs["recover"] / "recover.json").read_text())["table"]
 
 
+#: ``prune`` / ``eval`` / ``ablate`` schema 2 -> 1 (the inverse of ``declens.results.ACCURACY_V1_NAMES``)
+_TO_V1 = {"accuracy": "acc_layers", "final_accuracy": "accuracy", "final_accuracy_norm": "accuracy_norm"}
+
+
+def _accuracy_to_v1(kind: str, d: dict) -> dict:
+    """A schema-2 ``prune`` / ``eval`` / ``ablate`` main JSON written back in the schema-1 layout (the layout
+    a declens before schema 2 wrote: no ``schema_version``, per-layer ``acc_layers``, final ``accuracy``)."""
+    d.pop("schema_version")
+    if kind == "prune":
+        for body in d["methods"].values():
+            body["records"] = [{_TO_V1.get(k, k): v for k, v in r.items()} for r in body["records"]]
+            body["table"] = [{_TO_V1.get(k, k): v for k, v in r.items()} for r in body["table"]]
+    else:
+        d["cells"] = [{_TO_V1.get(k, k): v for k, v in c.items()} for c in d["cells"]]
+    return d
+
+
+@pytest.mark.parametrize("kind", ["prune", "eval", "ablate"])
+def test_a_folder_with_per_layer_acc_layers_of_schema_1_loads_under_the_new_names(runs, tmp_path, kind):
+    """prune / eval / ablate schema 1 named the per-layer accuracy ``acc_layers`` (and the final one
+    ``accuracy``); the converter gives the same numbers under the analysis result's names."""
+    main = RESULT_KINDS[kind].main_file
+    new_raw = json.loads((runs[kind] / main).read_text())
+    old = shutil.copytree(runs[kind], tmp_path / "old")
+    _rewrite(old, main, lambda d: _accuracy_to_v1(kind, d))
+    m = json.loads((old / "manifest.json").read_text())
+    m.pop("schema_version")
+    (old / "manifest.json").write_text(json.dumps(m))
+    raw = json.loads((old / main).read_text())
+    assert "acc_layers" in json.dumps(raw) and "final_accuracy" not in json.dumps(raw)
+    res, new = load_result(old), load_result(runs[kind])
+    assert _json(res.to_dict()) == _json(new.to_dict())  # every number, under the new names
+    (run,) = find_runs(old)
+    assert run.data == new_raw
+    if kind == "prune":
+        recs_old, recs_new = raw["methods"]["last"]["records"], new_raw["methods"]["last"]["records"]
+        assert [r["acc_layers"] for r in recs_old] == [r["accuracy"] for r in recs_new]
+        assert [r["accuracy"] for r in recs_old] == [r.final_accuracy for r in res.runs["last"].records]
+        assert all(isinstance(r.accuracy, list) and r.accuracy[-1] == r.final_accuracy for r in res.runs["last"].records)
+    else:
+        cells = res.eval.cells if kind == "ablate" else res.cells
+        assert [c["acc_layers"] for c in raw["cells"]] == [v["accuracy"] for v in cells.values()]
+        assert [c["accuracy"] for c in raw["cells"]] == [v["final_accuracy"] for v in cells.values()]
+
+
+@pytest.mark.parametrize("kind", ["prune", "eval", "ablate"])
+def test_a_fresh_run_writes_the_per_layer_accuracy_under_the_analysis_name(runs, kind):
+    """Schema 2: per-layer ``dm`` / ``accuracy`` (as in ``result.json``'s layers), final ``final_dm`` /
+    ``final_accuracy``; ``acc_layers`` appears in no file of the folder."""
+    main = RESULT_KINDS[kind].main_file
+    d = json.loads((runs[kind] / main).read_text())
+    assert d["schema_version"] == 2 == json.loads((runs[kind] / "manifest.json").read_text())["schema_version"]
+    blocks = [r for b in d["methods"].values() for r in b["records"]] if kind == "prune" else d["cells"]
+    for b in blocks:
+        assert len(b["accuracy"]) == len(b["dm"]) == len(b["layer_ids"]) > 0
+        assert all(0.0 <= a <= 1.0 for a in b["accuracy"])
+        assert b["accuracy"][-1] == pytest.approx(b["final_accuracy"]) and b["dm"][-1] == pytest.approx(b["final_dm"])
+        assert "acc_layers" not in b and "accuracy_norm" not in b
+    if kind == "prune":
+        assert all("final_accuracy" in row and "accuracy" not in row for b in d["methods"].values() for row in b["table"])
+    for f in runs[kind].rglob("*"):
+        if f.is_file() and f.suffix in (".json", ".csv", ".md"):
+            assert "acc_layers" not in f.read_text(), f
+
+
+def test_a_schema_1_prune_record_of_a_resume_state_reads_under_the_new_names(runs):
+    """A ``.prune-state.json`` left by a declens before schema 2 holds records with ``acc_layers``: a resumed
+    run reads them as the same records (``PruneRecord.from_dict`` renames them)."""
+    from declens.pruning.methods import PruneRecord
+
+    for d in json.loads((runs["prune"] / "prune.json").read_text())["methods"]["last"]["records"]:
+        old = {_TO_V1.get(k, k): v for k, v in d.items()}
+        assert PruneRecord.from_dict(old) == PruneRecord.from_dict(d)
+        assert PruneRecord.from_dict(old).to_dict() == d
+
+
+def test_no_written_result_file_names_acc_layers(runs):
+    """The old per-layer name appears in no file any command wrote (every kind, the study's stages too)."""
+    files = [f for f in runs["root"].rglob("*") if f.is_file() and f.suffix in (".json", ".csv", ".md", ".html")]
+    assert len(files) > 20
+    assert [f for f in files if "acc_layers" in f.read_text()] == []
+
+
 @pytest.mark.parametrize("version, words", [
-    (0, r"holds a prune result of schema version 0, but this declens reads version 1 .*rerun 'declens prune'"),
-    (99, r"holds a prune result of schema version 99, but this declens reads version 1; upgrade declens"),
+    (0, r"holds a prune result of schema version 0, but this declens reads version 2 .*rerun 'declens prune'"),
+    (99, r"holds a prune result of schema version 99, but this declens reads version 2; upgrade declens"),
 ])
 def test_a_schema_version_without_converter_is_refused_with_the_fix(runs, tmp_path, version, words):
     folder = shutil.copytree(runs["prune"], tmp_path / "p")

@@ -172,7 +172,7 @@ def test_merged_state_evaluation_matches_a_full_recomputation(tmp_path):
             assert [(g["layer"], g["absorbed"]) for g in r.merges or []] == [(g["layer"], g["absorbed"]) for g in f.merges or []]
             for g, h in zip(r.merges or [], f.merges or []):
                 assert g["coefficients"] == pytest.approx(h["coefficients"], abs=1e-5)
-            assert r.accuracy == pytest.approx(f.accuracy) and np.allclose(r.dm, f.dm, atol=1e-4)
+            assert r.final_accuracy == pytest.approx(f.final_accuracy) and np.allclose(r.dm, f.dm, atol=1e-4)
             assert (r.candidates is None) == (f.candidates is None)
             if r.candidates:
                 assert r.candidates == pytest.approx(f.candidates, abs=1e-5)

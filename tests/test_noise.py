@@ -9,10 +9,12 @@ import pytest
 import torch
 
 from declens.analyses.decision import analyze, encoder_for, prepare
-from declens.analyses.noise import (NoiseConfig, NoiseProbe, NoiseSpecError, add_noise, noise_seed, noise_study,
-                                    parse_scales, validate_scales)
+import declens.scoring
+from declens.analyses.noise import (NoiseConfig, NoiseProbe, NoiseSpecError, add_noise, noise_checkpoint, noise_seed,
+                                    noise_study, parse_scales, validate_scales)
 from declens.errors import LayerSpecError
 from declens.metrics import margins
+from declens.results import Checkpoint, to_jsonable
 from declens.runner import collate, forward, plan_batches
 from declens.scoring import ScoringPlan, option_mask
 from declens.tasks import load_task
@@ -273,3 +275,139 @@ def test_cli_sigma_option(model_dir, tmp_path):
     r = runner.invoke(app, ["noise", "--model", str(model_dir), "--task", "arc_easy", "--sigma", "first-only",
                             "--out", str(tmp_path / "bad")])
     assert r.exit_code == 2 and "--sigma" in r.output and not (tmp_path / "bad").exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# Resume after a killed run
+
+
+class _DyingCheckpoint(Checkpoint):
+    """The study's checkpoint, with the process "killed" (KeyboardInterrupt) right after its ``die_at``-th save."""
+
+    def __init__(self, base: Checkpoint, die_at: int):
+        super().__init__(base.path.parent.parent, base.key, "noise")
+        self.saves, self.die_at = 0, die_at
+
+    def save(self, state) -> None:
+        super().save(state)
+        self.saves += 1
+        if self.saves == self.die_at:
+            raise KeyboardInterrupt("killed")
+
+
+def _counting_forward(monkeypatch) -> dict:
+    """Count the study's forward passes (every pass of the dense model or of the layers after a noised one)."""
+    import declens.analyses.noise as noise_mod
+
+    real = noise_mod.forward
+    calls = {"n": 0}
+
+    def counting(*args, **kwargs):
+        calls["n"] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(noise_mod, "forward", counting)
+    return calls
+
+
+@pytest.mark.parametrize("fmt,sigma,units", [("letter", "no-first", 1), ("letter", "no-first", 5),
+                                             ("cloze", "per-token", 5)])
+def test_killed_noise_study_resumes_to_identical_numbers(tmp_path, monkeypatch, fmt, sigma, units):
+    """Killed after ``units`` (batch, layer) units (1: inside the first batch, whose layer outputs the resumed
+    run recomputes; 5 = L + 1: after the first batch and one layer of the second), the study resumes from
+    ``.checkpoint/``: no dense pass, none of the done units rerun (forward passes counted), and bit for
+    bit the numbers of an uninterrupted run."""
+    from conftest import make_tiny
+
+    monkeypatch.setattr(declens.scoring, "CHECKPOINT_EVERY_S", 0.0)  # save after every unit
+    lm = make_tiny("qwen3")
+    data = load_task("arc_easy", limit=5, seed=1)
+    cfg = NoiseConfig(scales=(0.0, 0.5), seed=2, repeats=2, max_tokens=100, sigma=sigma)
+    L, S, R = lm.num_layers, 2, 2
+    calls = _counting_forward(monkeypatch)
+    full = noise_study(lm, data, fmt, cfg, progress=False)
+    nb = full.provenance["timing"]["noise_runs"] // (L * S * R)
+    assert nb >= 3 and calls["n"] == nb + (nb - 1) + nb * (L - 1) * S * R
+
+    ck = noise_checkpoint(tmp_path, lm, data, fmt, cfg)
+    with pytest.raises(KeyboardInterrupt):  # saves: the dense pass, then one per unit
+        noise_study(lm, data, fmt, cfg, progress=False, checkpoint=_DyingCheckpoint(ck, die_at=1 + units))
+    assert ck.path.is_file()
+
+    calls["n"] = 0
+    res = noise_study(lm, data, fmt, cfg, progress=False, checkpoint=noise_checkpoint(tmp_path, lm, data, fmt, cfg))
+    t = res.provenance["timing"]
+    assert t["dense_pass_restored"] is True and t["noise_runs_restored"] == units * S * R
+    # no dense pass; a pass keeping the layer outputs per unfinished batch; then a pass per (scale, repeat) of
+    # every unit not done but of the last layer (read without a pass; a finished batch holds one)
+    finished = units // L
+    assert calls["n"] == (nb - finished) + (nb * (L - 1) - (units - finished)) * S * R
+    for name in ("dm", "acc", "dm_runs", "acc_runs", "scores"):
+        np.testing.assert_array_equal(getattr(res, name), getattr(full, name), err_msg=name)
+    assert res.sigma == full.sigma and res.extra == full.extra  # sigma statistics restored exactly
+    assert json.dumps(to_jsonable(res.dense)) == json.dumps(to_jsonable(full.dense))  # the dense pass too
+    assert ck.path.is_file()  # kept until the result is written ...
+    res.save(tmp_path, plots=False)
+    assert not (tmp_path / ".checkpoint").exists()  # ... which removes it
+
+
+def test_a_noise_checkpoint_of_another_config_is_ignored(tmp_path, monkeypatch):
+    """A checkpoint left by a killed run with other scales (same shapes) is not used: the study runs in full."""
+    from conftest import make_tiny
+
+    monkeypatch.setattr(declens.scoring, "CHECKPOINT_EVERY_S", 0.0)
+    lm = make_tiny("qwen3")
+    data = load_task("arc_easy", limit=4, seed=1)
+    old = NoiseConfig(scales=(0.0, 0.5), max_tokens=100)
+    new = NoiseConfig(scales=(0.0, 1.0), max_tokens=100)
+    with pytest.raises(KeyboardInterrupt):
+        noise_study(lm, data, "letter", old, progress=False,
+                    checkpoint=_DyingCheckpoint(noise_checkpoint(tmp_path, lm, data, "letter", old), die_at=3))
+    assert noise_checkpoint(tmp_path, lm, data, "letter", old).key == _DyingCheckpoint(
+        noise_checkpoint(tmp_path, lm, data, "letter", old), 0).key  # the key is stable
+    ck = noise_checkpoint(tmp_path, lm, data, "letter", new)
+    assert ck.key != noise_checkpoint(tmp_path, lm, data, "letter", old).key and ck.load() is None
+    calls = _counting_forward(monkeypatch)
+    res = noise_study(lm, data, "letter", new, progress=False, checkpoint=ck)
+    n_full = calls["n"]
+    t = res.provenance["timing"]
+    assert t["dense_pass_restored"] is False and t["noise_runs_restored"] == 0
+    ref = noise_study(lm, data, "letter", new, progress=False)
+    assert calls["n"] == 2 * n_full  # the run with the stale checkpoint did all the work a fresh one does
+    for name in ("dm", "acc", "scores"):
+        np.testing.assert_array_equal(getattr(res, name), getattr(ref, name), err_msg=name)
+
+
+def test_cli_noise_resumes_a_killed_run_from_its_folder(model_dir, tmp_path, monkeypatch):
+    """``declens noise`` keeps its checkpoint in ``<out>/.checkpoint/``: killed after a few units, the same command
+    continues from it, writes the numbers of an uninterrupted run, and leaves no checkpoint behind."""
+    from typer.testing import CliRunner
+
+    from declens.cli import app
+
+    monkeypatch.setattr(declens.scoring, "CHECKPOINT_EVERY_S", 0.0)
+    runner = CliRunner()
+    args = ["noise", "--model", str(model_dir), "--task", "arc_easy", "--limit", "4", "--scales", "0,0.5",
+            "--max-tokens", "100", "--dtype", "float32"]
+    assert runner.invoke(app, [*args, "--out", str(tmp_path / "full")]).exit_code == 0
+    real_save, saves = Checkpoint.save, {"n": 0}
+
+    def dying_save(self, state):
+        real_save(self, state)
+        saves["n"] += 1
+        if saves["n"] == 3:  # the dense pass and two units
+            raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(Checkpoint, "save", dying_save)
+    out = tmp_path / "n"
+    r = runner.invoke(app, [*args, "--out", str(out)])
+    assert r.exit_code == 130 and list((out / ".checkpoint").glob("noise-*.npz"))  # killed (Ctrl-C's status)
+    monkeypatch.setattr(Checkpoint, "save", real_save)
+    r = runner.invoke(app, [*args, "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    t = json.loads((out / "noise.json").read_text())["provenance"]["timing"]
+    assert t["dense_pass_restored"] is True and t["noise_runs_restored"] == 2 * 2
+    assert not (out / ".checkpoint").exists()
+    with np.load(out / "noise.npz") as a, np.load(tmp_path / "full" / "noise.npz") as b:
+        for k in ("dm", "accuracy", "scores", "sigma"):
+            np.testing.assert_array_equal(a[k], b[k], err_msg=k)

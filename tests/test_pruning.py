@@ -55,7 +55,7 @@ def test_sleb_reuses_the_current_states_prefix_with_identical_choices():
     for ra, rb in zip(a[1:], b[1:]):
         assert ra.candidates.keys() == rb.candidates.keys()
         np.testing.assert_allclose(list(ra.candidates.values()), list(rb.candidates.values()), rtol=1e-5)
-        assert ra.accuracy == rb.accuracy
+        assert ra.final_accuracy == rb.final_accuracy
     wh, wf = held.work["methods"]["sleb"], full.work["methods"]["sleb"]
     assert wf["share_saved"] == 0.0 and wf["layer_tokens_run"] == wf["layer_tokens_full"] == wh["layer_tokens_full"]
     assert held.work["share_saved"] == wh["share_saved"] > 0.3
@@ -169,7 +169,7 @@ def test_skip_prun_restarts_from_best_state_and_skips_the_collapsing_choice():
     eng = ScriptedEngine()
     plain = run_ip(Memo(eng), 4)
     assert [r.removed for r in plain.records[1:]] == [[7], [7, 6], [7, 6, 5], [7, 6, 5, 4]]
-    assert plain.best_by_k()[1].accuracy == 0.25
+    assert plain.best_by_k()[1].final_accuracy == 0.25
 
     eng = ScriptedEngine()
     run = run_ip(Memo(eng), 4, SkipPrun(enabled=True, drop=0.1, restart="parent_ratio"))
@@ -178,7 +178,7 @@ def test_skip_prun_restarts_from_best_state_and_skips_the_collapsing_choice():
     accepted = [r.removed for r in run.records if r.accepted]
     assert accepted == [[], [6], [6, 5], [6, 5, 4], [6, 5, 4, 3]]  # layer 7 skipped after the collapse
     best = run.best_by_k()
-    assert best[1].removed == [6] and best[1].accuracy == pytest.approx(0.78)
+    assert best[1].removed == [6] and best[1].final_accuracy == pytest.approx(0.78)
     assert all(7 not in r["removed"] for r in run.table())
 
 
@@ -344,6 +344,6 @@ def test_methods_are_a_registry_known_to_prune_the_checks_and_the_cli_help():
         del METHODS["first"]
     assert [r.removed for r in res.runs["first"].records] == [[], [1], [1, 2], [1, 2, 3]]
     assert [r.removed for r in res.runs["last"].records] == [[], [4], [4, 3], [4, 3, 2]]
-    assert res.runs["first"].records[0].accuracy == res.runs["last"].records[0].accuracy  # one dense state
+    assert res.runs["first"].records[0].final_accuracy == res.runs["last"].records[0].final_accuracy  # one dense state
     with pytest.raises(DeclensError, match="unknown pruning method"):
         check_methods(["first"], None)

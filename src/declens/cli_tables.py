@@ -22,7 +22,7 @@ def print_eval(res: "EvalResult", console: Console) -> None:
         for lab in res.labels:
             t.add_column(lab, justify="right")
         for task in res.tasks:
-            t.add_row(task, *[f"{100 * res.cells[(task, f, lab)]['accuracy']:.2f}" for lab in res.labels])
+            t.add_row(task, *[f"{100 * res.cells[(task, f, lab)]['final_accuracy']:.2f}" for lab in res.labels])
         t.add_row("Avg", *[f"{100 * res.average(f, lab):.2f}" for lab in res.labels], style="bold")
         console.print(t)
 

@@ -200,7 +200,7 @@ def plot_accuracy_vs_ratio(ax, res) -> None:
     for m, run in res.runs.items():
         best = run.best_by_k()
         ratios = [r.ratio for r in best.values()]
-        ax.plot(ratios, [r.accuracy for r in best.values()], "-o", ms=3, color=colors[m], label=m)
+        ax.plot(ratios, [r.final_accuracy for r in best.values()], "-o", ms=3, color=colors[m], label=m)
         chance = next(iter(best.values())).chance
         crit = res.critical.get(m)
         if crit is not None:
@@ -255,7 +255,7 @@ def plot_removal_strip(ax, run) -> None:
         ax.axvspan(tp - 0.5, L - 0.5, color=DECISIVE, alpha=0.35, lw=0, label="dense Decisive Phase")
         ax.legend(fontsize=7, loc="lower left")
     ax.set_yticks(range(len(best)))
-    ax.set_yticklabels([f"{r.ratio:.0%} · acc {r.accuracy:.2f}" for r in best.values()], fontsize=7)
+    ax.set_yticklabels([f"{r.ratio:.0%} · acc {r.final_accuracy:.2f}" for r in best.values()], fontsize=7)
     step = max(1, -(-L // 32))
     ax.set_xticks(range(0, L, step))
     ax.set_xlabel("dense layer id (dark: removed; grey: already absent from the pruned model pruning started from)"
@@ -356,7 +356,7 @@ def plot_of_bars(ax, rec, title: str = "") -> None:
     ax.set_xticklabels([str(rec.layer_ids[t]) if t < L else "gold" for t in ticks], fontsize=7)
     ax.set_ylim(0, 1)
     ax.set_ylabel("share of items")
-    ax.set_title(title or f"{rec.ratio:.0%} removed · acc {rec.accuracy:.2f}", fontsize=9)
+    ax.set_title(title or f"{rec.ratio:.0%} removed · acc {rec.final_accuracy:.2f}", fontsize=9)
 
 
 def plot_option_dynamics(run, path: str | Path, n_steps: int = 6) -> Path:
@@ -374,7 +374,7 @@ def plot_option_dynamics(run, path: str | Path, n_steps: int = 6) -> Path:
         ax = fig.add_subplot(gs[1 + i // ncol, i % ncol])
         r = best[k]
         tp = "none" if r.transition_layer is None else r.transition_layer
-        plot_of_bars(ax, r, f"Option Frequency per layer · {r.ratio:.0%} removed · acc {r.accuracy:.2f} · TP {tp}")
+        plot_of_bars(ax, r, f"Option Frequency per layer · {r.ratio:.0%} removed · acc {r.final_accuracy:.2f} · TP {tp}")
         if i == 0:
             ax.legend(fontsize=7, ncol=min(8, len(r.option_frequency[0])), loc="upper left", title="option",
                       title_fontsize=7)

@@ -242,7 +242,7 @@ def _ratio_text(v: Any, max_ratio: Any, dense_acc: Any = None, chance: Any = Non
 
 
 def _dense_acc_chance(dense: dict | None) -> tuple[Any, Any]:
-    return (None, None) if not dense else (dense.get("accuracy"), dense.get("chance"))
+    return (None, None) if not dense else (dense.get("final_accuracy"), dense.get("chance"))
 
 
 def _prune_section(f: Run) -> str:
@@ -267,8 +267,8 @@ def _prune_section(f: Run) -> str:
         tab = methods[m].get("table") or []
         last = tab[-1] if tab else None
         rows.append([e(m), _ratio_text(crit.get(m), c.get("max_ratio"), *_dense_acc_chance(dense)),
-                     num(None if dense is None else dense.get("accuracy")),
-                     num(None if last is None else last.get("accuracy")),
+                     num(None if dense is None else dense.get("final_accuracy")),
+                     num(None if last is None else last.get("final_accuracy")),
                      pct(None if last is None else last.get("ratio")), e(len(recs))])
     out.append("<h4>critical pruning ratio per method</h4>")
     out.append(table(["method", "critical ratio", "dense accuracy", "accuracy at max ratio", "max ratio",
@@ -278,11 +278,11 @@ def _prune_section(f: Run) -> str:
         dense = next((r for r in recs if r.get("k") == 0), None)
         rows, cls = [], []
         if dense is not None:
-            rows.append([e(c.get("num_layers")), "0", "0.000%", num(dense.get("accuracy")), num(dense.get("final_dm")),
+            rows.append([e(c.get("num_layers")), "0", "0.000%", num(dense.get("final_accuracy")), num(dense.get("final_dm")),
                          num(dense.get("transition_layer")), "[] (dense)"])
             cls.append("dense")
         for r in body.get("table") or []:
-            rows.append([e(r.get("remain")), e(r.get("removed_count")), pct(r.get("ratio"), 3), num(r.get("accuracy")),
+            rows.append([e(r.get("remain")), e(r.get("removed_count")), pct(r.get("ratio"), 3), num(r.get("final_accuracy")),
                          num(r.get("final_dm")), num(r.get("transition_layer")), e(json.dumps(r.get("removed")))])
             cls.append("")
         out.append(f"<h4>{e(m)}: removed layers per pruning ratio (critical ratio "
@@ -315,7 +315,7 @@ def _eval_tables(f: Run) -> str:
             row = [e(t)]
             for lab in labels:
                 cell = by.get((t, fm, lab))
-                a = None if cell is None else cell.get("accuracy")
+                a = None if cell is None else cell.get("final_accuracy")
                 row.append("–" if a is None else e(f"{100 * a:.2f}"))
                 if a is not None:
                     sums[lab].append(a)
@@ -364,7 +364,7 @@ def _generic_section(f: Run) -> str:
     else:
         out.append('<p class="small">no top-level scalar fields</p>')
     cells = f.data.get("cells")
-    if isinstance(cells, list) and cells and all(isinstance(c, dict) and {"task", "format", "removed", "accuracy"}
+    if isinstance(cells, list) and cells and all(isinstance(c, dict) and {"task", "format", "removed", "final_accuracy"}
                                                  <= set(c) for c in cells):
         out.append(_eval_tables(f))  # eval-shaped results (ablate): the accuracy table
     out.append(_row_tables(f.data))

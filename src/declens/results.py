@@ -609,6 +609,19 @@ def register_result(kind: str, main_file: str, command: str,
     return deco
 
 
+#: prune records and eval / ablate cells of schema 1 named the per-layer accuracy ``acc_layers`` and the
+#: final-layer numbers ``accuracy`` / ``accuracy_norm``; schema 2 uses the names of the analysis result
+#: (per layer ``accuracy`` beside ``dm``; final layer ``final_accuracy`` / ``final_accuracy_norm`` beside
+#: ``final_dm``). Prune table rows had only the final ``accuracy``. Renamed all at once (no chaining).
+ACCURACY_V1_NAMES = {"acc_layers": "accuracy", "accuracy": "final_accuracy", "accuracy_norm": "final_accuracy_norm"}
+
+
+def rename_keys(block: Any, names: dict[str, str]) -> Any:
+    """``block`` with its keys renamed by ``names`` (all at once, so ``a -> b`` and ``b -> c`` do not chain);
+    anything but a dict is returned as is. For the small schema converters of :func:`register_result`."""
+    return {names.get(k, k): v for k, v in block.items()} if isinstance(block, dict) else block
+
+
 def result_kind(kind: str, folder: Path | str | None = None) -> ResultKind:
     """The registered :class:`ResultKind` of ``kind``.
 

@@ -15,7 +15,7 @@ from ..results import RunWriter, provenance, register_result
 from ..surgery import dense_layer_ids
 from ..tasks import load_task
 from .decision import analyze
-from .evaluate import EvalResult, config_label, evaluate_configs
+from .evaluate import EvalResult, cells_v1_to_v2, config_label, evaluate_configs
 
 
 def window_configs(tp: int, window: int, layer_ids: int | Sequence[int], pairs: bool = True) -> list[list[int]]:
@@ -35,7 +35,7 @@ def window_configs(tp: int, window: int, layer_ids: int | Sequence[int], pairs: 
     return singles + doubles
 
 
-@register_result("ablate", "ablate.json", "ablate")
+@register_result("ablate", "ablate.json", "ablate", converters={1: cells_v1_to_v2})
 @dataclass
 class AblationResult:
     """Ablation around the Transition Point."""
@@ -45,7 +45,9 @@ class AblationResult:
     transition_layer: int
     dense_dm: list[float]
     eval: EvalResult
-    SCHEMA_VERSION = 1  #: of ``ablate.json`` (see :func:`declens.results.register_result`)
+    #: of ``ablate.json`` (see :func:`declens.results.register_result`); 1 -> 2: the cells' renames of
+    #: ``eval.json`` 2 (:func:`~declens.analyses.evaluate.cells_v1_to_v2`)
+    SCHEMA_VERSION = 2
 
     def to_dict(self) -> dict:
         d = self.eval.to_dict()

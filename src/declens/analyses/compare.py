@@ -211,6 +211,41 @@ class CompareResult:
         return cls(config=d["config"], provenance=d["provenance"], dense=d["dense"], cells=d["cells"])
 
 
+def compare_averages(folder: str | Path) -> tuple[dict[float, dict[str, float]], bool]:
+    """``{ratio: {method: average accuracy after fine-tuning}}`` of a ``declens compare`` folder, and whether
+    the run is complete.
+
+    A complete folder is read through :meth:`CompareResult.load` (verified); a run that was stopped before
+    its end has no ``compare.json`` but keeps one file per finished cell under ``cells/``: those cells are
+    returned with ``complete=False``, so a reader can say the comparison is partial.
+
+    Raises:
+        DeclensError: the folder has neither a complete comparison nor any finished cell.
+    """
+    folder = Path(folder)
+    cells_dir = folder / CELLS_DIR
+    if (folder / COMPARE_FILE).is_file() or not cells_dir.is_dir():
+        cells, complete = CompareResult.load(folder).cells, True
+    else:
+        cells = []
+        for f in sorted(cells_dir.glob("*.json")):
+            try:
+                c = json.loads(f.read_text(encoding="utf-8"))
+            except (OSError, json.JSONDecodeError):
+                continue  # a cell being written when the run stopped: not finished
+            if c.get("status") == "done" and c.get("method") and c.get("average") is not None:
+                cells.append(c)
+        complete = False
+        if not cells:
+            raise DeclensError(f"{str(folder)!r} holds no finished comparison cell (no {COMPARE_FILE}, nothing done "
+                               f"under {CELLS_DIR}/); run 'declens compare' into it first")
+    out: dict[float, dict[str, float]] = {}
+    for c in cells:
+        if c.get("average") is not None:
+            out.setdefault(float(c["ratio"]), {})[c["method"]] = float(c["average"])
+    return out, complete
+
+
 # ------------------------------------------------------------------------------------------------
 # The run
 
@@ -226,8 +261,8 @@ def _load_cell(path: Path, key: str) -> dict | None:
 def _evaluate(lm: LoadedModel, cfg: CompareConfig, progress: bool) -> dict:
     res = evaluate_configs(lm, list(cfg.tasks), [[]], [cfg.fmt], limit=cfg.limit, seed=cfg.seed,
                            max_tokens=cfg.max_tokens, progress=progress)
-    acc = {t: float(res.cells[(t, cfg.fmt, "dense")]["accuracy"]) for t in cfg.tasks}
-    norm = {t: res.cells[(t, cfg.fmt, "dense")]["accuracy_norm"] for t in cfg.tasks}
+    acc = {t: float(res.cells[(t, cfg.fmt, "dense")]["final_accuracy"]) for t in cfg.tasks}
+    norm = {t: res.cells[(t, cfg.fmt, "dense")]["final_accuracy_norm"] for t in cfg.tasks}
     return {"accuracy": acc, "accuracy_norm": norm, "average": sum(acc.values()) / len(acc)}
 
 
@@ -367,7 +402,7 @@ def _run_cell(lm: LoadedModel, cfg: CompareConfig, pruner: _Pruner, method: str,
     del pm
     train = {k_: v for k_, v in log.to_dict().items() if k_ not in ("lrs", "grad_norms")}
     return {**cell, "status": "done", "removed": [int(i) for i in rec.removed], "merges": getattr(rec, "merges", None),
-            "prune_accuracy": float(rec.accuracy), **after, "accuracy_before": before and before["accuracy"],
+            "prune_accuracy": float(rec.final_accuracy), **after, "accuracy_before": before and before["accuracy"],
             "average_before": before and before["average"], "lr": log.config["lr"], "lr_search": log.lr_search,
             "train": train, "timing": {"before_s": round(t1 - t0, 2), "train_s": round(t2 - t1, 2),
                                        "eval_s": round(t3 - t2, 2)}}

@@ -187,9 +187,9 @@ def dense_decisions(f: Run) -> list[DenseDecision]:
             for r in body.get("records", []):
                 if r.get("k") == 0 and L:
                     return [_from_layers(key, r["layer_ids"], r.get("transition_layer"), L,
-                                         final_accuracy=r.get("accuracy"), chance=r.get("chance"),
+                                         final_accuracy=r.get("final_accuracy"), chance=r.get("chance"),
                                          rows=c.get("rows_selected"), source=f.path, kind="prune", fingerprint=fp,
-                                         final_accuracy_norm=r.get("accuracy_norm"))]
+                                         final_accuracy_norm=r.get("final_accuracy_norm"))]
         return []
     if f.kind == "eval":
         out = []
@@ -198,9 +198,9 @@ def dense_decisions(f: Run) -> list[DenseDecision]:
                 continue
             ids = cell["layer_ids"]
             out.append(_from_layers(_key(c.get("model"), cell.get("task"), cell.get("format")), ids,
-                                    cell.get("transition_layer"), len(ids), final_accuracy=cell.get("accuracy"),
+                                    cell.get("transition_layer"), len(ids), final_accuracy=cell.get("final_accuracy"),
                                     chance=None, rows=c.get("limit"), source=f.path, kind="eval", fingerprint=fp,
-                                    final_accuracy_norm=cell.get("accuracy_norm")))
+                                    final_accuracy_norm=cell.get("final_accuracy_norm")))
         return out
     return []
 
@@ -218,7 +218,7 @@ def critical_ratios(f: Run) -> list[CriticalRatio]:
         out.append(CriticalRatio(*key, method=m, critical_ratio=v, max_ratio=c.get("max_ratio"),
                                  collapse_keep=c.get("collapse_keep"), num_layers=int(c.get("num_layers") or 0),
                                  rows=c.get("rows_selected"), source=f.path, fingerprint=_fingerprint(f),
-                                 dense_accuracy=dense.get("accuracy"), chance=dense.get("chance")))
+                                 dense_accuracy=dense.get("final_accuracy"), chance=dense.get("chance")))
     return out
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..models import LoadedModel
-from ..results import RunWriter, provenance, register_result
+from ..results import ACCURACY_V1_NAMES, RunWriter, provenance, register_result, rename_keys
 from ..tasks import load_task
 from .decision import prepare
 
@@ -24,13 +24,22 @@ def config_label(removed: Sequence[int]) -> str:
     return "dense" if not removed else ",".join(map(str, removed))
 
 
-@register_result("eval", "eval.json", "eval")
+def cells_v1_to_v2(d: dict) -> dict:
+    """``eval.json`` / ``ablate.json`` schema 1 -> 2: :data:`~declens.results.ACCURACY_V1_NAMES` in every cell
+    (per-layer ``acc_layers`` -> ``accuracy``, final ``accuracy`` / ``accuracy_norm`` -> ``final_accuracy`` /
+    ``final_accuracy_norm``)."""
+    d["cells"] = [rename_keys(c, ACCURACY_V1_NAMES) for c in d.get("cells", [])]
+    return d
+
+
+@register_result("eval", "eval.json", "eval", converters={1: cells_v1_to_v2})
 @dataclass
 class EvalResult:
     """Accuracy (and decision metrics) of configurations x tasks x formats.
 
-    ``cells[(task, fmt, label)]`` holds ``accuracy``, ``accuracy_norm`` (cloze), ``final_dm``,
-    ``transition_layer``, ``layer_ids`` and ``dm`` (per layer).
+    ``cells[(task, fmt, label)]`` holds the final-layer ``final_accuracy``, ``final_accuracy_norm`` (cloze),
+    ``final_dm`` and ``transition_layer``, and per layer ``layer_ids``, ``dm`` and ``accuracy`` (the names of
+    the analysis result).
     """
 
     config: dict
@@ -39,14 +48,16 @@ class EvalResult:
     formats: list[str]
     configs: list[list[int]]
     cells: dict[tuple[str, str, str], dict] = field(default_factory=dict)
-    SCHEMA_VERSION = 1  #: of ``eval.json`` (see :func:`declens.results.register_result`)
+    #: of ``eval.json`` (see :func:`declens.results.register_result`); 1 -> 2: per-layer ``acc_layers`` ->
+    #: ``accuracy``, final ``accuracy`` -> ``final_accuracy`` (converted on load by :func:`cells_v1_to_v2`)
+    SCHEMA_VERSION = 2
 
     @property
     def labels(self) -> list[str]:
         return [config_label(c) for c in self.configs]
 
     def average(self, fmt: str, label: str) -> float:
-        vals = [self.cells[(t, fmt, label)]["accuracy"] for t in self.tasks]
+        vals = [self.cells[(t, fmt, label)]["final_accuracy"] for t in self.tasks]
         return sum(vals) / len(vals)
 
     def to_dict(self) -> dict:
@@ -74,7 +85,7 @@ class EvalResult:
         head = "| Task | " + " | ".join(self.labels) + " |"
         lines = [head, "|" + "---|" * (len(self.labels) + 1)]
         for t in self.tasks:
-            lines.append(f"| {t} | " + " | ".join(f"{100 * self.cells[(t, fmt, lab)]['accuracy']:.2f}" for lab in self.labels) + " |")
+            lines.append(f"| {t} | " + " | ".join(f"{100 * self.cells[(t, fmt, lab)]['final_accuracy']:.2f}" for lab in self.labels) + " |")
         lines.append("| Avg | " + " | ".join(f"{100 * self.average(fmt, lab):.2f}" for lab in self.labels) + " |")
         return "\n".join(lines)
 
@@ -85,7 +96,7 @@ class EvalResult:
         w = csv.writer(buf)
         w.writerow(["task", "format", "removed", "accuracy", "accuracy_norm", "final_dm", "transition_layer"])
         for (t, f, lab), v in self.cells.items():
-            w.writerow([t, f, lab, f"{v['accuracy']:.4f}", "" if v["accuracy_norm"] is None else f"{v['accuracy_norm']:.4f}",
+            w.writerow([t, f, lab, f"{v['final_accuracy']:.4f}", "" if v["final_accuracy_norm"] is None else f"{v['final_accuracy_norm']:.4f}",
                         f"{v['final_dm']:.4f}", v["transition_layer"]])
         with RunWriter(out, "eval") as run:
             run.json("eval.json", self.to_dict())
@@ -119,9 +130,9 @@ def evaluate_configs(lm: LoadedModel, tasks: Sequence[str], configs: Sequence[Se
                 ev = engine.evaluate(list(c), bi=False)
                 m = ev.metrics
                 res.cells[(t, f, config_label(c))] = {
-                    "accuracy": m.final_acc, "accuracy_norm": None if m.acc_norm is None else float(m.acc_norm[-1]),
+                    "final_accuracy": m.final_acc, "final_accuracy_norm": None if m.acc_norm is None else float(m.acc_norm[-1]),
                     "final_dm": m.final_dm, "transition_layer": m.transition_layer, "layer_ids": m.layer_ids,
-                    "dm": [float(x) for x in m.dm], "acc_layers": [float(x) for x in m.acc],
+                    "dm": [float(x) for x in m.dm], "accuracy": [float(x) for x in m.acc],
                 }
             del engine
     res.provenance = provenance(lm, None, data_fingerprints=fingerprints,

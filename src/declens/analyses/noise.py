@@ -39,6 +39,14 @@ keeps every layer's output, and evaluates each (layer, scale) by running only th
 from the kept output plus noise; noise on the last layer needs no forward pass at all (the lens reads
 the noised state directly). The whole study costs about ``L/2 * scales * repeats`` forward passes of
 the batch instead of ``L * scales * repeats``.
+
+Resume: with a checkpoint (:func:`noise_checkpoint`: ``.checkpoint/`` of the output folder, keyed by the
+model and data fingerprints, the format, the whole :class:`NoiseConfig`, the batch budget, dtype, device
+and the execution options that change rounding), the dense pass's results (lens scores and sigma
+statistics) are saved once it ends, and the filled final-layer scores with the (batch, perturbed
+layer) units done are saved as the units finish (at most every ``checkpoint_every`` seconds, see
+:class:`~declens.scoring.Checkpointer`). A killed run restarted with the same key skips the dense pass
+and every unit done; since the draws are per row, the numbers are bit-identical to an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -46,7 +54,7 @@ from __future__ import annotations
 import hashlib
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -54,13 +62,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .. import distributed
 from ..errors import DeclensError, LayerSpecError, NoiseSpecError
 from ..formats import FORMATS, ClozeRequests, LetterRequests
 from ..metrics import compute_metrics, margins, predictions
 from ..models import LoadedModel
-from ..results import RunWriter, provenance, register_result
+from ..results import Checkpoint, RunWriter, check_run_folder_kind, config_key, provenance, register_result
 from ..runner import Batch, Probe, collate, default_max_tokens, forward, plan_batches
-from ..scoring import ScoringPlan
+from ..scoring import Checkpointer, ScoreState, ScoringPlan
 from ..surgery import dense_layer_ids
 from ..tasks import TaskData
 
@@ -257,6 +266,25 @@ class SigmaProbe(Probe):
             out.setdefault(lid, float("nan"))
         return dict(sorted(out.items()))
 
+    def to_array(self, layer_ids: Sequence[int]) -> np.ndarray:
+        """``[modes, L, 3]`` float64 ``(count, mean, M2)`` per rule of :data:`SIGMA_MODES` and layer (count 0:
+        nothing measured), exact: what :meth:`from_array` restores for a resumed run."""
+        out = np.zeros((len(SIGMA_MODES), len(layer_ids), 3), dtype=np.float64)
+        for (m, lid), st in self.stats.items():
+            out[SIGMA_MODES.index(m), list(layer_ids).index(lid)] = st
+        return out
+
+    @classmethod
+    def from_array(cls, arr: np.ndarray, layer_ids: Sequence[int]) -> "SigmaProbe":
+        """The probe whose statistics :meth:`to_array` wrote."""
+        probe = cls()
+        for mi, m in enumerate(SIGMA_MODES):
+            for li, lid in enumerate(layer_ids):
+                n, mean, m2 = arr[mi, li].tolist()
+                if n > 0:
+                    probe.stats[(m, int(lid))] = (int(n), mean, m2)
+        return probe
+
 
 class _OutputCache(Probe):
     """Keeps every layer's output (the dense states noise is added to), in CPU memory."""
@@ -432,6 +460,28 @@ class NoiseConfig:
     sigma: str = DEFAULT_SIGMA
 
 
+def noise_checkpoint(directory: Path | str, lm: LoadedModel, data: TaskData, fmt: str,
+                     config: NoiseConfig | None = None) -> Checkpoint:
+    """The resume checkpoint of :func:`noise_study` in ``directory/.checkpoint/``.
+
+    Its key holds everything that determines the numbers: the model and data fingerprints, the format, the
+    whole :class:`NoiseConfig`, the batch budget it resolves to, dtype, device and the execution options
+    that change rounding (all but ``checkpoint_every``); a checkpoint of any other run is ignored.
+
+    Raises:
+        NoiseSpecError: bad scales (checked before the key is built); DeclensError: ``directory`` holds the
+            result of another command (checked before the work, not after it).
+    """
+    check_run_folder_kind(directory, "noise")
+    cfg = config if config is not None else NoiseConfig()
+    knobs = {**asdict(cfg), "scales": validate_scales(cfg.scales),
+             "layers": None if cfg.layers is None else [int(i) for i in cfg.layers]}
+    execution = {k: v for k, v in lm.options.to_dict().items() if k != "checkpoint_every"}
+    run = {"kind": "noise", "format": fmt, "config": knobs, "budget": _cache_budget(lm, cfg.max_tokens),
+           "dtype": str(lm.dtype), "device": str(lm.device), "execution": execution}
+    return Checkpoint(directory, config_key(run, lm.fingerprint(), data.fingerprint()), name="noise")
+
+
 def noise_study(
     lm: LoadedModel,
     data: TaskData,
@@ -440,6 +490,7 @@ def noise_study(
     progress: bool = True,
     *,
     requests: LetterRequests | ClozeRequests | None = None,
+    checkpoint: Checkpoint | None = None,
 ) -> NoiseResult:
     """Final-layer Decision Margin with noise ``a * sigma_l * eps`` added to the output of one layer ``l``.
 
@@ -451,6 +502,9 @@ def noise_study(
             (:class:`NoiseConfig`; ``None``: the defaults).
         progress: show progress bars.
         requests: prebuilt requests (from :func:`~declens.analyses.decision.prepare`).
+        checkpoint: resume state (:func:`noise_checkpoint`, whose key must describe this run): a killed run
+            continues from it to the same numbers. Left in place when the study ends (complete, so a rerun
+            costs nothing); :meth:`NoiseResult.save` into its folder removes it. Only rank 0 writes it.
 
     Returns:
         The :class:`NoiseResult`.
@@ -489,17 +543,35 @@ def noise_study(
         s = plan.assemble(out, ids)
         return s.norm_scores if decision_score == "norm" and s.norm_scores is not None else s.scores
 
+    # Resume state: the dense pass (lens scores, sigma statistics) and the final-layer probe outputs of
+    # every (repeat, layer, scale) [R, P, S, 1, N, K] (cloze: [R, P, S, 1, slots]); done: [batches * P]
+    # the (batch, perturbed layer) units finished
+    P = len(positions)
+    shapes = {"dense": plan.out_shape(L), "sigma": (len(SIGMA_MODES), L, 3),
+              "outs": (repeats, P, len(scales), *plan.out_shape(1))}
+    state = checkpoint.load() if checkpoint is not None else None
+    restored = state is not None and state.compatible(shapes, len(batches) * P)
+    if not restored:
+        state = ScoreState.empty(shapes, len(batches) * P)
+    save = checkpoint.save if checkpoint is not None and distributed.is_main() else None  # rank 0 writes
+    dense_out, outs = state.arrays["dense"], state.arrays["outs"]
+    cache = _OutputCache()
+    cached = None  # the batch whose layer outputs ``cache`` holds
+
     # Pass 1: the clean dense model, every layer through the lens, and sigma of every layer. The
     # outputs of the last batch stay cached, so pass 2 starts with that batch without rerunning it.
-    dense_out = plan.new_out(L)
-    sig = SigmaProbe()
-    cache = _OutputCache()
-    bar = tqdm(total=len(plan.rows), desc="noise: dense pass", unit="seq", disable=not progress, leave=False)
-    for j, idx in enumerate(batches):
-        keep = [cache] if j == len(batches) - 1 else []
-        forward(parts, collate(plan.rows, idx, pad, lm.device), [plan.probe(dense_out), sig, *keep])
-        bar.update(len(idx))
-    bar.close()
+    if restored:
+        sig = SigmaProbe.from_array(state.arrays["sigma"], dense_ids)
+    else:
+        sig = SigmaProbe()
+        bar = tqdm(total=len(plan.rows), desc="noise: dense pass", unit="seq", disable=not progress, leave=False)
+        for j, idx in enumerate(batches):
+            keep = [cache] if j == len(batches) - 1 else []
+            forward(parts, collate(plan.rows, idx, pad, lm.device), [plan.probe(dense_out), sig, *keep])
+            bar.update(len(idx))
+        bar.close()
+        cached = len(batches) - 1
+        state.arrays["sigma"] = sig.to_array(dense_ids)
     dense_scores = assemble(dense_out, dense_ids)
     s0 = plan.assemble(dense_out, dense_ids)
     dm0 = compute_metrics(dense_scores, s0.gold, dense_ids, s0.n_options)
@@ -507,21 +579,31 @@ def noise_study(
     if any(math.isnan(v) for v in sigma_l.values()):
         raise NoiseSpecError(f"--sigma {sigma_mode}: every row has a single token, so no token is left to measure the "
                              "scale on; use --sigma all")
+    if save and not restored:
+        save(state)  # the dense pass, so that a resumed run skips it
 
     # Pass 2: per batch, every layer's output kept; each (layer, scale, repeat) runs from it.
     last = dense_ids[-1]
-    # final-layer probe outputs of every (repeat, layer, scale): [R, P, S, 1, N, K] (cloze: [R, P, S, 1, slots])
-    outs = np.full((repeats, len(positions), len(scales), *plan.out_shape(1)), np.nan, dtype=np.float32)
-    bar = tqdm(total=len(batches) * len(positions) * len(scales) * repeats, desc="noise", unit="run",
+    done = state.done.reshape(len(batches), P)  # a view: the checkpointer marks state.done
+    units_restored = int(done.sum())
+    ck = Checkpointer(state, save, every=parts.options.checkpoint_every)
+    bar = tqdm(total=len(batches) * P * len(scales) * repeats, desc="noise", unit="run",
                disable=not progress, leave=False)
+    bar.update(units_restored * len(scales) * repeats)
     try:
         with torch.inference_mode():
             scale_of: dict[int, float | Tensor] = {}
-            for j, idx in enumerate(reversed(batches)):  # the draws are per row: the order does not matter
+            for j in reversed(range(len(batches))):  # the draws are per row: neither the order nor skips matter
+                if done[j].all():
+                    continue
+                idx = batches[j]
                 b = collate(plan.rows, idx, pad, lm.device)
-                if j > 0:
+                if cached != j:
                     forward(parts, b, [cache])
+                    cached = j
                 for pi, p in enumerate(positions):
+                    if done[j, pi]:
+                        continue
                     lid = dense_ids[p]
                     h = cache.store[p].to(lm.device)
                     scale_of[pi] = token_sigma(h) if sigma_mode == "per-token" else sigma_l[lid]
@@ -541,9 +623,12 @@ def noise_study(
                                         trim_final=False)
                             bar.update(1)
                     del h
+                    ck([j * P + pi])
     finally:
         bar.close()
         cache.store = []
+    if save:
+        save(state)  # complete: a kill before the result is written loses nothing
     t_run = time.perf_counter() - t0
 
     R, P, S = repeats, len(positions), len(scales)
@@ -569,7 +654,8 @@ def noise_study(
         "packed_rows": bool(plan.pack) if not plan.letter else False,
         "dtype": str(lm.dtype).replace("torch.", ""), "device": str(lm.device), "max_tokens": budget,
     }
-    prov = provenance(lm, data, timing={"study_s": round(t_run, 3), "noise_runs": len(batches) * P * S * R})
+    prov = provenance(lm, data, timing={"study_s": round(t_run, 3), "noise_runs": len(batches) * P * S * R,
+                                        "noise_runs_restored": units_restored * S * R, "dense_pass_restored": restored})
     return NoiseResult(config=config, provenance=prov, layer_ids=layer_ids, scales=scales,
                        dm=dm_runs.mean(axis=0), acc=acc_runs.mean(axis=0), dm_runs=dm_runs, acc_runs=acc_runs,
                        scores=finals.astype(np.float32), sigma=sigma_l, dense=dense,

@@ -316,14 +316,15 @@ def _cka_stage(lm, cfg, study, r, data, progress) -> None:
 
 
 def _noise_stage(lm, cfg, r, data, out, progress) -> None:
-    from .noise import NoiseConfig, NoiseResult, noise_study
+    from .noise import NoiseConfig, NoiseResult, noise_checkpoint, noise_study
 
     folder = out / "noise"
 
     def run():
-        res = noise_study(lm, data, cfg.formats[0],
-                          NoiseConfig(scales=cfg.noise_scales, seed=cfg.seed, repeats=cfg.noise_repeats),
-                          progress=progress)
+        ncfg = NoiseConfig(scales=cfg.noise_scales, seed=cfg.seed, repeats=cfg.noise_repeats)
+        # a killed study resumes the stage from noise/.checkpoint/; saving the result removes it
+        res = noise_study(lm, data, cfg.formats[0], ncfg, progress=progress,
+                          checkpoint=noise_checkpoint(folder, lm, data, cfg.formats[0], ncfg))
         res.save(folder)
         return res
 
@@ -430,8 +431,10 @@ def _prune_line(res) -> str:
     return "; ".join(parts)
 
 
-def study_findings(studies: Sequence[Study], cfg=None, compare_table: dict | None = None):
-    """The findings of one or more studies: claims 1-8 and 10 per study (first task), 9 across all pairs."""
+def study_findings(studies: Sequence[Study], cfg=None, compare_table: dict | None = None, compare_complete: bool = True):
+    """The findings of one or more studies: claims 1-8 per study (first task), 9 across all pairs, 10 from
+    ``compare_table`` (see :func:`~declens.analyses.compare.compare_averages`; ``compare_complete`` False for a
+    comparison stopped before its end)."""
     from .findings import (Findings, FindingsConfig, claim_ablation, claim_cka, claim_collapse_in_silent,
                            claim_correlation, claim_decisive_first, claim_noise, claim_option_dynamics,
                            claim_recovery, claim_sharp_transition, claim_table5, idea_phase_aware, idea_safe_margin)
@@ -459,7 +462,7 @@ def study_findings(studies: Sequence[Study], cfg=None, compare_table: dict | Non
         found += fs
     corr = _correlation_over(studies)
     prunes = [p for st in studies for stage in ("prune", "baselines") for p in st.results.get(stage, {}).values()]
-    found += [claim_correlation(corr, cfg), claim_table5(compare_table, cfg), idea_safe_margin(corr, cfg),
+    found += [claim_correlation(corr, cfg), claim_table5(compare_table, cfg, compare_complete), idea_safe_margin(corr, cfg),
               idea_phase_aware(prunes, cfg)]
     return Findings({"findings": asdict(cfg), "studies": [str(s.folder) for s in studies]}, found)
 

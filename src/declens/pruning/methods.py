@@ -41,6 +41,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from ..errors import DeclensError
+from ..results import ACCURACY_V1_NAMES, rename_keys
 from .engine import Evaluation, PruningEngine
 
 
@@ -90,11 +91,11 @@ class SkipPrun:
 
     def collapse(self, parent: "PruneRecord", child: "PruneRecord") -> str:
         """Why ``child`` (one step below ``parent``) collapsed under this criterion; "" if it did not."""
-        if self.criterion == "abs" and child.accuracy < parent.accuracy - self.drop:
-            return f"abs: accuracy {child.accuracy:.3f} < parent {parent.accuracy:.3f} - {self.drop:g}"
-        margin = parent.accuracy - parent.chance
-        if self.criterion == "rel" and margin > 0 and parent.accuracy - child.accuracy > self.rel_drop * margin:
-            return (f"rel: accuracy {child.accuracy:.3f} lost more than {self.rel_drop:g} of the parent's "
+        if self.criterion == "abs" and child.final_accuracy < parent.final_accuracy - self.drop:
+            return f"abs: accuracy {child.final_accuracy:.3f} < parent {parent.final_accuracy:.3f} - {self.drop:g}"
+        margin = parent.final_accuracy - parent.chance
+        if self.criterion == "rel" and margin > 0 and parent.final_accuracy - child.final_accuracy > self.rel_drop * margin:
+            return (f"rel: accuracy {child.final_accuracy:.3f} lost more than {self.rel_drop:g} of the parent's "
                     f"{margin:.3f} above chance")
         if self.criterion == "tp" and parent.transition_layer is not None and child.transition_layer is None:
             return f"tp: Transition Point lost (parent's: layer {parent.transition_layer})"
@@ -111,9 +112,11 @@ class PruneRecord:
         removed: dense ids of removed layers, in removal order.
         layer: the layer removed by this step (None for the dense model or one-shot sets).
         k: number of removed layers; ratio: ``k / L``.
-        accuracy: final-layer accuracy; accuracy_norm: cloze length-normalised accuracy.
+        final_accuracy: final-layer accuracy; final_accuracy_norm: cloze length-normalised final accuracy.
         final_dm: final-layer mean Decision Margin; transition_layer: dense id of the Transition Point.
-        layer_ids, dm, acc_layers, kl, option_frequency: per-layer metrics of the pruned model.
+        layer_ids, dm, accuracy, kl, option_frequency: per-layer metrics of the pruned model (the names of
+            the analysis result; ``prune.json`` schema 1 called the per-layer accuracy ``acc_layers`` and the
+            final one ``accuracy``: :data:`declens.results.ACCURACY_V1_NAMES`).
         bi: dense id -> Block Influence of every layer of this state's model (when measured).
         nll: calibration next-token NLL (SLEB) when measured.
         accepted: on the method's trajectory; collapsed: SKIP-Prun flagged this step; path: SKIP-Prun path
@@ -130,16 +133,16 @@ class PruneRecord:
     layer: int | None
     k: int
     ratio: float
-    accuracy: float
+    final_accuracy: float
     final_dm: float
     transition_layer: int | None
     chance: float
     layer_ids: list[int]
     dm: list[float]
-    acc_layers: list[float]
+    accuracy: list[float]
     kl: list[float]
     option_frequency: list[list[float]]
-    accuracy_norm: float | None = None
+    final_accuracy_norm: float | None = None
     bi: dict[int, float] | None = None
     nll: float | None = None
     accepted: bool = True
@@ -157,12 +160,12 @@ class PruneRecord:
         m = ev.metrics
         return cls(
             method=method, index=index, removed=list(ev.removed), layer=layer, k=len(ev.removed),
-            ratio=len(ev.removed) / num_layers, accuracy=m.final_acc, final_dm=m.final_dm,
+            ratio=len(ev.removed) / num_layers, final_accuracy=m.final_acc, final_dm=m.final_dm,
             transition_layer=m.transition_layer, chance=m.chance, layer_ids=list(m.layer_ids),
-            dm=[float(x) for x in m.dm], acc_layers=[float(x) for x in m.acc], kl=[float(x) for x in m.kl],
+            dm=[float(x) for x in m.dm], accuracy=[float(x) for x in m.acc], kl=[float(x) for x in m.kl],
             option_frequency=[[float(v) for v in row] for row in m.option_frequency],
             gold_frequency=[float(v) for v in m.gold_frequency],
-            accuracy_norm=None if m.acc_norm is None else float(m.acc_norm[-1]),
+            final_accuracy_norm=None if m.acc_norm is None else float(m.acc_norm[-1]),
             bi=None if ev.bi is None else {int(k): float(v) for k, v in ev.bi.items()}, nll=ev.nll, **kw,
         )
 
@@ -176,7 +179,9 @@ class PruneRecord:
 
     @classmethod
     def from_dict(cls, d: dict) -> "PruneRecord":
-        d = dict(d)
+        """From :meth:`to_dict`'s dict; a schema-1 record (``acc_layers``, e.g. from a resume state written by
+        an earlier declens) is renamed first."""
+        d = rename_keys(d, ACCURACY_V1_NAMES) if "acc_layers" in d else dict(d)
         for key in ("bi", "candidates"):
             if d.get(key) is not None:
                 d[key] = {int(k): v for k, v in d[key].items()}
@@ -187,7 +192,7 @@ def better(a: PruneRecord | None, b: PruneRecord) -> PruneRecord:
     """The better of two states at one ratio: higher accuracy, then higher final DM, then the earlier."""
     if a is None:
         return b
-    return b if (b.accuracy, b.final_dm) > (a.accuracy, a.final_dm) else a
+    return b if (b.final_accuracy, b.final_dm) > (a.final_accuracy, a.final_dm) else a
 
 
 @dataclass
@@ -212,7 +217,7 @@ class MethodRun:
             if not out or r.path != out[-1]["path"]:
                 start = self.records[r.restart_from if r.restart_from is not None else 0]
                 out.append({"path": r.path, "start_index": start.index, "start_removed": list(start.removed),
-                            "start_accuracy": start.accuracy, "excluded_at_start": list(r.excluded or []),
+                            "start_accuracy": start.final_accuracy, "excluded_at_start": list(r.excluded or []),
                             "steps": [], "collapsed": []})
             out[-1]["steps"].append(r.index)
             if r.collapsed:
@@ -222,7 +227,7 @@ class MethodRun:
     def table(self) -> list[dict]:
         """The paper's per-ratio table: Remain, #Removed, Pruning Ratio, Removed Layer IDs (0-based)."""
         return [{"remain": self.num_layers - k, "removed_count": k, "ratio": r.ratio, "removed": r.removed,
-                 "accuracy": r.accuracy, "final_dm": r.final_dm, "transition_layer": r.transition_layer,
+                 "final_accuracy": r.final_accuracy, "final_dm": r.final_dm, "transition_layer": r.transition_layer,
                  **({"merges": r.merges} if r.merges is not None else {})}
                 for k, r in self.best_by_k().items() if k > 0]
 
@@ -329,7 +334,7 @@ class _Search:
         states = [r for r in self.kept.values() if not r.collapsed]
         if self.skip.restart == "parent_ratio":
             at = [r for r in states if r.k == parent_k]
-            best = max(at, key=lambda r: (r.accuracy, r.final_dm, -r.index))
+            best = max(at, key=lambda r: (r.final_accuracy, r.final_dm, -r.index))
             return best, set()
         ok = []
         for r in states:
@@ -341,7 +346,7 @@ class _Search:
         pool = [x for x in ok if x[0].k > 0] or ok  # a pruned state; the dense model only if none is left
         if not pool:
             return None
-        return max(pool, key=lambda x: (x[0].accuracy, x[0].k, x[0].final_dm, -x[0].index))
+        return max(pool, key=lambda x: (x[0].final_accuracy, x[0].k, x[0].final_dm, -x[0].index))
 
 
 def run_ip(memo: Memo, max_removed: int, skip: SkipPrun | None = None, phase_only: bool = False,
@@ -370,7 +375,7 @@ def run_ip(memo: Memo, max_removed: int, skip: SkipPrun | None = None, phase_onl
         cands, note = _choices(memo, method, current, excluded, phase_only)
         stuck = skip.enabled and len(search.banned.get(key, ())) >= skip.max_skips
         if (not cands or stuck) and search.collapsed.get(key):
-            child = max(search.collapsed[key], key=lambda r: (r.accuracy, r.final_dm))
+            child = max(search.collapsed[key], key=lambda r: (r.final_accuracy, r.final_dm))
             child.accepted = True
             _add_note(child, "accepted after all alternatives collapsed")
             search.keep(key, child)
@@ -385,7 +390,7 @@ def run_ip(memo: Memo, max_removed: int, skip: SkipPrun | None = None, phase_onl
                           restart_from=None if origin is None else origin[0].index)
         if origin is not None:
             _add_note(rec, f"path {path} starts from #{origin[0].index} {origin[0].removed} "
-                           f"(accuracy {origin[0].accuracy:.3f}), excluding {sorted(excluded)} there")
+                           f"(accuracy {origin[0].final_accuracy:.3f}), excluding {sorted(excluded)} there")
         recs.append(rec)
         parent = memo.record(method, -1, current, None)
         reason = skip.collapse(parent, rec) if skip.enabled and restarts < skip.max_restarts else ""
@@ -584,10 +589,10 @@ def critical_ratio(run: MethodRun, keep: float = 0.25) -> float | None:
     """
     best = run.best_by_k()
     dense = best[0]
-    margin = dense.accuracy - dense.chance
+    margin = dense.final_accuracy - dense.chance
     if margin <= 0:
         return None
     for k, r in best.items():
-        if k > 0 and r.accuracy - r.chance <= keep * margin:
+        if k > 0 and r.final_accuracy - r.chance <= keep * margin:
             return r.ratio
     return None

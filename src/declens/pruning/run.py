@@ -19,7 +19,7 @@ from ..errors import DeclensError, LayerSpecError
 from ..formats import FORMATS, prepare
 from ..models import LoadedModel
 from ..results import (RunWriter, atomic_write_json, check_run_folder_kind, config_key, provenance, read_result_file,
-                       load_result, register_result)
+                       load_result, register_result, rename_keys, ACCURACY_V1_NAMES)
 from ..tasks import TaskData, load_task, subsample
 from .engine import PruningEngine, calibration_sequences
 from .merging import MERGE_METHODS, MergeConfig
@@ -52,7 +52,17 @@ def max_removed_for(ratio: float, num_layers: int) -> int:
     return min(k, num_layers - 1)
 
 
-@register_result("prune", PRUNE_FILE, "prune")
+def _prune_v1_to_v2(d: dict) -> dict:
+    """``prune.json`` schema 1 -> 2: :data:`~declens.results.ACCURACY_V1_NAMES` in every record (per-layer
+    ``acc_layers`` -> ``accuracy``, final ``accuracy`` / ``accuracy_norm`` -> ``final_accuracy`` /
+    ``final_accuracy_norm``) and the table rows' ``accuracy`` -> ``final_accuracy``."""
+    d["methods"] = {m: {**body, "table": [rename_keys(row, ACCURACY_V1_NAMES) for row in body.get("table", [])],
+                        "records": [rename_keys(x, ACCURACY_V1_NAMES) for x in body.get("records", [])]}
+                    for m, body in d.get("methods", {}).items()}
+    return d
+
+
+@register_result("prune", PRUNE_FILE, "prune", converters={1: _prune_v1_to_v2})
 @dataclass
 class PruneResult:
     """Everything a ``prune`` run produced."""
@@ -62,7 +72,9 @@ class PruneResult:
     runs: dict[str, MethodRun]
     critical: dict[str, float | None]
     work: dict = field(default_factory=dict)
-    SCHEMA_VERSION = 1  #: of ``prune.json`` (see :func:`declens.results.register_result`)
+    #: of ``prune.json`` (see :func:`declens.results.register_result`); 1 -> 2: per-layer ``acc_layers`` ->
+    #: ``accuracy``, final ``accuracy`` -> ``final_accuracy`` (converted on load)
+    SCHEMA_VERSION = 2
 
     def to_dict(self) -> dict:
         return {
@@ -95,7 +107,7 @@ class PruneResult:
                     "removed_layer_ids", "merges"])
         for m, r in self.runs.items():
             for row in r.table():
-                w.writerow([m, row["remain"], row["removed_count"], f"{row['ratio']:.4f}", f"{row['accuracy']:.4f}",
+                w.writerow([m, row["remain"], row["removed_count"], f"{row['ratio']:.4f}", f"{row['final_accuracy']:.4f}",
                             f"{row['final_dm']:.4f}", row["transition_layer"], json.dumps(row["removed"]),
                             json.dumps(row["merges"]) if "merges" in row else ""])
         table = buf.getvalue()
@@ -105,7 +117,7 @@ class PruneResult:
                     "collapsed", "path", "restart_from", "excluded", "removed", "note"])
         for m, r in self.runs.items():
             for x in r.records:
-                w.writerow([m, x.index, x.k, f"{x.ratio:.4f}", x.layer, f"{x.accuracy:.4f}", f"{x.final_dm:.4f}",
+                w.writerow([m, x.index, x.k, f"{x.ratio:.4f}", x.layer, f"{x.final_accuracy:.4f}", f"{x.final_dm:.4f}",
                             x.transition_layer, x.accepted, x.collapsed, x.path,
                             "" if x.restart_from is None else x.restart_from,
                             json.dumps(x.excluded) if x.excluded else "", json.dumps(x.removed), x.note])
@@ -371,7 +383,7 @@ def prune(
             if rec.index < 0:  # a look-up of a state already reported, not a step
                 return
             tp = "none" if rec.transition_layer is None else rec.transition_layer
-            logger.info(f"  {rec.method} #{rec.index}: removed {len(rec.removed)} {rec.removed} -> accuracy {rec.accuracy:.3f}, "
+            logger.info(f"  {rec.method} #{rec.index}: removed {len(rec.removed)} {rec.removed} -> accuracy {rec.final_accuracy:.3f}, "
                      f"final DM {rec.final_dm:+.3f}, Transition Point {tp} [{time.perf_counter() - t0:.0f} s]")
 
         memo.on_record = report
