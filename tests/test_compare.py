@@ -73,6 +73,9 @@ def test_compare_end_to_end_and_resume(model_dir, tmp_path):
         assert x["avg"] == pytest.approx(sum(x[t] for t in TASKS) / 2)
     for c in res.cells:
         assert c["status"] == "done" and set(c["accuracy"]) == set(TASKS) and c["train"]["steps"] == 3
+    # every cell, reused or new, on disk too, names the one comparison it belongs to
+    runs = {c["run"] for c in res.cells} | {json.loads(f.read_text())["run"] for f in (out / "cells").glob("*_k*.json")}
+    assert len(runs) == 1
     md = (out / "table5.md").read_text()
     assert md.startswith("| Model | Method | Ratio | Arc-E | PIQA | Avg |") and "| dense | 0.00% (0) |" in md
     table = list(csv.DictReader((out / "table5.csv").open()))

@@ -131,3 +131,21 @@ def test_compare_averages_reads_the_finished_cells_of_a_stopped_run(tmp_path):
         (cells / f"{name}.json").write_text(json.dumps(c))
     (cells / "mka_k3.json").write_text('{"method": "mka", "rat')  # cut off while being written
     assert compare_averages(tmp_path / "cmp") == ({0.125: {"ip": 0.45, "sleb": 0.47}}, False)
+
+
+def test_compare_averages_never_pools_cells_of_two_stopped_comparisons(tmp_path):
+    import json
+
+    from declens.analyses.compare import compare_averages
+    from declens.errors import DeclensError
+
+    cells = tmp_path / "cmp" / "cells"
+    cells.mkdir(parents=True)
+    cell = {"ratio": 0.125, "k": 3, "status": "done"}
+    (cells / "ip_k3.json").write_text(json.dumps({**cell, "method": "ip", "average": 0.45, "run": "aaa"}))
+    (cells / "sleb_k3.json").write_text(json.dumps({**cell, "method": "sleb", "average": 0.47, "run": "aaa"}))
+    assert compare_averages(tmp_path / "cmp") == ({0.125: {"ip": 0.45, "sleb": 0.47}}, False)
+    # a stopped run with other settings (say, other rows) left a cell beside them
+    (cells / "shortgpt_k3.json").write_text(json.dumps({**cell, "method": "shortgpt", "average": 0.50, "run": "bbb"}))
+    with pytest.raises(DeclensError, match="2 different comparisons"):
+        compare_averages(tmp_path / "cmp")

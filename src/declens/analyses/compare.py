@@ -137,7 +137,8 @@ class CompareResult:
     ``cells`` entries: ``method``, ``ratio``, ``k``, ``removed``, ``merges``, ``accuracy`` (task ->
     accuracy after fine-tuning), ``average``, ``accuracy_before`` (when measured), ``prune_accuracy``
     (the pruning run's own accuracy of the state), ``train`` (the fine-tuning log), ``timing``,
-    ``status`` (``done`` or ``unreached``: the method has no state at that ratio), ``reused``.
+    ``status`` (``done`` or ``unreached``: the method has no state at that ratio), ``reused``, ``run`` (the
+    key of the comparison's settings, shared by all its cells).
     """
 
     config: dict
@@ -217,28 +218,29 @@ def compare_averages(folder: str | Path) -> tuple[dict[float, dict[str, float]],
 
     A complete folder is read through :meth:`CompareResult.load` (verified); a run that was stopped before
     its end has no ``compare.json`` but keeps one file per finished cell under ``cells/``: those cells are
-    returned with ``complete=False``, so a reader can say the comparison is partial.
+    returned with ``complete=False``, so a reader can say the comparison is partial. Cells of stopped runs
+    with different settings (their ``run`` keys differ) are never pooled.
 
     Raises:
-        DeclensError: the folder has neither a complete comparison nor any finished cell.
+        DeclensError: the folder has neither a complete comparison nor any finished cell, or only finished
+            cells of more than one comparison.
     """
     folder = Path(folder)
     cells_dir = folder / CELLS_DIR
     if (folder / COMPARE_FILE).is_file() or not cells_dir.is_dir():
         cells, complete = CompareResult.load(folder).cells, True
     else:
-        cells = []
-        for f in sorted(cells_dir.glob("*.json")):
-            try:
-                c = json.loads(f.read_text(encoding="utf-8"))
-            except (OSError, json.JSONDecodeError):
-                continue  # a cell being written when the run stopped: not finished
-            if c.get("status") == "done" and c.get("method") and c.get("average") is not None:
-                cells.append(c)
+        cells = [c for c in map(_load_cell, sorted(cells_dir.glob("*.json")))
+                 if c is not None and c.get("status") == "done" and c.get("method") and c.get("average") is not None]
         complete = False
         if not cells:
             raise DeclensError(f"{str(folder)!r} holds no finished comparison cell (no {COMPARE_FILE}, nothing done "
                                f"under {CELLS_DIR}/); run 'declens compare' into it first")
+        runs = {c.get("run") for c in cells}
+        if len(runs) > 1:  # stopped runs of different settings left their cells side by side: never pooled
+            raise DeclensError(f"{str(folder)!r} holds finished cells of {len(runs)} different comparisons (other "
+                               "settings, model or rows) and no complete one; rerun 'declens compare' with the "
+                               "settings you want to finish, or compare into a new folder")
     out: dict[float, dict[str, float]] = {}
     for c in cells:
         if c.get("average") is not None:
@@ -250,12 +252,15 @@ def compare_averages(folder: str | Path) -> tuple[dict[float, dict[str, float]],
 # The run
 
 
-def _load_cell(path: Path, key: str) -> dict | None:
+def _load_cell(path: Path, key: str | None = None) -> dict | None:
+    """The cell in ``path`` if it is finished writing and (with ``key``) belongs to this comparison, else None."""
     try:
-        d = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None
-    return d if d.get("key") == key else None
+    if not isinstance(d, dict):
+        return None
+    return d if key is None or d.get("key") == key else None
 
 
 def _evaluate(lm: LoadedModel, cfg: CompareConfig, progress: bool) -> dict:
@@ -366,11 +371,15 @@ def compare(lm: LoadedModel, cfg: CompareConfig, out_dir: str | Path | None = No
             key = config_key(base_key, pruner.key, method, k)
             cell = _load_cell(cells_dir / f"{name}.json", key) if cells_dir is not None else None
             if cell is not None:
-                cells.append({**cell, "ratio": ratio, "reused": True})
+                if writes and cell.get("run") != base_key:  # a cell written before cells named their comparison
+                    atomic_write_json(cells_dir / f"{name}.json", {**cell, "run": base_key})
+                cells.append({**cell, "ratio": ratio, "reused": True, "run": base_key})
                 if on_cell is not None:
                     on_cell(cells[-1])
                 continue
-            cells.append(finish(_run_cell(lm, cfg, pruner, method, ratio, k, seqs, key, progress), name))
+            # "run": the comparison the cell belongs to, so a reader of a stopped run never pools two of them
+            cells.append(finish({**_run_cell(lm, cfg, pruner, method, ratio, k, seqs, key, progress), "run": base_key},
+                                name))
     prov = provenance(lm, None, data_fingerprints={d.name: d.fingerprint() for d in evaluated},
                       timing={"total_s": round(time.perf_counter() - t_all, 2)},
                       reused_cells=[f"{c['method']}_k{c['k']}" for c in cells if c.get("reused")])
