@@ -150,3 +150,33 @@ def test_recorded_parameters_give_back_the_same_parameters(command, argv):
     assert recorded(_command_line(cmd, first)) == first
     with pytest.raises(declens.DeclensError, match="'declens .*' of this declens does not take"):
         _command_line(cmd, {**first, "no_such_option": 1})
+
+
+def test_a_config_json_left_beside_a_newer_result_is_refused(model_dir, tmp_path):
+    """The Python API writes results without recording an invocation: a folder the CLI wrote and the API
+    rewrote keeps the CLI's config.json, which no longer describes the result there. Replaying it would
+    give other numbers than the folder holds, so rerun and --config refuse it; a copied config.json (no
+    result beside it) still works as a template."""
+    from declens.analyses.decision import AnalyzeConfig, analyze
+    from declens.models import load_model
+    from declens.tasks import load_task
+
+    out = tmp_path / "run"
+    assert _analyze(model_dir, out).exit_code == 0
+    rid = json.loads((out / "manifest.json").read_text())["run_id"]
+    assert json.loads((out / CONFIG_FILE).read_text())["run_id"] == rid  # bound to the result it describes
+    template = tmp_path / "template.json"
+    template.write_text((out / CONFIG_FILE).read_text())
+
+    lm = load_model(str(model_dir), dtype="float32", device="cpu", progress=False)
+    analyze(lm, load_task("arc_easy", limit=2, seed=5), "letter", AnalyzeConfig(), out_dir=out, progress=False,
+            plots=False)  # another run into the same folder, through the API
+    with pytest.raises(declens.DeclensError, match="cannot be replayed"):
+        declens.load_run_config(out)
+    r = runner.invoke(app, ["rerun", str(out), "--dry-run"])
+    assert r.exit_code == 2 and "cannot be replayed" in r.output and not (tmp_path / "run_rerun").exists()
+    r = runner.invoke(app, ["--config", str(out / CONFIG_FILE), "analyze", "--model", str(model_dir), "--out",
+                            str(tmp_path / "b")])
+    assert r.exit_code == 2 and "cannot be replayed" in r.output
+    r = runner.invoke(app, ["--config", str(template), "analyze", "--out", str(tmp_path / "c")])
+    assert r.exit_code == 0, r.output

@@ -130,6 +130,8 @@ def _record_run(folder: Path) -> None:
     Written when the command ends, and only if it wrote a complete result there (a new ``manifest.json`` run
     id): a refused or failed run writes none, so it never creates a folder of its own nor overwrites an earlier
     run's record. Rank 0 only; nothing outside a command (the Python API)."""
+    from dataclasses import replace
+
     from . import distributed
     from .runconfig import make_run_config, manifest_run_id, save_run_config
 
@@ -142,9 +144,10 @@ def _record_run(folder: Path) -> None:
     rc = make_run_config(ctx.info_name, {p.name: ctx.params[p.name] for p in ctx.command.params if p.name in ctx.params})
 
     def write() -> None:
-        if manifest_run_id(folder) not in (None, before):
+        rid = manifest_run_id(folder)
+        if rid not in (None, before):
             try:
-                save_run_config(folder, rc)
+                save_run_config(folder, replace(rc, run_id=rid))  # bound to the result it describes
             except OSError as e:
                 _error(f"the results are complete, but {folder / 'config.json'} could not be written ({e.strerror or e}); "
                        "'declens rerun' cannot replay this folder")

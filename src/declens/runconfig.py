@@ -3,7 +3,7 @@
 Every command that writes a results folder writes ``config.json`` there once its result is complete::
 
     {"schema": 1, "command": "analyze", "params": {"model": "...", "task": "arc_easy", ...},
-     "declens": "0.x", "cwd": "/where/it/ran"}
+     "declens": "0.x", "cwd": "/where/it/ran", "run_id": "<its manifest run id>"}
 
 ``params`` are the command's parameters after defaults (click's ``ctx.params``), as JSON (paths as
 strings). ``declens rerun DIR`` replays it and ``declens --config FILE <command>`` takes a file of this
@@ -39,6 +39,8 @@ class RunConfig:
         declens: the declens version that ran it.
         cwd: the working folder it ran in (relative paths in ``params`` are relative to it).
         schema: the layout version of the file.
+        run_id: the ``manifest.json`` run id of the result this invocation wrote ("" if unknown): a folder
+            whose result was since rewritten by another run holds a ``config.json`` that no longer describes it.
     """
 
     command: str
@@ -46,10 +48,11 @@ class RunConfig:
     declens: str = ""
     cwd: str = ""
     schema: int = CONFIG_SCHEMA
+    run_id: str = ""
 
     def to_dict(self) -> dict:
         return {"schema": self.schema, "command": self.command, "params": self.params, "declens": self.declens,
-                "cwd": self.cwd}
+                "cwd": self.cwd, "run_id": self.run_id}
 
 
 def _plain(value: Any) -> Any:
@@ -107,7 +110,23 @@ def load_run_config(path: Path | str) -> RunConfig:
         d = json.loads(f.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise DeclensError(f"{str(f)!r} is not valid JSON ({e}); restore it or rerun by hand") from None
-    return run_config_from_dict(d, str(f))
+    return check_current(run_config_from_dict(d, str(f)), f.parent, str(f))
+
+
+def check_current(rc: RunConfig, folder: Path | str, where: str) -> RunConfig:
+    """``rc`` if it describes the result now in ``folder`` (or that cannot be told: no run id recorded, no
+    ``manifest.json`` beside it, as for a copied file).
+
+    Raises:
+        DeclensError: the folder's result was written by another run since (through the Python API, which
+            records no invocation), so replaying ``rc`` would not reproduce it.
+    """
+    current = manifest_run_id(folder)
+    if rc.run_id and current is not None and current != rc.run_id:
+        raise DeclensError(f"{where} describes run {rc.run_id}, but {str(folder)!r} now holds run {current}, written "
+                           "without recording its invocation (e.g. through the Python API); it cannot be replayed: "
+                           "rerun by hand with the settings its result JSON records under 'config'")
+    return rc
 
 
 def run_config_from_dict(d: Any, where: str) -> RunConfig:
@@ -123,7 +142,7 @@ def run_config_from_dict(d: Any, where: str) -> RunConfig:
         raise DeclensError(f"{where} has run-configuration schema {schema!r}, but this declens reads schema "
                            f"{CONFIG_SCHEMA}; upgrade declens to replay it")
     return RunConfig(command=d["command"], params=dict(d["params"]), declens=str(d.get("declens", "")),
-                     cwd=str(d.get("cwd", "")), schema=schema)
+                     cwd=str(d.get("cwd", "")), schema=schema, run_id=str(d.get("run_id") or ""))
 
 
 def is_run_config(d: Any) -> bool:
@@ -158,7 +177,7 @@ def defaults_from_file(path: Path | str, command: str, names: Mapping[str, str])
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise DeclensError(f"--config {str(p)!r} is not valid JSON ({e})") from None
     if is_run_config(d):
-        rc = run_config_from_dict(d, f"--config {str(p)!r}")
+        rc = check_current(run_config_from_dict(d, f"--config {str(p)!r}"), p.parent, f"--config {str(p)!r}")
         if rc.command != command:
             raise DeclensError(f"--config {str(p)!r} records a 'declens {rc.command}' run, not '{command}'; invoke "
                                f"'declens --config {p} {rc.command}', or 'declens rerun' its folder")
@@ -179,5 +198,5 @@ def defaults_from_file(path: Path | str, command: str, names: Mapping[str, str])
     return {names[k]: v for k, v in given.items()}
 
 
-__all__ = ["CONFIG_FILE", "CONFIG_SCHEMA", "RunConfig", "defaults_from_file", "is_run_config", "load_run_config",
+__all__ = ["CONFIG_FILE", "CONFIG_SCHEMA", "RunConfig", "check_current", "defaults_from_file", "is_run_config", "load_run_config",
            "make_run_config", "manifest_run_id", "run_config_from_dict", "save_run_config"]
