@@ -36,7 +36,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from declens.formats import FORMATS, cloze_texts, letter_text
+from declens.formats import cloze_texts, letter_text
 from declens.formats import fewshot_examples
 from declens.tasks import ALL_TASKS, LETTERS, Item, TaskData, TaskSpec, _bundled, _read_records, get_spec, read_split
 from declens.tasks import hellaswag_split_context
@@ -303,7 +303,7 @@ def describe(m: Mismatch) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tasks", default=",".join(ALL_TASKS))
-    ap.add_argument("--formats", default=",".join(FORMATS))
+    ap.add_argument("--formats", default="letter,cloze")  # the formats lm-evaluation-harness has stock tasks for
     ap.add_argument("--fewshot", type=int, default=5, help="also compare k-shot contexts where a few-shot split exists")
     ap.add_argument("--seed", type=int, default=0, help="declens' few-shot seed")
     ap.add_argument("--show", type=int, default=2, help="mismatches printed per task and format")

@@ -17,6 +17,7 @@ import declens
 from conftest import make_tiny, make_tokenizer
 from declens.architectures import ARCHITECTURES
 from declens.errors import ModelError
+from declens.formats import FORMAT_REGISTRY
 from declens.pruning import METHODS
 from declens.results import RESULT_KINDS
 from declens.tasks import REGISTRY
@@ -50,15 +51,16 @@ def test_every_how_to_add_example_runs(tmp_path):
     except ModelError as e:
         assert "no declens architecture adapter" in str(e)
     ns = {"declens": declens, "lm": make_tiny("llama", layers=6), "data": declens.load_task("arc_easy", limit=12)}
-    saved = (dict(REGISTRY), dict(METHODS), dict(ARCHITECTURES), dict(RESULT_KINDS))
+    saved = (dict(REGISTRY), dict(METHODS), dict(ARCHITECTURES), dict(RESULT_KINDS), dict(FORMAT_REGISTRY))
     try:
         for i, block in enumerate(blocks):
             exec(compile(block, f"{DOC.name} block {i}", "exec"), ns)
         assert "my_qa" in REGISTRY and "first" in METHODS and "olmo2" in ARCHITECTURES and "layer_count" in RESULT_KINDS
+        assert "letter_lower" in FORMAT_REGISTRY
         assert ns["res"].runs["first"].table()[0]["removed"] == [1]
         lm = declens.load_model(str(olmo), dtype="float32", device="cpu", progress=False)  # the lens check passes
         assert lm.num_layers == 3
     finally:
-        for live, before in zip((REGISTRY, METHODS, ARCHITECTURES, RESULT_KINDS), saved):
+        for live, before in zip((REGISTRY, METHODS, ARCHITECTURES, RESULT_KINDS, FORMAT_REGISTRY), saved):
             live.clear()
             live.update(before)

@@ -59,6 +59,77 @@ def test_torchrun_analyze_and_prune_equal_one_process(llama_dir, tmp_path):
     assert [r["final_accuracy"] for r in p1] == [r["final_accuracy"] for r in p2]
 
 
+def _one_thread(args) -> None:
+    """Run a command in this process with one intra-op thread, as each torchrun rank runs (``OMP_NUM_THREADS=1``),
+    so that every batch rounds as it does on a rank and results can be compared bit for bit."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        r = CliRunner().invoke(app, args)
+    finally:
+        torch.set_num_threads(threads)
+    assert r.exit_code == 0, r.output
+
+
+def _one_result_folder(tmp_path, out, kind: str) -> None:
+    """The torchrun run wrote one complete folder (rank 0): exactly the files its manifest lists, plus the
+    recorded invocation, and nothing else anywhere under the working folder (no checkpoint, no default folder)."""
+    assert sorted(q.name for q in tmp_path.iterdir()) == ["one", "two"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["kind"] == kind and manifest["complete"]
+    listed = {f["path"] for f in manifest["files"]}
+    assert {q.name for q in out.iterdir()} == listed | {"manifest.json", "config.json"}
+    assert json.loads((out / "config.json").read_text())["run_id"] == manifest["run_id"]
+
+
+def test_torchrun_noise_equals_one_process(llama_dir, tmp_path):
+    """Pass 1 (dense scores, sigma statistics) and pass 2 (the noised runs) split over two ranks give one
+    process's result bit for bit: rows are gathered (copied), the sigma statistics gathered per batch and
+    folded in plan order, and every batch runs alone on a rank as in one process with one thread."""
+    import numpy as np
+
+    args = ["noise", "--model", str(llama_dir), "--task", "arc_easy", "--limit", "16", "--dtype", "float32",
+            "--max-tokens", "256", "--scales", "0,0.5", "--seed", "3"]  # small batches: each rank gets several
+    _one_thread([*args, "--out", str(tmp_path / "one")])
+    _torchrun([*args, "--out", str(tmp_path / "two")], tmp_path)
+    a = json.loads((tmp_path / "one" / "noise.json").read_text())
+    b = json.loads((tmp_path / "two" / "noise.json").read_text())
+    assert b["provenance"]["timing"]["ranks"] == 2 and a["provenance"]["timing"]["ranks"] == 1
+    # >= 4 batches x 6 layers x 2 scales: each rank runs several batches (11 here)
+    assert a["provenance"]["timing"]["noise_runs"] == b["provenance"]["timing"]["noise_runs"] >= 4 * 6 * 2
+    assert "sigma_by_mode" in a and a.keys() == b.keys()
+    for k in a.keys() - {"provenance"}:  # the map, the dense pass, every sigma rule
+        assert a[k] == b[k], k
+    with np.load(tmp_path / "one" / "noise.npz") as za, np.load(tmp_path / "two" / "noise.npz") as zb:
+        assert sorted(za.files) == sorted(zb.files)
+        for k in za.files:
+            np.testing.assert_array_equal(za[k], zb[k], err_msg=k)
+        assert np.isfinite(za["scores"][:, :, :, :, :2]).all()  # every row was scored (arc_easy: >= 2 options)
+    _one_result_folder(tmp_path, tmp_path / "two", "noise")
+
+
+def test_torchrun_cka_equals_one_process(llama_dir, tmp_path):
+    """The rows' features collected over two ranks and gathered (copied) give one process's CKA bit for bit;
+    the pruned view reuses the dense prefix on each rank."""
+    import numpy as np
+
+    args = ["cka", "--model", str(llama_dir), "--task", "arc_easy", "--limit", "16", "--dtype", "float32",
+            "--max-tokens", "256", "--remove", "3,4", "--include-embeddings"]
+    _one_thread([*args, "--out", str(tmp_path / "one")])
+    _torchrun([*args, "--out", str(tmp_path / "two")], tmp_path)
+    a = json.loads((tmp_path / "one" / "cka.json").read_text())
+    b = json.loads((tmp_path / "two" / "cka.json").read_text())
+    assert b["provenance"]["timing"]["ranks"] == 2
+    assert a["config"] == b["config"] and a["summary"] == b["summary"] and a["layers"] == b["layers"]
+    with np.load(tmp_path / "one" / "cka.npz") as za, np.load(tmp_path / "two" / "cka.npz") as zb:
+        for k in za.files:
+            np.testing.assert_array_equal(za[k], zb[k], err_msg=k)
+        assert za["hidden"].shape == (5, 7) and 0 < za["hidden"].min() < 1  # emb + 4 kept rows, emb + 6 columns
+    _one_result_folder(tmp_path, tmp_path / "two", "cka")
+
+
 def _descendants(pid: int) -> list[int]:
     """Every process below ``pid`` (read from /proc): torchrun may start its ranks in their own sessions."""
     children: dict[int, list[int]] = {}

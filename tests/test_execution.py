@@ -15,7 +15,7 @@ from declens.cli import app
 from declens.errors import DeclensError
 from declens.execution import ExecutionOptions
 from declens.runner import BATCH_COST_DIVISOR, plan_batches, run_batches
-from declens.scoring import Resume, ScoreState, score_letter
+from declens.scoring import Resume, ScoreState, ScoringPlan, score_letter
 from declens.tasks import load_task
 
 
@@ -145,3 +145,28 @@ def test_a_copied_model_keeps_its_execution_options():
     assert copy_model(lm).options == lm.options
     with pytest.raises(TypeError):
         lm.options = {"fastpath": "off"}
+
+
+@pytest.mark.parametrize("fmt", ["letter", "cloze"])
+def test_a_checkpoint_holds_the_results_of_every_row_it_marks_done(fmt):
+    """Batches are not synced one by one (the host plans the next batch while the device computes): a
+    checkpoint must still hold finished results for every row it marks done, and none for the others."""
+    from declens.scoring import score_requests
+
+    lm = make_tiny("qwen2", layers=2)
+    lm.options = ExecutionOptions(checkpoint_every=0.0)  # a save after every batch
+    req = prepare(lm, load_task("arc_easy", limit=10, seed=3), fmt)
+    snapshots: list[tuple[np.ndarray, np.ndarray]] = []
+
+    def save(state: ScoreState) -> None:
+        scores = state.arrays["scores"]
+        filled = ~np.isnan(scores).reshape(scores.shape[0], scores.shape[1], -1).all(axis=(0, 2))
+        snapshots.append((state.done.copy(), filled))
+
+    score_requests(lm.parts, req, encoder_for(lm).pad_id, max_tokens=64, resume=Resume(save=save))
+    plan = ScoringPlan(lm.parts, req)
+    assert len(snapshots) > 2
+    for done, filled in snapshots:
+        expect = np.zeros_like(filled)
+        expect[plan.out_rows(np.flatnonzero(done).tolist())] = True  # the questions / option slots of done rows
+        assert np.array_equal(filled, expect), (done, filled)

@@ -12,9 +12,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from .errors import DeclensError
-
-#: the formats of :mod:`declens.formats` (repeated here so that checking needs no torch import)
-FORMATS = ("letter", "cloze")
+from .formats import FORMAT_REGISTRY, format_named
 
 
 def _whole(option: str, value: Any, lo: int, what: str = "") -> None:
@@ -36,9 +34,8 @@ def _fraction(option: str, value: Any, lo: float, hi: float, lo_open: bool, hi_o
 
 
 def check_format(fmt: str, option: str = "--format") -> str:
-    """``letter`` or ``cloze``."""
-    if fmt not in FORMATS:
-        raise DeclensError(f"unknown format {fmt!r} ({option}); use one of {', '.join(FORMATS)}")
+    """A registered format (:data:`declens.formats.FORMAT_REGISTRY`: ``letter``, ``cloze``, ...)."""
+    format_named(fmt, option)
     return fmt
 
 
@@ -236,8 +233,9 @@ def check_train_split(task: str, split: str | None, option: str = "--train-split
 def check_format_options(fmt: str, labels: str | None = None, decision_score: str = "raw", data=None) -> None:
     """Options of one format are refused with the other (they would be silently ignored), and letter labels
     must be distinct and enough for the task's options (when ``data`` is given)."""
+    form = FORMAT_REGISTRY.get(fmt)  # an unknown name is refused by check_format, with its own message
     if labels is not None:
-        if fmt != "letter":
+        if form is None or not form.takes_labels:
             raise DeclensError("--labels names the options of the letter format; drop it or use --format letter")
         labs = [s.strip() for s in labels.split(",") if s.strip()]
         if len(set(labs)) != len(labs) or not labs:
@@ -245,6 +243,6 @@ def check_format_options(fmt: str, labels: str | None = None, decision_score: st
         if data is not None and len(labs) < data.max_choices:
             raise DeclensError(f"--labels {labels!r} gives {len(labs)} labels but {data.name!r} has rows with "
                                f"{data.max_choices} options; give at least {data.max_choices}")
-    if decision_score == "norm" and fmt != "cloze":
+    if decision_score == "norm" and (form is None or not form.reports_norm):
         raise DeclensError("--decision-score norm uses the per-character scores of the cloze format; "
                            "use it with --format cloze, or drop it")

@@ -8,13 +8,20 @@ position.
 scored by its log-likelihood (``acc``) and its log-likelihood per character (``acc_norm``).
 WinoGrande uses partial scoring: the option fills the blank in the context and the rest of the
 sentence is the scored continuation.
+
+Each format is a small :class:`Format` class registered by name in :data:`FORMAT_REGISTRY`
+(:func:`register_format`): it builds the format's requests (:class:`LetterRequests`,
+:class:`ClozeRequests`) and says which format options apply to it. The requests classes carry what differs
+downstream (the rows to calibrate on, the decision rows, the training answers, the option labels), and
+:class:`declens.scoring.ScoringPlan` scores each requests class with its own probe, so nothing else in the
+package branches on a format's name.
 """
 
 from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, ClassVar, Sequence
 
 import numpy as np
 
@@ -23,9 +30,6 @@ from .tasks import LETTERS, Item, TaskData, TaskSpec, check_fewshot
 
 if TYPE_CHECKING:
     from .models import LoadedModel
-
-FORMATS = ("letter", "cloze")
-
 
 def _passage_block(item: Item) -> str:
     return f"{item.passage}\n" if item.passage else ""
@@ -244,6 +248,9 @@ class LetterRequests:
         truncated: prompts that lost their start to fit the context window (only with ``truncate``).
     """
 
+    #: ``LayerScores.kind`` of these requests' scores
+    score_kind: ClassVar[str] = "logit"
+
     prompts: list[list[int]]
     option_ids: list[int]
     labels: list[str]
@@ -251,6 +258,22 @@ class LetterRequests:
     gold: np.ndarray
     texts: list[str] = field(repr=False, default_factory=list)
     truncated: int = 0
+
+    def option_labels(self) -> list[str]:
+        """``[K]`` the label of each option column of the scores."""
+        return list(self.labels)
+
+    def decision_rows(self) -> list[list[int]]:
+        """``[N]`` one token sequence per item ending at its decision token: the prompt."""
+        return [list(p) for p in self.prompts]
+
+    def calibration_rows(self) -> list[list[int]]:
+        """``[N]`` calibration token sequences: the prompts as they are."""
+        return [list(p) for p in self.prompts]
+
+    def answer_pairs(self) -> list[tuple[list[int], list[int]]]:
+        """``[N]`` (prompt, answer) token ids to train on: the prompt and the gold label's token."""
+        return [(list(p), [int(self.option_ids[int(g)])]) for p, g in zip(self.prompts, self.gold)]
 
 
 @dataclass
@@ -268,6 +291,9 @@ class ClozeRequests:
         truncated: (context, option) pairs whose context lost its start to fit the context window.
     """
 
+    #: ``LayerScores.kind`` of these requests' scores
+    score_kind: ClassVar[str] = "loglik"
+
     contexts: list[list[list[int]]]
     continuations: list[list[list[int]]]
     cont_chars: np.ndarray
@@ -280,6 +306,23 @@ class ClozeRequests:
     def shared_context(self) -> bool:
         """True when every item's options share one context."""
         return all(all(c == ctxs[0] for c in ctxs) for ctxs in self.contexts)
+
+    def option_labels(self) -> list[str]:
+        """``[K]`` the label of each option column of the scores: its index (``"0"``, ``"1"``, ...)."""
+        return [str(k) for k in range(self.cont_chars.shape[1])]
+
+    def decision_rows(self) -> list[list[int]]:
+        """``[N]`` one token sequence per item ending where the answer would follow: the context of the
+        item's first option (WinoGrande's partial scoring has one context per option; the first is used)."""
+        return [list(ctxs[0]) for ctxs in self.contexts]
+
+    def calibration_rows(self) -> list[list[int]]:
+        """``[N]`` calibration token sequences: each item's context and gold continuation."""
+        return [list(ctxs[g]) + list(cs[g]) for ctxs, cs, g in zip(self.contexts, self.continuations, self.gold)]
+
+    def answer_pairs(self) -> list[tuple[list[int], list[int]]]:
+        """``[N]`` (prompt, answer) token ids to train on: the gold option's context and continuation."""
+        return [(list(ctxs[int(g)]), list(cs[int(g)])) for ctxs, cs, g in zip(self.contexts, self.continuations, self.gold)]
 
 
 def build_letter(data: TaskData, enc: Encoder, num_fewshot: int = 0, seed: int = 0,
@@ -339,16 +382,114 @@ def encoder_for(lm: "LoadedModel") -> Encoder:
                    truncate=getattr(lm, "truncate", False))
 
 
+# --------------------------------------------------------------------------------------------
+# The registry of formats
+
+
+class Format:
+    """A scoring format: how a task's items become tokenized requests, and which options apply to it.
+
+    Subclass it, set the class attributes, implement :meth:`build` and decorate the class with
+    :func:`register_format`; :func:`prepare`, ``--format`` and every check of format names then know it.
+    The requests it builds decide how they are scored: :class:`declens.scoring.ScoringPlan` has a plan per
+    requests class (letter prompts read option-token logits, cloze requests continuation log-likelihoods).
+
+    Attributes:
+        name: what ``--format`` / ``prepare(fmt=...)`` call it (a plain lower-case word).
+        summary: one line on what it scores (docs, listings).
+        requests: the requests class :meth:`build` returns.
+        takes_labels: ``--labels`` / ``--label-prefix`` apply (the option labels are recorded in results).
+        reports_norm: its scores come with per-character scores (``accuracy_norm``, ``--decision-score norm``).
+    """
+
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    requests: ClassVar[type] = LetterRequests
+    takes_labels: ClassVar[bool] = False
+    reports_norm: ClassVar[bool] = False
+
+    def build(self, data: TaskData, enc: Encoder, num_fewshot: int = 0, seed: int = 0,
+              labels: str | Sequence[str] = LETTERS, label_prefix: str = " ") -> "Requests":
+        """The tokenized requests of every selected item, with ``num_fewshot`` solved examples (``labels`` and
+        ``label_prefix`` only where :attr:`takes_labels`)."""
+        raise NotImplementedError
+
+    def recorded_labels(self, req: "Requests") -> list[str] | None:
+        """The option labels a result records in its config (None where the format takes no labels)."""
+        return req.option_labels() if self.takes_labels else None
+
+
+#: name -> format class, in registration order; ``--format`` accepts exactly these names
+FORMAT_REGISTRY: dict[str, type[Format]] = {}
+
+
+def register_format(cls: type[Format]) -> type[Format]:
+    """Class decorator: register a :class:`Format` under its ``name``.
+
+    Raises:
+        DeclensError: the name is taken or not a plain lower-case word (it is a comma-separated CLI value).
+    """
+    name = cls.name
+    if name in FORMAT_REGISTRY:
+        raise DeclensError(f"a format {name!r} is already registered; pick another name")
+    if not name or not all(c.isalnum() or c in "_-" for c in name) or name != name.lower():
+        raise DeclensError(f"format name {name!r}: use lower-case letters, digits, '-' or '_'")
+    FORMAT_REGISTRY[name] = cls
+    return cls
+
+
+def format_named(fmt: str, option: str | None = None) -> Format:
+    """The registered format ``fmt``.
+
+    Raises:
+        DeclensError: no format has this name (one line naming ``option``, when given, and the known names).
+    """
+    cls = FORMAT_REGISTRY.get(fmt) if isinstance(fmt, str) else None
+    if cls is None:
+        where = f" ({option})" if option else ""
+        raise DeclensError(f"unknown format {fmt!r}{where}; use one of {', '.join(FORMAT_REGISTRY)}")
+    return cls()
+
+
+def score_kind(fmt: str | None) -> str:
+    """``LayerScores.kind`` of a format's scores (``logit``, the letter format's, for a name not registered)."""
+    cls = FORMAT_REGISTRY.get(fmt) if isinstance(fmt, str) else None
+    return cls.requests.score_kind if cls is not None else LetterRequests.score_kind
+
+
+@register_format
+class LetterFormat(Format):
+    """The paper's decision token: logits of the option-label tokens at the last prompt position."""
+
+    name = "letter"
+    summary = "logits of the option-label tokens (' A', ' B', ...) at the last prompt position"
+    requests = LetterRequests
+    takes_labels = True
+
+    def build(self, data: TaskData, enc: Encoder, num_fewshot: int = 0, seed: int = 0,
+              labels: str | Sequence[str] = LETTERS, label_prefix: str = " ") -> LetterRequests:
+        return build_letter(data, enc, num_fewshot=num_fewshot, seed=seed, labels=labels, label_prefix=label_prefix)
+
+
+@register_format
+class ClozeFormat(Format):
+    """lm-evaluation-harness style: the log-likelihood of each option as a continuation, and per character."""
+
+    name = "cloze"
+    summary = "log-likelihood of each option as a continuation (and per character: acc_norm)"
+    requests = ClozeRequests
+    reports_norm = True
+
+    def build(self, data: TaskData, enc: Encoder, num_fewshot: int = 0, seed: int = 0,
+              labels: str | Sequence[str] = LETTERS, label_prefix: str = " ") -> ClozeRequests:
+        return build_cloze(data, enc, num_fewshot=num_fewshot, seed=seed)
+
+
 def prepare(lm: "LoadedModel", data: TaskData, fmt: str = "letter", num_fewshot: int = 0, seed: int = 0,
             labels: str | Sequence[str] = LETTERS, label_prefix: str = " ") -> Requests:
-    """Tokenized requests of a task in a format (reusable across pruned configurations); the analyses,
-    pruning and fine-tuning all build their requests here."""
-    if fmt not in FORMATS:
-        raise DeclensError(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
-    enc = encoder_for(lm)
-    if fmt == "letter":
-        req = build_letter(data, enc, num_fewshot=num_fewshot, seed=seed, labels=labels, label_prefix=label_prefix)
-    else:
-        req = build_cloze(data, enc, num_fewshot=num_fewshot, seed=seed)
+    """Tokenized requests of a task in a registered format (reusable across pruned configurations); the
+    analyses, pruning and fine-tuning all build their requests here."""
+    form = format_named(fmt)
+    req = form.build(data, encoder_for(lm), num_fewshot=num_fewshot, seed=seed, labels=labels, label_prefix=label_prefix)
     lm.truncated = getattr(lm, "truncated", 0) + req.truncated  # reported in provenance and on the console
     return req

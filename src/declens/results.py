@@ -27,6 +27,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from .formats import score_kind
 from .metrics import LayerMetrics, compute_metrics, margins, predictions
 from .scoring import LayerScores, ScoreState
 
@@ -941,7 +942,7 @@ class AnalysisResult:
         with np.load(path.parent / SCORES_FILE) as z:
             scores = LayerScores(
                 layer_ids=[int(i) for i in z["layer_ids"]], scores=z["scores"], gold=z["gold"], n_options=z["n_options"],
-                kind="loglik" if d["config"].get("format") == "cloze" else "logit",
+                kind=score_kind(d["config"].get("format")),
                 norm_scores=z["norm_scores"] if "norm_scores" in z.files else None,
             )
         extra = {k: v for k, v in d.items() if k not in ("kind", "schema_version", "config", "provenance", "summary",

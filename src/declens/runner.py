@@ -424,11 +424,15 @@ class BatchHooks:
 
     Attributes:
         skip: predicate on a batch's indices: True skips the batch (already done: resume).
-        after: called with a batch's indices after it ran and the probes flushed (checkpointing).
+        after: called as ``after(indices, sync)`` once a batch has been launched (checkpointing). The
+            batch's results may still be in flight on the device: ``sync()`` makes the results of every
+            launched batch visible to the host, so call it before reading them (before saving a
+            checkpoint). Not syncing per batch lets the host plan and collate the next batch while the
+            device computes this one.
     """
 
     skip: Callable[[list[int]], bool] | None = None
-    after: Callable[[list[int]], None] | None = None
+    after: Callable[[list[int], Callable[[], None]], None] | None = None
 
 
 def run_batches(
@@ -480,8 +484,7 @@ def run_batches(
             _run_with_backoff(parts, seqs, idx, probes, pad_id, device, layers)
             bar.update(len(idx))
             if hooks.after:
-                flush(probes)  # the callback (a checkpoint) reads the results
-                hooks.after(idx)
+                hooks.after(idx, lambda: flush(probes))
     finally:
         bar.close()
     flush(probes)

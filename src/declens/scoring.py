@@ -16,12 +16,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .formats import ClozeRequests, LetterRequests
+from .formats import ClozeRequests, LetterRequests, Requests
 from .lens import EMBEDDING_ID, Lens
 from .models import DecoderParts
 from . import distributed
 from .runner import Batch, BatchHooks, Probe, pack_sequences, run_batches, to_device
-from .errors import LayerSpecError
+from .errors import DeclensError, LayerSpecError
 from .surgery import dense_ids_of, dense_layer_ids
 
 #: Largest number of vocabulary logits the cloze lens materialises at once: 64 M on the CPU (with
@@ -275,9 +275,12 @@ class Checkpointer:
         self.every = CHECKPOINT_EVERY_S if every is None else every
         self.last = time.monotonic()
 
-    def __call__(self, idx: list[int]) -> None:
+    def __call__(self, idx: list[int], sync: Callable[[], None] | None = None) -> None:
+        """Mark ``idx`` done; when a save is due, first ``sync()`` (results still in flight reach the state)."""
         self.state.done[idx] = True
         if self.save and time.monotonic() - self.last >= self.every:
+            if sync is not None:
+                sync()
             self.save(self.state)
             self.last = time.monotonic()
 
@@ -325,72 +328,144 @@ def can_pack(parts: DecoderParts, longest: int) -> bool:
     return not (window and longest > window)
 
 
+#: requests class -> the :class:`ScoringPlan` subclass that scores it (:func:`register_plan`)
+PLANS: dict[type, type["ScoringPlan"]] = {}
+
+
+def register_plan(requests: type) -> Callable[[type["ScoringPlan"]], type["ScoringPlan"]]:
+    """Class decorator: ``cls`` scores requests of the class ``requests`` (and of its subclasses)."""
+
+    def deco(cls: type["ScoringPlan"]) -> type["ScoringPlan"]:
+        PLANS[requests] = cls
+        return cls
+
+    return deco
+
+
+def plan_class(requests: type) -> type["ScoringPlan"]:
+    """The plan registered for a requests class (or its nearest registered base class)."""
+    for base in requests.__mro__:
+        if base in PLANS:
+            return PLANS[base]
+    raise DeclensError(f"no scoring plan is registered for {requests.__name__}; register one with "
+                       "declens.scoring.register_plan")
+
+
 class ScoringPlan:
     """How one set of requests is scored: the rows to run, the probe that fills an output array,
     and the assembly of that array into :class:`LayerScores`.
 
+    ``ScoringPlan(parts, req)`` builds the plan registered for ``type(req)`` (:data:`PLANS`):
+    :class:`LetterPlan` for letter prompts, :class:`ClozePlan` for cloze requests.
+
     Args:
         parts: model parts.
-        req: letter or cloze requests.
+        req: tokenized requests (:mod:`declens.formats`).
         pack: cloze only: pack each item's options into one prefix-shared row (default: when the
             attention kernel allows it).
+
+    Attributes:
+        rows: the token sequences (or packed rows) to run.
+        pack: whether rows are packed (always False where each item is one plain row).
+        rows_are_items: row ``n`` is item ``n``'s plain token list (so rows of two plans can be matched).
     """
 
-    def __init__(self, parts: DecoderParts, req: LetterRequests | ClozeRequests, pack: bool | None = None):
+    rows_are_items: bool = False
+
+    def __new__(cls, parts: DecoderParts, req, pack: bool | None = None):
+        return super().__new__(plan_class(type(req)) if cls is ScoringPlan else cls)
+
+    def __init__(self, parts: DecoderParts, req, pack: bool | None = None):
         self.parts, self.req = parts, req
         self.lens = Lens(parts)
-        if isinstance(req, LetterRequests):
-            self.rows = req.prompts
-            self.reads = self.owner = None
-        else:
-            if pack is None:
-                longest = max(len(c) + len(x) for ctxs, cs in zip(req.contexts, req.continuations) for c, x in zip(ctxs, cs))
-                pack = can_pack(parts, longest)
-            self.rows, self.reads, self.owner = cloze_rows(req, pack=pack)
-        self.pack = pack
-
-    @property
-    def letter(self) -> bool:
-        return self.owner is None
+        self.rows: list = []
+        self.pack = False
 
     def out_shape(self, n_layers: int) -> tuple[int, ...]:
-        if self.letter:
-            return (n_layers, len(self.req.prompts), len(self.req.option_ids))
-        return (n_layers, len(self.owner))
+        """Shape of the output array the probe fills (layers first, then rows' outputs)."""
+        raise NotImplementedError
 
     def out_rows(self, rows: Sequence[int]) -> list[int]:
         """Indices along axis 1 of the output array that the given rows fill (items, or option slots)."""
-        if self.letter:
-            return list(rows)
-        return np.unique(np.concatenate([self.reads[r][:, 0] for r in rows] or [np.zeros(0, np.int64)])).tolist()
+        raise NotImplementedError
 
     def items_done(self, done: np.ndarray) -> np.ndarray:
         """``[N]`` True for items all of whose rows are marked in ``done`` (``[rows]``)."""
-        if self.letter:
-            return done.astype(bool).copy()
-        out = np.ones(len(self.req.contexts), dtype=bool)
-        item_of = np.array([o[0] for o in self.owner], dtype=np.int64)
-        for r in np.flatnonzero(~done.astype(bool)):
-            out[item_of[self.reads[r][:, 0]]] = False
-        return out
+        raise NotImplementedError
 
     def new_out(self, n_layers: int) -> np.ndarray:
         return np.full(self.out_shape(n_layers), np.nan, dtype=np.float32)
 
     def probe(self, out: np.ndarray, row_of: dict[int, int] | None = None) -> Probe:
         """A probe writing this plan's scores into ``out`` (rows by ``row_of[dense id]``, else running position)."""
-        if self.letter:
-            return LetterProbe(self.lens, self.req.option_ids, out, row_of)
-        return ClozeProbe(self.lens, self.reads, out, row_of)
+        raise NotImplementedError
 
     def assemble(self, out: np.ndarray, layer_ids: list[int]) -> LayerScores:
         """``[L, N, K]`` scores (NaN for absent options) from a filled output array."""
+        raise NotImplementedError
+
+
+@register_plan(LetterRequests)
+class LetterPlan(ScoringPlan):
+    """Letter prompts: one row per item, option-token logits at its last position into ``[L, N, K]``."""
+
+    rows_are_items = True
+
+    def __init__(self, parts: DecoderParts, req: LetterRequests, pack: bool | None = None):
+        super().__init__(parts, req, pack)
+        self.rows = req.prompts
+
+    def out_shape(self, n_layers: int) -> tuple[int, ...]:
+        return (n_layers, len(self.req.prompts), len(self.req.option_ids))
+
+    def out_rows(self, rows: Sequence[int]) -> list[int]:
+        return list(rows)
+
+    def items_done(self, done: np.ndarray) -> np.ndarray:
+        return done.astype(bool).copy()
+
+    def probe(self, out: np.ndarray, row_of: dict[int, int] | None = None) -> Probe:
+        return LetterProbe(self.lens, self.req.option_ids, out, row_of)
+
+    def assemble(self, out: np.ndarray, layer_ids: list[int]) -> LayerScores:
         req = self.req
-        if self.letter:
-            scores = out.copy()
-            scores[:, ~option_mask(req.n_options, scores.shape[-1])] = np.nan
-            return LayerScores(layer_ids=list(layer_ids), scores=scores, gold=req.gold, n_options=req.n_options,
-                               kind="logit")
+        scores = out.copy()
+        scores[:, ~option_mask(req.n_options, scores.shape[-1])] = np.nan
+        return LayerScores(layer_ids=list(layer_ids), scores=scores, gold=req.gold, n_options=req.n_options,
+                           kind=req.score_kind)
+
+
+@register_plan(ClozeRequests)
+class ClozePlan(ScoringPlan):
+    """Cloze requests: one (packed) row per item or per option, continuation log-likelihoods per option slot
+    into ``[L, slots]``, assembled into ``[L, N, K]`` scores and per-character ``norm_scores``."""
+
+    def __init__(self, parts: DecoderParts, req: ClozeRequests, pack: bool | None = None):
+        super().__init__(parts, req, pack)
+        if pack is None:
+            longest = max(len(c) + len(x) for ctxs, cs in zip(req.contexts, req.continuations) for c, x in zip(ctxs, cs))
+            pack = can_pack(parts, longest)
+        self.rows, self.reads, self.owner = cloze_rows(req, pack=pack)
+        self.pack = pack
+
+    def out_shape(self, n_layers: int) -> tuple[int, ...]:
+        return (n_layers, len(self.owner))
+
+    def out_rows(self, rows: Sequence[int]) -> list[int]:
+        return np.unique(np.concatenate([self.reads[r][:, 0] for r in rows] or [np.zeros(0, np.int64)])).tolist()
+
+    def items_done(self, done: np.ndarray) -> np.ndarray:
+        out = np.ones(len(self.req.contexts), dtype=bool)
+        item_of = np.array([o[0] for o in self.owner], dtype=np.int64)
+        for r in np.flatnonzero(~done.astype(bool)):
+            out[item_of[self.reads[r][:, 0]]] = False
+        return out
+
+    def probe(self, out: np.ndarray, row_of: dict[int, int] | None = None) -> Probe:
+        return ClozeProbe(self.lens, self.reads, out, row_of)
+
+    def assemble(self, out: np.ndarray, layer_ids: list[int]) -> LayerScores:
+        req = self.req
         N, K = len(req.contexts), req.cont_chars.shape[1]
         scores = np.full((out.shape[0], N, K), np.nan, dtype=np.float32)
         ii = np.array([o[0] for o in self.owner])
@@ -399,7 +474,7 @@ class ScoringPlan:
         with np.errstate(divide="ignore", invalid="ignore"):
             norm = scores / np.where(req.cont_chars > 0, req.cont_chars, np.nan)[None]
         return LayerScores(layer_ids=list(layer_ids), scores=scores, gold=req.gold, n_options=req.n_options,
-                           kind="loglik", norm_scores=norm.astype(np.float32))
+                           kind=req.score_kind, norm_scores=norm.astype(np.float32))
 
 
 @dataclass
@@ -420,7 +495,7 @@ class Resume:
 
 def score_requests(
     parts: DecoderParts,
-    req: LetterRequests | ClozeRequests,
+    req: Requests,
     pad_id: int,
     layers: Sequence[int] | None = None,
     max_tokens: int | None = None,

@@ -25,6 +25,10 @@ never picks it.
 Speed: the pruned view shares every layer before its first removed layer with the dense model, so
 those features are copied from the dense pass and only the kept layers after it run, from the dense
 hidden state entering the first removed layer (prefix reuse, as in the pruning engine).
+
+Under ``torchrun`` (:mod:`declens.distributed`) each rank runs its share of the batches (round-robin
+over the plan); the features of the rows are then gathered (copied, not summed), so every rank computes
+the CKA of one process from the same numbers, and only rank 0 writes the result folder.
 """
 
 from __future__ import annotations
@@ -39,8 +43,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..errors import CKAError, DeclensError
-from ..formats import FORMATS, ClozeRequests, LetterRequests
+from .. import distributed
+from ..errors import CKAError
+from ..formats import Requests, format_named
 from ..lens import EMBEDDING_ID
 from ..models import LoadedModel
 from ..results import RunWriter, provenance, register_result
@@ -220,6 +225,23 @@ class CKAProbe(Probe):
         self.decision[layer_id][self.index] = h[self.pick].cpu()
         return None
 
+    def merge_ranks(self, rows: Sequence[int]) -> None:
+        """Under ``torchrun``: add the rows the other ranks collected (this rank collected ``rows``), so that
+        every rank holds all ``N`` rows of every layer. Exact: the values are copied, not summed. A no-op in
+        a single process."""
+        if not distributed.active():
+            return
+        idx = torch.as_tensor(list(rows), dtype=torch.long)
+        mine = {name: {lid: t[idx] for lid, t in getattr(self, name).items()} for name in ("hidden", "decision")}
+        with torch.inference_mode():  # the stores are inference tensors (filled during the forward passes)
+            for their_rows, part in distributed.gather_objects((idx, mine)):
+                for name, feats in part.items():
+                    store = getattr(self, name)
+                    for lid, vals in feats.items():
+                        if lid not in store:  # this rank ran no batch
+                            store[lid] = torch.zeros(self.n_rows, vals.shape[-1], dtype=torch.float32)
+                        store[lid][their_rows] = vals
+
 
 class _InputAt(Probe):
     """Keeps the input of the layer at one position (the dense state entering the first removed layer)."""
@@ -237,16 +259,14 @@ class _InputAt(Probe):
         return None
 
 
-def cka_rows(req: LetterRequests | ClozeRequests) -> list[list[int]]:
+def cka_rows(req: Requests) -> list[list[int]]:
     """One token sequence per item, whose last token is the decision token.
 
     Letter format: the prompt (the decision is read at its last token). Cloze format: the context of
     the item's first option (the question; the answer would follow its last token). WinoGrande's
-    partial scoring has one context per option, and the first is used.
+    partial scoring has one context per option, and the first is used (``req.decision_rows()``).
     """
-    if isinstance(req, LetterRequests):
-        return [list(p) for p in req.prompts]
-    return [list(ctxs[0]) for ctxs in req.contexts]
+    return req.decision_rows()
 
 
 def collect_states(lm: LoadedModel, rows: Sequence[Sequence[int]], layers: Sequence[int] | None = None,
@@ -468,7 +488,7 @@ def cka_study(
     config: CKAConfig | None = None,
     progress: bool = True,
     *,
-    requests: LetterRequests | ClozeRequests | None = None,
+    requests: Requests | None = None,
 ) -> CKAResult:
     """CKA of every layer of the pruned view (without dense ids ``remove``) with every dense layer.
 
@@ -497,8 +517,7 @@ def cka_study(
     cfg = config if config is not None else CKAConfig()
     n_samples, seed, max_tokens = cfg.n_samples, cfg.seed, cfg.max_tokens
     num_fewshot, include_embeddings = cfg.num_fewshot, cfg.include_embeddings
-    if fmt not in FORMATS:
-        raise DeclensError(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
+    format_named(fmt)  # an unknown format fails here, before any work
     remove = [int(i) for i in remove]
     parts = lm.parts
     keep = keep_positions(parts, remove)
@@ -519,9 +538,11 @@ def cka_study(
     dense = CKAProbe(len(rows))
     pruned = CKAProbe(len(rows))
     plan = plan_batches([len(r) for r in rows], budget, batch_cost=parts.options.batch_cost)
-    bar = tqdm(total=len(rows), desc=f"cka {data.name}/{fmt}", unit="seq", disable=not progress, leave=False)
+    mine = [i for j in distributed.my_batches(plan) for i in plan[j]]  # this rank's rows (all in one process)
+    talk = progress and distributed.is_main()
+    bar = tqdm(total=len(mine), desc=f"cka {data.name}/{fmt}", unit="seq", disable=not talk, leave=False)
     try:
-        for idx in plan:
+        for idx in (plan[j] for j in distributed.my_batches(plan)):
             b = collate(rows, idx, pad, lm.device)
             cap = _InputAt(m) if run else None
             forward(parts, b, [dense] + ([InputRead(dense)] if include_embeddings else []) + ([cap] if cap else []))
@@ -530,6 +551,8 @@ def cka_study(
             bar.update(len(idx))
     finally:
         bar.close()
+    for probe in (dense, pruned):  # under torchrun: every rank gets all rows, then computes the same CKA
+        probe.merge_ranks(mine)
     t_run = time.perf_counter() - t0
 
     def pruned_states(signal: str) -> list[Tensor]:
@@ -551,6 +574,7 @@ def cka_study(
                                           "decision": "layer output at each row's last real token"},
     }
     prov = provenance(lm, data, timing={"forward_s": round(t_run, 3), "cka_s": round(t_cka, 3),
-                                        "layers_reused": len(keep) - len(run) if remove else len(keep)})
+                                        "layers_reused": len(keep) - len(run) if remove else len(keep),
+                                        "ranks": distributed.world()})
     return CKAResult(config=config, provenance=prov, pruned_ids=pruned_ids, dense_ids=list(dense_ids),
                      hidden=hidden, decision=decision)

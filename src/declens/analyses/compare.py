@@ -35,7 +35,7 @@ from .. import distributed
 from ..errors import DeclensError
 from ..finetune import (FinetuneConfig, TrainData, run_finetune, sequence_stats, state_copy, training_mixture,
                         training_sequences)
-from ..formats import FORMATS
+from ..formats import format_named
 from ..models import LoadedModel
 from ..results import RunWriter, atomic_write_json, config_key, provenance, read_result_file, register_result
 from ..tasks import ALL_TASKS, get_spec, load_task
@@ -101,8 +101,7 @@ class CompareConfig:
             raise DeclensError(f"pruning ratios must lie strictly between 0 and 1, got {list(self.ratios)}")
         if len(set(self.methods)) != len(self.methods) or len(set(self.tasks)) != len(self.tasks):
             raise DeclensError("a method or task is listed twice; list each once")
-        if self.fmt not in FORMATS:
-            raise DeclensError(f"unknown format {self.fmt!r}; use one of {', '.join(FORMATS)}")
+        format_named(self.fmt)  # an unknown format: one line naming the registered ones
         if self.calib_samples < 1:
             raise DeclensError(f"--calib-samples must be positive, got {self.calib_samples}")
         get_spec(self.prune_task)

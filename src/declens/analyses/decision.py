@@ -17,7 +17,7 @@ from typing import Sequence
 
 from .. import distributed
 from ..errors import DeclensError
-from ..formats import LetterRequests, Requests, encoder_for, prepare  # encoder_for, prepare: re-exported
+from ..formats import Requests, encoder_for, format_named, prepare  # encoder_for, prepare: re-exported
 from ..lens import EMBEDDING_ID
 from ..metrics import readout_summary
 from ..models import LoadedModel
@@ -149,13 +149,14 @@ def analyze(
     kept_ids = [dense_layer_ids(lm.parts)[p] for p in (layers or range(lm.num_layers))]
     read = parse_lens_layers(cfg.lens_layers, kept_ids)
     t0 = time.perf_counter()
+    form = format_named(fmt)
     req = requests if requests is not None else prepare(lm, data, fmt, num_fewshot, seed, labels, label_prefix)
     t_prep = time.perf_counter() - t0
     config = {
         "model": lm.spec, "task": data.name, "format": fmt, **data.selection, "num_fewshot": num_fewshot,
         "fewshot_seed": seed, "remove": list(remove), "decision_score": decision_score,
-        "labels": list(req.labels) if isinstance(req, LetterRequests) else None,
-        "label_prefix": label_prefix if fmt == "letter" else None,
+        "labels": form.recorded_labels(req),
+        "label_prefix": label_prefix if form.takes_labels else None,
         "dtype": str(lm.dtype).replace("torch.", ""), "device": str(lm.device),
         "lens_layers": read,
     }
@@ -177,8 +178,7 @@ def analyze(
     prov = provenance(lm, data, timing={"prepare_s": round(t_prep, 3), "score_s": round(t_score, 3),
                                         "items_scored": scored, "items_restored": restored,
                                         "items_per_s": round(scored / max(t_score, 1e-9), 2)})
-    labels_out = list(req.labels) if isinstance(req, LetterRequests) else [str(k) for k in range(req.cont_chars.shape[1])]
-    res = AnalysisResult.from_scores(scores, config, prov, [it.id for it in data.items], labels_out, decision_score)
+    res = AnalysisResult.from_scores(scores, config, prov, [it.id for it in data.items], req.option_labels(), decision_score)
     if scores.embedding is not None:
         e = scores.embedding
         base = e.norm_scores if decision_score == "norm" and e.norm_scores is not None else e.scores

@@ -47,6 +47,14 @@ statistics) are saved once it ends, and the filled final-layer scores with the (
 layer) units done are saved as the units finish (at most every ``checkpoint_every`` seconds, see
 :class:`~declens.scoring.Checkpointer`). A killed run restarted with the same key skips the dense pass
 and every unit done; since the draws are per row, the numbers are bit-identical to an uninterrupted run.
+
+Under ``torchrun`` (:mod:`declens.distributed`) each rank runs its share of the batches in both passes
+(round-robin over the plan; pass 2 starts with the last batch of its own share, whose outputs pass 1
+kept); the lens scores and final-layer scores are gathered row by row, and the sigma statistics are
+gathered batch by batch and folded in plan order, so every rank ends with the numbers of one process
+(bit for bit where the ranks compute each batch as one process does, e.g. with the same thread count).
+No checkpoint is written then (a rank holds only its share; one written by a single process is still
+read), and only rank 0 writes the result folder (:class:`~declens.results.RunWriter`).
 """
 
 from __future__ import annotations
@@ -64,11 +72,11 @@ from torch import Tensor
 
 from .. import distributed
 from ..errors import DeclensError, LayerSpecError, NoiseSpecError
-from ..formats import FORMATS, ClozeRequests, LetterRequests
+from ..formats import Requests, format_named
 from ..metrics import compute_metrics, margins, predictions
 from ..models import LoadedModel
 from ..results import Checkpoint, RunWriter, check_run_folder_kind, config_key, provenance, register_result
-from ..runner import Batch, Probe, collate, default_max_tokens, forward, plan_batches
+from ..runner import Batch, Probe, collate, default_max_tokens, flush, forward, plan_batches
 from ..scoring import Checkpointer, ScoreState, ScoringPlan
 from ..surgery import dense_layer_ids
 from ..tasks import TaskData
@@ -217,12 +225,17 @@ class NoiseProbe(Probe):
         return add_noise(output, self.batch, self.scale, sigma, self.seed, self.layer_id, self.repeat)
 
 
-def _merge(stats: dict, key, x: Tensor) -> None:
-    """Fold the values ``x`` into ``stats[key] = (count, mean, M2)`` (Chan's formula, float64)."""
+def _moments(x: Tensor) -> tuple[int, float, float] | None:
+    """``(count, mean, M2)`` of the values ``x`` (float64 Python numbers); None when ``x`` is empty."""
     if x.numel() == 0:
-        return
+        return None
     var, mean = torch.var_mean(x, correction=0)
-    n_b, mean_b, m2_b = x.numel(), float(mean), float(var) * x.numel()
+    return x.numel(), float(mean), float(var) * x.numel()
+
+
+def _combine(stats: dict, key, moments: tuple[int, float, float]) -> None:
+    """Fold one batch's ``(count, mean, M2)`` into ``stats[key]`` (Chan's formula, float64)."""
+    n_b, mean_b, m2_b = moments
     n_a, mean_a, m2_a = stats.get(key, (0, 0.0, 0.0))
     n = n_a + n_b
     delta = mean_b - mean_a
@@ -235,11 +248,14 @@ class SigmaProbe(Probe):
     ``all``: population std over all real tokens and hidden units; ``no-first``: the same without the
     first token of each row (position id 0); ``per-token``: the mean over real tokens of each token's
     own std over hidden units (the scale the noise of that rule has on average). Combined across
-    batches in float64 (Chan's formula).
+    batches in float64 (Chan's formula), in the order the batches ran; each batch's own moments are kept
+    too (``moments``), so that :func:`merge_sigma` can fold the batches of several ``torchrun`` ranks in
+    the order one process runs them (the same numbers, bit for bit).
     """
 
     def __init__(self):
         self.stats: dict[tuple[str, int], tuple[int, float, float]] = {}  # (mode, id) -> (count, mean, M2)
+        self.moments: list[dict[tuple[str, int], tuple[int, float, float]]] = []  # per batch run, in order
 
     def start(self, batch: Batch) -> None:
         T = batch.input_ids.shape[1]
@@ -247,12 +263,16 @@ class SigmaProbe(Probe):
         self.mask = torch.arange(T, device=dev)[None, :] < batch.lengths[:, None]  # [B, T] real tokens
         pos = batch.position_ids if batch.position_ids is not None else torch.arange(T, device=dev)[None, :]
         self.rest = self.mask & (pos != 0)  # [B, T] real tokens but the first of each (packed) sequence
+        self.moments.append({})
 
     def layer(self, pos, layer_id, inputs, output):
         mask, rest = self.mask.to(output.device), self.rest.to(output.device)
-        _merge(self.stats, ("all", layer_id), output[mask].float())
-        _merge(self.stats, ("no-first", layer_id), output[rest].float())
-        _merge(self.stats, ("per-token", layer_id), token_sigma(output[mask]))
+        for mode, x in (("all", output[mask].float()), ("no-first", output[rest].float()),
+                        ("per-token", token_sigma(output[mask]))):
+            m = _moments(x)
+            if m is not None:
+                self.moments[-1][(mode, layer_id)] = m
+                _combine(self.stats, (mode, layer_id), m)
         return None
 
     def sigma(self, mode: str = "all") -> dict[int, float]:
@@ -286,14 +306,40 @@ class SigmaProbe(Probe):
         return probe
 
 
+def merge_sigma(probe: SigmaProbe, mine: Sequence[int]) -> SigmaProbe:
+    """Under ``torchrun``: the sigma statistics of every rank's batches, folded in the batch order of one process.
+
+    Args:
+        probe: this rank's probe, which ran the batches ``mine`` (indices into the plan), in that order.
+        mine: this rank's batches (:func:`~declens.distributed.my_batches`).
+
+    Returns:
+        A probe whose ``stats`` equal, bit for bit, those of one process running every batch in plan order
+        (each batch's moments are gathered exactly and combined in the same order); ``probe`` itself
+        in a single process.
+    """
+    if not distributed.active():
+        return probe
+    by_batch = {j: m for js, ms in distributed.gather_objects((list(mine), probe.moments)) for j, m in zip(js, ms)}
+    out = SigmaProbe()
+    for j in sorted(by_batch):
+        out.moments.append(by_batch[j])
+        for key, m in by_batch[j].items():
+            _combine(out.stats, key, m)
+    return out
+
+
 class _OutputCache(Probe):
-    """Keeps every layer's output (the dense states noise is added to), in CPU memory."""
+    """Keeps every layer's output (the dense states noise is added to): on a CUDA device with room for
+    twice :data:`CACHE_BYTES` there (no copy to the host and back, no wait for the device), else in CPU memory."""
 
     def start(self, batch: Batch) -> None:
         self.store: list[Tensor] = []
+        dev = batch.input_ids.device
+        self.on_device = dev.type == "cuda" and torch.cuda.mem_get_info(dev)[0] > 2 * CACHE_BYTES
 
     def layer(self, pos, layer_id, inputs, output):
-        self.store.append(output.to("cpu", copy=True))
+        self.store.append(output.clone() if self.on_device else output.to("cpu", copy=True))
         return None
 
 
@@ -426,6 +472,11 @@ def _perturbed_positions(dense_ids: list[int], layers: Sequence[int] | None) -> 
     return sorted(dense_ids.index(i) for i in ids)
 
 
+def _rows(batches: Sequence[Sequence[int]], mine: Sequence[int]) -> list[int]:
+    """The rows of the batches ``mine`` (indices into ``batches``)."""
+    return [i for j in mine for i in batches[j]]
+
+
 def _cache_budget(lm: LoadedModel, max_tokens: int | None) -> int:
     if max_tokens:
         return int(max_tokens)
@@ -489,7 +540,7 @@ def noise_study(
     config: NoiseConfig | None = None,
     progress: bool = True,
     *,
-    requests: LetterRequests | ClozeRequests | None = None,
+    requests: Requests | None = None,
     checkpoint: Checkpoint | None = None,
 ) -> NoiseResult:
     """Final-layer Decision Margin with noise ``a * sigma_l * eps`` added to the output of one layer ``l``.
@@ -504,7 +555,9 @@ def noise_study(
         requests: prebuilt requests (from :func:`~declens.analyses.decision.prepare`).
         checkpoint: resume state (:func:`noise_checkpoint`, whose key must describe this run): a killed run
             continues from it to the same numbers. Left in place when the study ends (complete, so a rerun
-            costs nothing); :meth:`NoiseResult.save` into its folder removes it. Only rank 0 writes it.
+            costs nothing); :meth:`NoiseResult.save` into its folder removes it. Written only by a single
+            process: under ``torchrun`` the ranks run disjoint batches (see the module docstring), so none is
+            written (one left by a single process is read).
 
     Returns:
         The :class:`NoiseResult`.
@@ -519,8 +572,7 @@ def noise_study(
     cfg = config if config is not None else NoiseConfig()
     scales, layers, seed, repeats, max_tokens = cfg.scales, cfg.layers, cfg.seed, cfg.repeats, cfg.max_tokens
     num_fewshot, decision_score, sigma = cfg.num_fewshot, cfg.decision_score, cfg.sigma
-    if fmt not in FORMATS:
-        raise DeclensError(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
+    format_named(fmt)  # an unknown format fails here, before any work
     if decision_score not in ("raw", "norm"):
         raise DeclensError(f"decision_score must be 'raw' or 'norm', not {decision_score!r}")
     scales = validate_scales(scales)
@@ -553,10 +605,14 @@ def noise_study(
     restored = state is not None and state.compatible(shapes, len(batches) * P)
     if not restored:
         state = ScoreState.empty(shapes, len(batches) * P)
-    save = checkpoint.save if checkpoint is not None and distributed.is_main() else None  # rank 0 writes
+    # under torchrun ranks run disjoint batches, so a checkpoint would hold one rank's share only: none is
+    # written (one from a single process is still read: every rank skips what it holds)
+    save = checkpoint.save if checkpoint is not None and not distributed.active() else None
     dense_out, outs = state.arrays["dense"], state.arrays["outs"]
     cache = _OutputCache()
     cached = None  # the batch whose layer outputs ``cache`` holds
+    mine = distributed.my_batches(batches)  # this rank's batches (all of them in a single process)
+    talk = progress and distributed.is_main()
 
     # Pass 1: the clean dense model, every layer through the lens, and sigma of every layer. The
     # outputs of the last batch stay cached, so pass 2 starts with that batch without rerunning it.
@@ -564,13 +620,17 @@ def noise_study(
         sig = SigmaProbe.from_array(state.arrays["sigma"], dense_ids)
     else:
         sig = SigmaProbe()
-        bar = tqdm(total=len(plan.rows), desc="noise: dense pass", unit="seq", disable=not progress, leave=False)
-        for j, idx in enumerate(batches):
-            keep = [cache] if j == len(batches) - 1 else []
-            forward(parts, collate(plan.rows, idx, pad, lm.device), [plan.probe(dense_out), sig, *keep])
-            bar.update(len(idx))
+        bar = tqdm(total=sum(len(batches[j]) for j in mine), desc="noise: dense pass", unit="seq", disable=not talk,
+                   leave=False)
+        for j in mine:
+            keep = [cache] if j == mine[-1] else []
+            forward(parts, collate(plan.rows, batches[j], pad, lm.device), [plan.probe(dense_out), sig, *keep])
+            bar.update(len(batches[j]))
         bar.close()
-        cached = len(batches) - 1
+        cached = mine[-1] if mine else None
+        if distributed.active():  # every rank: all rows' lens scores, sigma folded as one process folds it
+            dense_out = state.arrays["dense"] = distributed.merge_rows(dense_out, plan.out_rows(_rows(batches, mine)))
+            sig = merge_sigma(sig, mine)
         state.arrays["sigma"] = sig.to_array(dense_ids)
     dense_scores = assemble(dense_out, dense_ids)
     s0 = plan.assemble(dense_out, dense_ids)
@@ -587,13 +647,18 @@ def noise_study(
     done = state.done.reshape(len(batches), P)  # a view: the checkpointer marks state.done
     units_restored = int(done.sum())
     ck = Checkpointer(state, save, every=parts.options.checkpoint_every)
-    bar = tqdm(total=len(batches) * P * len(scales) * repeats, desc="noise", unit="run",
-               disable=not progress, leave=False)
-    bar.update(units_restored * len(scales) * repeats)
+    bar = tqdm(total=len(mine) * P * len(scales) * repeats, desc="noise", unit="run", disable=not talk, leave=False)
+    bar.update(int(done[mine].sum()) * len(scales) * repeats)
+    in_flight: list = []  # probes whose results may still be on their way to the host
+
+    def sync() -> None:
+        flush(in_flight)
+        in_flight.clear()
+
     try:
         with torch.inference_mode():
             scale_of: dict[int, float | Tensor] = {}
-            for j in reversed(range(len(batches))):  # the draws are per row: neither the order nor skips matter
+            for j in reversed(mine):  # the draws are per row: neither the order nor skips matter
                 if done[j].all():
                     continue
                 idx = batches[j]
@@ -615,18 +680,21 @@ def noise_study(
                                 probe.start(b)
                                 probe.layer(p, lid, noised, noised)
                                 probe.finish(b)
-                                probe.flush()
                             else:
                                 # every position of the final layer is computed (no last-position
                                 # trim), so scale 0 rounds exactly like pass 1
                                 forward(parts, b, [probe], layers=list(range(p + 1, L)), start_hidden=noised,
-                                        trim_final=False)
+                                        trim_final=False, defer=True)
+                            in_flight.append(probe)  # its copy to the host overlaps the next runs
                             bar.update(1)
                     del h
-                    ck([j * P + pi])
+                    ck([j * P + pi], sync)
+        sync()
     finally:
         bar.close()
         cache.store = []
+    if distributed.active():  # every rank: the final-layer scores of all rows
+        outs = state.arrays["outs"] = distributed.merge_rows(outs, plan.out_rows(_rows(batches, mine)), axis=4)
     if save:
         save(state)  # complete: a kill before the result is written loses nothing
     t_run = time.perf_counter() - t0
@@ -651,11 +719,12 @@ def noise_study(
         "noise": "h_l + a * sigma_l * eps, eps ~ N(0, I) float32, at the output of one layer, at every real token of "
                  "every row; sigma_l: " + SIGMA_RULES[sigma_mode],
         "sigma": sigma_mode,
-        "packed_rows": bool(plan.pack) if not plan.letter else False,
+        "packed_rows": bool(plan.pack),
         "dtype": str(lm.dtype).replace("torch.", ""), "device": str(lm.device), "max_tokens": budget,
     }
     prov = provenance(lm, data, timing={"study_s": round(t_run, 3), "noise_runs": len(batches) * P * S * R,
-                                        "noise_runs_restored": units_restored * S * R, "dense_pass_restored": restored})
+                                        "noise_runs_restored": units_restored * S * R, "dense_pass_restored": restored,
+                                        "ranks": distributed.world()})
     return NoiseResult(config=config, provenance=prov, layer_ids=layer_ids, scales=scales,
                        dm=dm_runs.mean(axis=0), acc=acc_runs.mean(axis=0), dm_runs=dm_runs, acc_runs=acc_runs,
                        scores=finals.astype(np.float32), sigma=sigma_l, dense=dense,

@@ -40,7 +40,7 @@ from typing import Any, Sequence
 from ..errors import DeclensError
 from ..finetune import (FinetuneConfig, answer_loss, export_model, load_training_data, original_num_layers,
                         run_finetune, sequence_stats, state_copy, training_sequences)
-from ..formats import LetterRequests
+from ..formats import format_named
 from ..models import LoadedModel
 from ..results import AnalysisResult, RunWriter, load_result, provenance, read_result_file, register_result
 from ..surgery import check_removal
@@ -384,7 +384,7 @@ def recover_study(
                             **({"merges": list(c.merges)} if c.merges else {})} for c in configs],
         "prune": prune_info,
         "restored_definition": "no Transition Point before fine-tuning (final mean DM <= 0) and one after (final mean DM > 0)",
-        "labels": list(req.labels) if isinstance(req, LetterRequests) else None,
+        "labels": format_named(fmt).recorded_labels(req),
         "dtype": str(lm.dtype).replace("torch.", ""), "device": str(lm.device),
     }
     t_all = time.perf_counter()

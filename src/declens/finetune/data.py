@@ -24,7 +24,6 @@ from dataclasses import dataclass, replace
 from typing import Sequence
 
 from ..errors import DeclensError
-from ..formats import FORMATS, ClozeRequests, LetterRequests
 from ..models import LoadedModel
 from ..tasks import LETTERS, REGISTRY, Item, TaskData, TaskSpec, get_spec, load_task
 
@@ -156,26 +155,16 @@ def training_sequences(lm: LoadedModel, data: TaskData, fmt: str = "letter", max
                        labels: str | Sequence[str] = LETTERS, label_prefix: str = " ") -> list[TrainSeq]:
     """Tokenized training sequences, built by the evaluation's own prompt builders.
 
-    ``letter``: prompt + gold label token (the decision token the lens reads); ``cloze``: context +
-    gold continuation. No few-shot examples. A sequence longer than ``max_length`` keeps the
+    The (prompt, answer) pairs of the format's requests (``answer_pairs()``): ``letter``: prompt + gold
+    label token (the decision token the lens reads); ``cloze``: context + gold continuation. No few-shot examples. A sequence longer than ``max_length`` keeps the
     tokenizer's special prefix (BOS) and the end of the prompt, and its whole answer.
     """
     from ..formats import encoder_for, prepare
 
-    if fmt not in FORMATS:
-        raise DeclensError(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
-    req = prepare(lm, data, fmt, labels=labels, label_prefix=label_prefix)
+    req = prepare(lm, data, fmt, labels=labels, label_prefix=label_prefix)  # an unknown format fails here, first
     prefix = len(encoder_for(lm).prefix)
-    pairs: list[tuple[list[int], list[int]]] = []
-    if isinstance(req, LetterRequests):
-        for prompt, g in zip(req.prompts, req.gold):
-            pairs.append((list(prompt), [int(req.option_ids[int(g)])]))
-    else:
-        assert isinstance(req, ClozeRequests)
-        for ctxs, conts, g in zip(req.contexts, req.continuations, req.gold):
-            pairs.append((list(ctxs[int(g)]), list(conts[int(g)])))
     out = []
-    for prompt, answer in pairs:
+    for prompt, answer in req.answer_pairs():
         if not prompt:
             raise DeclensError(f"a {data.name!r} row has an empty prompt: its first answer token cannot be predicted")
         trunc = False

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from .. import distributed
-from ..formats import ClozeRequests, LetterRequests, encoder_for
+from ..formats import Requests, encoder_for
 from ..metrics import LayerMetrics, compute_metrics
 from ..models import LoadedModel
 from ..runner import Batch, Probe, collate, default_max_tokens, forward, plan_batches
@@ -94,7 +94,7 @@ class PruningEngine:
         progress: show a progress bar for the dense pass.
     """
 
-    def __init__(self, lm: LoadedModel, eval_req: LetterRequests | ClozeRequests | None,
+    def __init__(self, lm: LoadedModel, eval_req: Requests | None,
                  calib_seqs: Sequence[Sequence[int]] | None, max_tokens: int | None = None, reuse: bool = True,
                  offload: bool = False, decision_score: str = "raw", progress: bool = True):
         self.lm = lm
@@ -129,7 +129,7 @@ class PruningEngine:
         return len(self.dense_ids)
 
     def _calib_rows_in_eval(self) -> torch.Tensor | None:
-        if not (self.eval and self.calib) or not self.plan.letter:
+        if not (self.eval and self.calib) or not self.plan.rows_are_items:
             return None
         where = {tuple(r): i for i, r in enumerate(self.eval.rows)}
         hits = [where.get(tuple(r)) for r in self.calib.rows]
@@ -373,9 +373,7 @@ class PruningEngine:
         return 0.0 if w["full"] == 0 else 1.0 - w["run"] / w["full"]
 
 
-def calibration_sequences(lm: LoadedModel, req: LetterRequests | ClozeRequests) -> list[list[int]]:
-    """Calibration token sequences from prepared requests: letter prompts as they are; cloze
-    items as context + gold continuation."""
-    if isinstance(req, LetterRequests):
-        return [list(p) for p in req.prompts]
-    return [list(ctxs[g]) + list(cs[g]) for ctxs, cs, g in zip(req.contexts, req.continuations, req.gold)]
+def calibration_sequences(lm: LoadedModel, req: Requests) -> list[list[int]]:
+    """Calibration token sequences from prepared requests (``req.calibration_rows()``): letter prompts as
+    they are; cloze items as context + gold continuation."""
+    return req.calibration_rows()

@@ -16,7 +16,7 @@ from typing import Sequence
 
 from .. import distributed
 from ..errors import DeclensError, LayerSpecError
-from ..formats import FORMATS, prepare
+from ..formats import format_named, prepare
 from ..models import LoadedModel
 from ..results import (RunWriter, atomic_write_json, check_run_folder_kind, config_key, provenance, read_result_file,
                        load_result, register_result, rename_keys, ACCURACY_V1_NAMES)
@@ -328,8 +328,7 @@ def prune(
         progress: progress bars, and a line per step on the ``declens`` logger (INFO; the CLI prints them).
         plots: draw the figures into ``out_dir``.
     """
-    if fmt not in FORMATS:
-        raise DeclensError(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
+    format_named(fmt)  # an unknown format fails here, before any work
     cfg = config if config is not None else PruneConfig()
     methods, max_ratio, calib_samples, seed = cfg.methods, cfg.max_ratio, cfg.calib_samples, cfg.seed
     skip, merge, order, collapse_keep = cfg.skip, cfg.merge, cfg.order, cfg.collapse_keep
