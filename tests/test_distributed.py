@@ -25,9 +25,9 @@ def llama_dir(tmp_path_factory):
     return save_tiny(tmp_path_factory.mktemp("tiny-llama"), "llama", layers=6)
 
 
-def _torchrun(args, tmp_path):
+def _torchrun(args, tmp_path, entry=("-m", "declens")):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
-    cmd = [TORCHRUN, "--standalone", "--nproc-per-node", "2", "-m", "declens", *args]
+    cmd = [TORCHRUN, "--standalone", "--nproc-per-node", "2", *entry, *args]
     r = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return r
@@ -73,10 +73,11 @@ def _one_thread(args) -> None:
     assert r.exit_code == 0, r.output
 
 
-def _one_result_folder(tmp_path, out, kind: str) -> None:
+def _one_result_folder(tmp_path, out, kind: str, others: tuple[str, ...] = ()) -> None:
     """The torchrun run wrote one complete folder (rank 0): exactly the files its manifest lists, plus the
-    recorded invocation, and nothing else anywhere under the working folder (no checkpoint, no default folder)."""
-    assert sorted(q.name for q in tmp_path.iterdir()) == ["one", "two"]
+    recorded invocation, and nothing else anywhere under the working folder (no checkpoint, no default folder)
+    but the ``others`` named there."""
+    assert sorted(q.name for q in tmp_path.iterdir()) == sorted(["one", "two", *others])
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["kind"] == kind and manifest["complete"]
     listed = {f["path"] for f in manifest["files"]}
@@ -129,6 +130,86 @@ def test_torchrun_cka_equals_one_process(llama_dir, tmp_path):
         assert za["hidden"].shape == (5, 7) and 0 < za["hidden"].min() < 1  # emb + 4 kept rows, emb + 6 columns
     _one_result_folder(tmp_path, tmp_path / "two", "cka")
 
+
+
+def test_torchrun_recover_trains_data_parallel_like_one_process(llama_dir, tmp_path):
+    """LoRA fine-tuning over two ranks (DDP, 1 row per rank and micro-batch, 2 micro-batches per step) takes the
+    steps of one process with 2 rows per micro-batch (the same effective batch, 4, and the same rows per step:
+    24 rows, where the length grouping of the per-rank batch would draw another order); the analyses before and
+    after are sharded; rank 0 alone writes the run folder, its config.json and the exported model.
+
+    Not bit for bit: DDP adds the two ranks' gradients (all-reduce) where one process sums all rows in one
+    product, so float32 rounding differs (measured: losses 1e-7, gradient norms 1e-6, final DM 2e-6 relative);
+    the tolerances below are ten times that, far below the change a different row order makes (losses 10%).
+    LoRA dropout is 0: ranks draw their dropout masks for their own rows, unlike one process."""
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    args = ["recover", "--model", str(llama_dir), "--task", "arc_easy", "--remove", "1,2", "--method", "lora",
+            "--lora-dropout", "0", "--train-samples", "24", "--max-steps", "3", "--grad-accum", "2", "--lr", "1e-3",
+            "--limit", "8", "--dtype", "float32", "--max-length", "96", "--max-tokens", "256"]
+    _one_thread([*args, "--batch-size", "2", "--out", str(tmp_path / "one"), "--export-dir", str(tmp_path / "m1")])
+    _torchrun([*args, "--batch-size", "1", "--out", str(tmp_path / "two"), "--export-dir", str(tmp_path / "m2")],
+              tmp_path)
+    a = json.loads((tmp_path / "one" / "recover.json").read_text())
+    b = json.loads((tmp_path / "two" / "recover.json").read_text())
+    ta, tb = a["runs"][0]["train"], b["runs"][0]["train"]
+    assert (ta["world_size"], tb["world_size"]) == (1, 2) and ta["effective_batch"] == tb["effective_batch"] == 4
+    assert (a["provenance"]["timing"]["ranks"], b["provenance"]["timing"]["ranks"]) == (1, 2)
+    assert ta["steps"] == tb["steps"] == 3 and ta["epochs"] == tb["epochs"] == 0.5
+    assert tb["losses"] == pytest.approx(ta["losses"], rel=1e-6) and tb["grad_norms"] == pytest.approx(ta["grad_norms"], rel=1e-5)
+    assert ta["losses"][0] != pytest.approx(ta["losses"][1], rel=1e-2)  # it trains (the step losses move)
+    assert a["dense"] == b["dense"]  # the analyses shard rows like analyze: same numbers (one thread each)
+    ra, rb = a["runs"][0], b["runs"][0]
+    assert ra["layers_before"] == rb["layers_before"] and ra["before"] == rb["before"]
+    assert ra["layers_after"]["accuracy"] == rb["layers_after"]["accuracy"]
+    assert rb["layers_after"]["dm"] == pytest.approx(ra["layers_after"]["dm"], rel=1e-5, abs=1e-6)
+    assert ra["after"]["final_dm"] != pytest.approx(ra["before"]["final_dm"], abs=1e-3)  # training changed the lens
+    # the exported models (rank 0 only): one folder each, the same merged weights up to that rounding
+    assert [q.name for q in (tmp_path / "m2").iterdir()] == ["00_k2"]
+    assert sorted(q.name for q in (tmp_path / "m2" / "00_k2").iterdir()) == sorted(q.name for q in (tmp_path / "m1" / "00_k2").iterdir())
+    wa, wb = load_file(tmp_path / "m1" / "00_k2" / "model.safetensors"), load_file(tmp_path / "m2" / "00_k2" / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        np.testing.assert_allclose(wb[k], wa[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    _one_result_folder(tmp_path, tmp_path / "two", "recover", others=("m1", "m2"))
+
+
+#: run under torchrun by the test below: every rank measures the answer loss (its share of the batches)
+_ANSWER_LOSS = """
+import json, sys
+from declens import distributed, load_model
+from declens.finetune import answer_loss, load_training_data, training_sequences
+distributed.init_from_env()
+lm = load_model(sys.argv[1], dtype="float32", device="cpu")
+seqs = training_sequences(lm, load_training_data("arc_easy", limit=20, seed=0), "letter", 96)
+losses = distributed.gather_objects(answer_loss(lm, seqs, 3))
+if distributed.is_main():
+    open(sys.argv[2], "w").write(json.dumps(losses))
+"""
+
+
+def test_torchrun_recover_answer_loss_equals_one_process(llama_dir, tmp_path):
+    """The answer-token loss (training loss before/after, learning-rate selection) over two ranks: 7 batches
+    dealt round-robin, per-batch sums gathered and added in batch order, so both ranks get one process's
+    number bit for bit."""
+    import torch
+
+    from declens import load_model
+    from declens.finetune import answer_loss, load_training_data, training_sequences
+
+    script = tmp_path / "answer_loss.py"
+    script.write_text(_ANSWER_LOSS)
+    _torchrun([str(llama_dir), str(tmp_path / "losses.json")], tmp_path, entry=(str(script),))
+    lm = load_model(str(llama_dir), dtype="float32", device="cpu")
+    seqs = training_sequences(lm, load_training_data("arc_easy", limit=20, seed=0), "letter", 96)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each rank runs
+    try:
+        one = answer_loss(lm, seqs, 3)
+    finally:
+        torch.set_num_threads(threads)
+    assert json.loads((tmp_path / "losses.json").read_text()) == [one, one] and one > 0
 
 def _descendants(pid: int) -> list[int]:
     """Every process below ``pid`` (read from /proc): torchrun may start its ranks in their own sessions."""

@@ -30,7 +30,11 @@ def test_study_runs_every_stage_and_resumes(tmp_path, model_dir):
         assert (out / name).is_file(), name
     f = json.loads((out / "findings.json").read_text())
     claims = [x["claim"] for x in f["findings"]]
-    assert claims[:8] == [1, 2, 3, 4, 5, 6, 7, 8] and 9 in claims and "safe margin" in claims
+    # claims 1-4 for each analysed task (the first task first), then 5-8 from the first task's stages
+    assert claims[:16] == [1, 2, 3, 4] * 3 + [5, 6, 7, 8] and 9 in claims and "safe margin" in claims, claims
+    sources = [x["source"] for x in f["findings"][:16]]
+    assert sources == [f"study:{t}_letter" for t in ("arc_easy", "piqa", "winogrande") for _ in range(4)] + \
+        ["study:arc_easy_letter"] * 4, sources
     assert all(x["verdict"] in ("holds", "does not hold", "cannot be tested here") for x in f["findings"])
     assert "Findings: the paper" in (out / "report.html").read_text()
 

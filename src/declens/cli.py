@@ -59,6 +59,7 @@ MaxTokOpt = typer.Option(None, "--max-tokens", help="Padded tokens per batch (de
 EpochsOpt = typer.Option(3, "--epochs", help="Passes over the training rows (the paper: 3).")
 LoraROpt = typer.Option(16, "--lora-r", help="LoRA rank.")
 LoraAlphaOpt = typer.Option(32, "--lora-alpha", help="LoRA alpha (scale = alpha / rank).")
+LoraDropoutOpt = typer.Option(0.05, "--lora-dropout", help="LoRA dropout (under torchrun each rank draws the masks of its own rows, unlike one process: only 0 gives one process's numbers).")
 ScheduleOpt = typer.Option("linear", "--schedule", help="Learning rate after warm-up: linear (to 0), cosine (to 0) or constant.")
 WarmupOpt = typer.Option(0.0, "--warmup-ratio", help="Share of the steps with a linear warm-up.")
 BatchSizeOpt = typer.Option(8, "--batch-size", help="Training rows per forward pass per device.")
@@ -799,6 +800,7 @@ def recover(
     max_steps: Optional[int] = MaxStepsOpt,
     lora_r: int = LoraROpt,
     lora_alpha: int = LoraAlphaOpt,
+    lora_dropout: float = LoraDropoutOpt,
     schedule: str = ScheduleOpt,
     warmup_ratio: float = WarmupOpt,
     max_length: int = MaxLengthOpt,
@@ -836,8 +838,8 @@ def recover(
         if fmt is not None:
             check_options(fmt=fmt)
         ft = FinetuneConfig.make(method=method, epochs=epochs, lr=lr, batch_size=batch_size, grad_accum=grad_accum,
-                                 max_steps=max_steps, lora_r=lora_r, lora_alpha=lora_alpha, schedule=schedule,
-                                 warmup_ratio=warmup_ratio, max_length=max_length)  # checked before loading
+                                 max_steps=max_steps, lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                                 schedule=schedule, warmup_ratio=warmup_ratio, max_length=max_length)  # checked before loading
         for opt, name in (("--task", task), ("--train-task", train_task)):
             if name is not None:
                 check_task_names(name, opt, allow_all=False)
@@ -907,7 +909,7 @@ def compare(
     max_steps: Optional[int] = MaxStepsOpt,
     lora_r: int = LoraROpt,
     lora_alpha: int = LoraAlphaOpt,
-    lora_dropout: float = typer.Option(0.05, "--lora-dropout", help="LoRA dropout."),
+    lora_dropout: float = LoraDropoutOpt,
     target_modules: str = typer.Option("all-linear", "--target-modules", help="LoRA targets: all-linear or module names, e.g. q_proj,v_proj."),
     weight_decay: float = typer.Option(0.0, "--weight-decay", help="AdamW weight decay."),
     schedule: str = ScheduleOpt,

@@ -10,6 +10,10 @@ The fine-tuning itself (recipe, training rows, LoRA / full set-up, the ``transfo
 loop, the learning-rate selection, merge and export) is :mod:`declens.finetune`; this module is the
 study around it: which configurations, the lens before and after, the results and figures.
 
+Under ``torchrun`` every rank runs the whole study: the analyses shard their rows (:func:`analyze`), the
+training is data-parallel (DDP through ``Trainer``, see :mod:`declens.finetune.train`), and rank 0 alone
+writes the run folder and the exported models.
+
 Restoration
     ``restored`` is True when the pruned model has **no** Transition Point before fine-tuning and
     has one after. A Transition Point exists exactly when the last layer's mean DM is positive
@@ -37,6 +41,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Sequence
 
+from .. import distributed
 from ..errors import DeclensError
 from ..finetune import (FinetuneConfig, answer_loss, export_model, load_training_data, original_num_layers,
                         run_finetune, sequence_stats, state_copy, training_sequences)
@@ -388,11 +393,12 @@ def recover_study(
         "dtype": str(lm.dtype).replace("torch.", ""), "device": str(lm.device),
     }
     t_all = time.perf_counter()
-    akw = dict(requests=req, progress=progress)
+    talk = progress and distributed.is_main()  # under torchrun every rank works; rank 0 reports
+    akw = dict(requests=req, progress=talk)
     acfg = AnalyzeConfig(labels=labels, label_prefix=label_prefix, max_tokens=max_tokens)
     dense_block = None
     if cfg.dense:
-        if progress:
+        if talk:
             logger.info("analysing the dense model ...")
         d = analyze(lm, eval_data, fmt, acfg, **akw)
         dense_block = {"summary": d.metrics.summary(), **_layer_block(d)}
@@ -406,21 +412,21 @@ def recover_study(
     for n, c in enumerate(configs):
         removed = list(c.removed)
         k = len(removed)
-        if progress:
+        if talk:
             logger.info(f"[{n + 1}/{len(configs)}] removing {k} of {n_dense} layers ({k / n_dense:.1%}): {removed}")
         t0 = time.perf_counter()
         pm = state_copy(lm, removed, list(c.merges) if c.merges else None)
         before = analyze(pm, eval_data, fmt, acfg, **akw)
         loss_before = answer_loss(pm, seqs, hp.batch_size) if cfg.measure_train_loss else None
         t1 = time.perf_counter()
-        log = run_finetune(pm, seqs, hp, progress=progress)
+        log = run_finetune(pm, seqs, hp, progress=talk)
         t2 = time.perf_counter()
         after = analyze(pm, eval_data, fmt, acfg, **akw)
         loss_after = answer_loss(pm, seqs, hp.batch_size) if cfg.measure_train_loss else None
         t3 = time.perf_counter()
         tp_b, tp_a = before.metrics.transition_layer, after.metrics.transition_layer
         exp = None
-        if export_root is not None:
+        if export_root is not None and distributed.is_main():  # every rank holds the same weights (DDP)
             exp = export_model(pm, export_root / _export_name(n, c))
         runs.append(RecoveryRun(
             removed=removed, k=k, ratio=k / n_dense, source=c.source, before=before.metrics.summary(),
@@ -433,7 +439,7 @@ def recover_study(
         if out_dir is not None and n + 1 < len(configs):  # finished configurations survive a killed run
             RecoveryResult(config=config, provenance=provenance(lm, eval_data, partial=True), runs=runs,
                            dense=dense_block).save(out_dir, plots=False)
-    prov = provenance(lm, eval_data, timing={"total_s": round(time.perf_counter() - t_all, 2)})
+    prov = provenance(lm, eval_data, timing={"total_s": round(time.perf_counter() - t_all, 2), "ranks": distributed.world()})
     res = RecoveryResult(config=config, provenance=prov, runs=runs, dense=dense_block)
     if out_dir is not None:
         res.save(out_dir, plots=plots)

@@ -432,9 +432,11 @@ def _prune_line(res) -> str:
 
 
 def study_findings(studies: Sequence[Study], cfg=None, compare_table: dict | None = None, compare_complete: bool = True):
-    """The findings of one or more studies: claims 1-8 per study (first task), 9 across all pairs, 10 from
-    ``compare_table`` (see :func:`~declens.analyses.compare.compare_averages`; ``compare_complete`` False for a
-    comparison stopped before its end)."""
+    """The findings of one or more studies: claims 1-4 for every analysed task of each study (its own analysis
+    and IP run), claims 5-8 per study from the stages run on its first task (CKA, noise, recovery; the
+    ablation averages its tasks), 9 across all pairs, 10 from ``compare_table`` (see
+    :func:`~declens.analyses.compare.compare_averages`; ``compare_complete`` False for a comparison stopped
+    before its end)."""
     from .findings import (Findings, FindingsConfig, claim_ablation, claim_cka, claim_collapse_in_silent,
                            claim_correlation, claim_decisive_first, claim_noise, claim_option_dynamics,
                            claim_recovery, claim_sharp_transition, claim_table5, idea_phase_aware, idea_safe_margin)
@@ -442,20 +444,32 @@ def study_findings(studies: Sequence[Study], cfg=None, compare_table: dict | Non
     cfg = cfg or FindingsConfig()
     found = []
     for st in studies:
-        key = _key(st.config.tasks[0], st.config.formats[0])
-        dense, pr = st.get("analysis", key), st.get("prune", key)
-        if dense is None:
+        keys = [_key(t, f) for f in st.config.formats for t in st.config.tasks]
+        keys = sorted((k for k in keys if st.get("analysis", k) is not None),
+                      key=lambda k: k != _key(st.config.tasks[0], st.config.formats[0]))  # the first task first
+        if not keys:
             continue
+        replayed = False
+        for key in keys:
+            dense, pr = st.get("analysis", key), st.get("prune", key)
+            replayed = bool(st.config.ip_order) and pr is not None and "replay" in pr.runs
+            first = claim_decisive_first(dense, None if replayed else pr, cfg)
+            if replayed:  # a given order says nothing about which layers Block Influence picks first
+                first.note = REPLAYED + "; this claim is about IP's own choice, so it is not tested"
+            fs = [claim_sharp_transition(dense, cfg), claim_option_dynamics(dense, cfg), first,
+                  claim_collapse_in_silent(dense, _as_ip(pr) if replayed else pr, cfg)]
+            if replayed:
+                fs[3].note = f"{REPLAYED}; {fs[3].note}" if fs[3].note else REPLAYED
+            for f in fs:
+                f.source = f"{st.folder.name}:{key}"
+            found += fs
+        key = keys[0]
+        dense, pr = st.get("analysis", key), st.get("prune", key)
         replayed = bool(st.config.ip_order) and pr is not None and "replay" in pr.runs
-        first = claim_decisive_first(dense, None if replayed else pr, cfg)
-        if replayed:  # a given order says nothing about which layers Block Influence picks first
-            first.note = REPLAYED + "; this claim is about IP's own choice, so it is not tested"
-        fs = [claim_sharp_transition(dense, cfg), claim_option_dynamics(dense, cfg), first,
-              claim_collapse_in_silent(dense, _as_ip(pr) if replayed else pr, cfg),
-              claim_cka(st.get("cka"), cfg), claim_noise(st.get("noise"), cfg, analysis=dense),
+        fs = [claim_cka(st.get("cka"), cfg), claim_noise(st.get("noise"), cfg, analysis=dense),
               claim_ablation(st.get("ablate"), cfg), claim_recovery(st.get("recover"), cfg)]
         if replayed:
-            for f in (fs[3], fs[4], fs[7]):  # the collapse, CKA and recovery follow the replayed trajectory
+            for f in (fs[0], fs[3]):  # CKA and recovery follow the replayed trajectory
                 f.note = f"{REPLAYED}; {f.note}" if f.note else REPLAYED
         for f in fs:
             f.source = f"{st.folder.name}:{key}"

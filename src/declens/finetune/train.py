@@ -6,6 +6,16 @@ Loss: the model's own causal-LM loss with prompt labels set to -100; ``Trainer``
 of answer tokens of the whole accumulated batch (``num_items_in_batch``), so a step's loss is the
 mean over every answer token of its effective batch, whatever the split into micro-batches.
 
+Data parallelism: under ``torchrun`` ``Trainer`` wraps the model in DDP (gradients all-reduced; the
+answer-token count all-reduced too, ``average_tokens_across_devices``), and every rank takes its
+``batch_size`` rows of each micro-batch (effective batch = ``batch_size`` x ``grad_accum`` x ranks).
+The row order is drawn as one process with ``batch_size`` x ranks draws it (the length-grouped
+sampler groups by the whole effective batch, see :func:`_trainer_class`), so a step trains on the same
+rows and, without dropout, reaches one process's numbers up to the order of the gradient sums
+(``tests/test_distributed.py``). Two differences remain: LoRA dropout masks are drawn per rank, and a
+row count that the per-step batch does not divide is completed with rows from the start (accelerate's
+``even_batches``). :func:`answer_loss` splits its batches over the ranks.
+
 Precision: full fine-tuning of a 16-bit model keeps float32 master weights (AdamW updates of a
 2e-5 learning rate vanish in bfloat16's 8-bit mantissa) and computes in the model's dtype under
 ``Trainer``'s autocast (``bf16``/``fp16``); the weights are cast back afterwards. LoRA keeps the
@@ -14,6 +24,7 @@ frozen base in its dtype and the adapters in float32 (peft's default).
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 import tempfile
@@ -25,6 +36,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
+from .. import distributed
 from ..errors import DeclensError
 from ..models import LoadedModel, decoder_parts
 from .config import LR_RULE, FinetuneConfig
@@ -47,7 +59,8 @@ class TrainLog:
         examples: training sequences; answer_tokens: answer tokens in them; truncated: sequences cut to ``max_length``.
         trainable_params / total_params: parameters trained (LoRA: the adapters) / in the model.
         seconds: wall time of the loop; device, dtype: where it ran and the model's dtype; precision: how.
-        world_size: data-parallel processes; backend: the library loop.
+        world_size: data-parallel processes; effective_batch: rows per optimizer step over all of them
+            (``batch_size`` x ``grad_accum`` x ``world_size``); backend: the library loop.
         merged: LoRA adapters were merged into the weights (always for ``full``).
         lr_search: the learning-rate selection (candidates, held-out losses, choice, rule), when one ran.
     """
@@ -68,6 +81,7 @@ class TrainLog:
     dtype: str = ""
     precision: str = ""
     world_size: int = 1
+    effective_batch: int = 0
     backend: str = ""
     merged: bool = False
     lr_search: dict | None = None
@@ -126,7 +140,9 @@ def answer_loss(lm: LoadedModel, seqs: Sequence[TrainSeq], batch_size: int = 16)
     """Mean cross-entropy of ``lm`` over the answer tokens of ``seqs`` (no gradient, eval mode).
 
     The LM head runs only at the positions that predict an answer token (position ``j - 1`` for
-    answer token ``j``), which saves the vocabulary projection of every prompt position.
+    answer token ``j``), which saves the vocabulary projection of every prompt position. Under
+    ``torchrun`` every rank runs its round-robin share of the batches (all ranks must call it); the
+    per-batch sums are gathered and added in batch order, as one process adds them.
     """
     from ..formats import encoder_for
 
@@ -134,20 +150,26 @@ def answer_loss(lm: LoadedModel, seqs: Sequence[TrainSeq], batch_size: int = 16)
         raise DeclensError("no training sequences to measure a loss on")
     parts = decoder_parts(lm.model)
     pad = encoder_for(lm).pad_id
-    total, count = 0.0, 0
     was_training = lm.model.training
     lm.model.eval()
     order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i].input_ids))  # less padding
+    starts = list(range(0, len(seqs), batch_size))
+    sums: dict[int, tuple[float, int]] = {}  # batch index -> (summed cross-entropy, answer tokens)
     with torch.no_grad():
-        for s in range(0, len(seqs), batch_size):
+        for j in distributed.my_batches(starts):
+            s = starts[j]
             b = {k: v.to(lm.device) for k, v in _collate([seqs[i] for i in order[s : s + batch_size]], pad).items()}
             h = parts.decoder(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False).last_hidden_state
             sel = b["labels"][:, 1:] != IGNORE_INDEX
             logits = parts.logit_transform(parts.head(h[:, :-1][sel]).float())
             y = b["labels"][:, 1:][sel]
-            total += float(torch.nn.functional.cross_entropy(logits, y, reduction="sum"))
-            count += int(y.numel())
+            sums[j] = (float(torch.nn.functional.cross_entropy(logits, y, reduction="sum")), int(y.numel()))
     lm.model.train(was_training)
+    sums = {j: v for part in distributed.gather_objects(sums) for j, v in part.items()}
+    total, count = 0.0, 0
+    for j in range(len(starts)):
+        total += sums[j][0]
+        count += sums[j][1]
     return total / count
 
 
@@ -179,6 +201,7 @@ def _callback(log: TrainLog, progress: bool):
 
         def on_train_begin(self, args, state, control, **kw):
             log.world_size = int(args.world_size)
+            log.effective_batch = int(args.train_batch_size * args.gradient_accumulation_steps * args.world_size)
             if progress and args.process_index == 0:
                 from tqdm.auto import tqdm
 
@@ -205,8 +228,31 @@ def _callback(log: TrainLog, progress: bool):
     return Recorder()
 
 
+@functools.cache
+def _trainer_class() -> type:
+    """``transformers.Trainer`` whose length-grouped row order does not depend on how the effective batch is
+    split over ``torchrun`` ranks.
+
+    ``Trainer`` groups rows of similar length in mega-batches sized from the per-device batch
+    (``batch_size`` x ``grad_accum``); sized from the whole effective batch (x ranks) instead, the
+    order is the one a single process with ``batch_size`` x ranks rows per forward pass draws, and the
+    ranks' shards of a step hold exactly that process's rows. One process is unchanged (x 1).
+    """
+    from transformers import Trainer
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    class DataParallelTrainer(Trainer):
+        def _get_train_sampler(self, train_dataset=None):
+            sampler = super()._get_train_sampler(train_dataset)
+            if isinstance(sampler, LengthGroupedSampler):
+                sampler.batch_size = self.args.train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size
+            return sampler
+
+    return DataParallelTrainer
+
+
 def _trainer_run(lm: LoadedModel, seqs: list[TrainSeq], cfg: FinetuneConfig, progress: bool, merge: bool) -> TrainLog:
-    from transformers import PrinterCallback, ProgressCallback, Trainer, TrainingArguments
+    from transformers import PrinterCallback, ProgressCallback, TrainingArguments
 
     from ..formats import encoder_for
 
@@ -242,12 +288,14 @@ def _trainer_run(lm: LoadedModel, seqs: list[TrainSeq], cfg: FinetuneConfig, pro
                 max_grad_norm=cfg.max_grad_norm or 0.0, seed=cfg.seed, data_seed=cfg.seed,
                 train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
                 logging_strategy="steps", logging_steps=1, logging_nan_inf_filter=False, save_strategy="no",
-                report_to="none", disable_tqdm=True, remove_unused_columns=False, dataloader_num_workers=0,
+                average_tokens_across_devices=True, report_to="none", disable_tqdm=True, remove_unused_columns=False,
+                dataloader_num_workers=0,
                 dataloader_pin_memory=device.type == "cuda", use_cpu=device.type == "cpu",
                 bf16=mixed and dtype == torch.bfloat16, fp16=mixed and dtype == torch.float16)
-            trainer = Trainer(model=trained, args=args, train_dataset=[{"seq": s, "input_ids": s.input_ids} for s in seqs],
-                              data_collator=Collator(encoder_for(lm).pad_id, 8 if device.type == "cuda" else 1),
-                              callbacks=[_callback(log, progress)])
+            trainer = _trainer_class()(model=trained, args=args,
+                                       train_dataset=[{"seq": s, "input_ids": s.input_ids} for s in seqs],
+                                       data_collator=Collator(encoder_for(lm).pad_id, 8 if device.type == "cuda" else 1),
+                                       callbacks=[_callback(log, progress)])
             for cb in (PrinterCallback, ProgressCallback):
                 trainer.remove_callback(cb)
             trainer.train()
