@@ -33,3 +33,8 @@ class CKAError(DeclensError):
 
 class NoiseSpecError(DeclensError):
     """A bad noise study request: negative or non-finite scales, repeats below 1, and the like."""
+
+
+class DeviceMemoryError(DeclensError):
+    """The device ran out of memory where the out-of-memory policy cannot back off any further
+    (a batch of one row; a re-plan under ``torchrun``), see :mod:`declens.runner`."""

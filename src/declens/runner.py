@@ -14,13 +14,14 @@ from __future__ import annotations
 import math
 from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Sequence, TypeVar
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from . import distributed, fastpath
+from .errors import DeviceMemoryError
 from .models import DecoderParts
 from .surgery import Positions, dense_layer_ids, layer_view
 
@@ -83,7 +84,11 @@ class Batch:
 
 
 class Probe:
-    """Base class: override what you need. Called inside ``torch.inference_mode`` (or grad mode for training)."""
+    """Base class: override what you need. Called inside ``torch.inference_mode`` (or grad mode for training).
+
+    A batch that runs out of device memory stops part-way and runs again in halves (:func:`split_on_oom`):
+    a probe writes its results row by row, or commits what it sums over rows in :meth:`finish`.
+    """
 
     #: True when the probe reads only each row's last position of the final layer's output (the letter
     #: format's decision token): when every probe of a pass says so, the fast path computes only those
@@ -449,8 +454,8 @@ def run_batches(
 ) -> list[list[int]]:
     """Run all sequences through the model in length-sorted batches with the given probes.
 
-    On CUDA out-of-memory a batch is split in half and retried (never a crash for a batch that
-    fits after halving).
+    On CUDA out-of-memory a batch is split in halves and retried (:func:`split_on_oom`: the
+    out-of-memory policy).
 
     Args:
         seqs: token id lists.
@@ -472,8 +477,9 @@ def run_batches(
 
     device = parts.head.weight.device
     probes = make_probes() if callable(make_probes) else make_probes
+    lengths = [len(s) for s in seqs]
     if plan is None:
-        plan = plan_batches([len(s) for s in seqs], max_tokens or default_max_tokens(parts), max_batch,
+        plan = plan_batches(lengths, max_tokens or default_max_tokens(parts), max_batch,
                             batch_cost=parts.options.batch_cost)
     todo = [plan[j] for j in distributed.my_batches(plan)]  # all of them in a single process
     hooks = hooks or BatchHooks()
@@ -481,7 +487,8 @@ def run_batches(
     bar = tqdm(total=sum(len(b) for b in todo), desc=progress, unit="seq", disable=progress is None, leave=False)
     try:
         for idx in todo:
-            _run_with_backoff(parts, seqs, idx, probes, pad_id, device, layers)
+            split_on_oom(lambda rows: forward(parts, collate(seqs, rows, pad_id, device), probes, layers=layers,
+                                              defer=True), idx, lengths)
             bar.update(len(idx))
             if hooks.after:
                 hooks.after(idx, lambda: flush(probes))
@@ -491,13 +498,100 @@ def run_batches(
     return plan
 
 
-def _run_with_backoff(parts, seqs, idx, probes, pad_id, device, layers):
-    try:
-        forward(parts, collate(seqs, idx, pad_id, device), probes, layers=layers, defer=True)
-    except torch.OutOfMemoryError:
-        if len(idx) == 1:
-            raise
+# ------------------------------------------------------------------------------------------------
+# Out of memory: one policy for every batch loop that runs inference (docs/ARCHITECTURE.md, "Out of memory")
+#
+# On CUDA out-of-memory the device's cache is freed and the batch is split in halves, recursively down to
+# one row (split_on_oom); a loop that keeps state per planned batch, or folds a batch's results while it
+# runs, re-plans the whole pass with half the budget instead (replan_on_oom). A row that does not fit
+# alone raises a one-line DeviceMemoryError. Either way the numbers are those of the smaller batches.
+
+#: An out-of-memory back-off divides the batch (split) or the padded-token budget (re-plan) by this.
+OOM_BACKOFF = 2
+
+
+def free_device_memory() -> None:
+    """Return the CUDA caching allocator's unused blocks to the device (a no-op without CUDA)."""
+    if torch.cuda.is_available():
         torch.cuda.empty_cache()
-        half = math.ceil(len(idx) / 2)
-        _run_with_backoff(parts, seqs, idx[:half], probes, pad_id, device, layers)
-        _run_with_backoff(parts, seqs, idx[half:], probes, pad_id, device, layers)
+
+
+T = TypeVar("T")
+
+
+def _one_row_message(size: str) -> str:
+    return (f"a batch of one row ({size}) does not fit in the device's free memory: spread the model over more "
+            "GPUs with --device-map auto, or shorten the rows (fewer --num-fewshot); --max-tokens cannot split a row")
+
+
+def split_on_oom(run: Callable[[list[int]], None], index: Sequence[int], lengths: Sequence[int] | None = None) -> None:
+    """Run one batch, ``run(index)``, under the out-of-memory policy of loops without per-batch state.
+
+    On CUDA out-of-memory the device cache is freed and the two halves of ``index`` run instead (in
+    order, each again under this policy), down to batches of one row. ``run`` must leave a batch's results
+    either row by row (the halves overwrite what a failed run wrote) or commit them when the batch has
+    finished (a failed run commits nothing: :class:`Probe` s commit in :meth:`Probe.finish`), so the
+    results are what the halves compute alone. Local to the process: under ``torchrun`` each rank splits
+    its own batches (rows keep their plan order, so what is gathered by row is unchanged).
+
+    Args:
+        run: runs the rows ``index`` (indices into the caller's rows) as one batch.
+        index: ``[B]`` the rows of the batch.
+        lengths: ``[N]`` token count of each of the caller's rows (named in the error message), or None.
+
+    Raises:
+        DeviceMemoryError: a batch of one row does not fit.
+    """
+    index = list(index)
+    try:
+        run(index)
+        return
+    except torch.OutOfMemoryError:
+        pass  # retried outside the handler: its traceback holds the failed pass's tensors
+    if len(index) == 1:
+        size = f"row {index[0]}" + ("" if lengths is None else f": {int(lengths[index[0]])} tokens")
+        raise DeviceMemoryError(_one_row_message(size))
+    free_device_memory()
+    half = math.ceil(len(index) / OOM_BACKOFF)
+    split_on_oom(run, index[:half], lengths)
+    split_on_oom(run, index[half:], lengths)
+
+
+def replan_on_oom(run: Callable[[int], T], max_tokens: int,
+                  lengths: Sequence[int] | Callable[[], Sequence[int]]) -> T:
+    """Run a whole pass, ``run(budget)``, under the out-of-memory policy of loops with per-batch state.
+
+    For loops whose batches leave state that a split would change: prefix states kept per planned batch
+    (the pruning engine), statistics folded batch by batch in plan order and checkpoints counted in
+    batches (the noise study). On CUDA out-of-memory the device cache is freed and ``run`` starts again
+    from nothing with half the padded-token budget (so the numbers are those of a run planned with that
+    budget), until the budget is so small that every batch holds one row (:func:`plan_batches` batches
+    two rows only under a budget of at least twice the shortest row).
+
+    Args:
+        run: runs the pass planned with the given budget and returns its result; it must drop whatever a
+            failed call left behind.
+        max_tokens: the first budget (padded tokens per batch).
+        lengths: ``[N]`` token count of each row (or a function giving them, called only on out-of-memory).
+
+    Returns:
+        What the first call of ``run`` that fits returns.
+
+    Raises:
+        DeviceMemoryError: every batch already held one row; or under ``torchrun``, where one rank cannot
+            re-plan alone (the ranks share one plan), with the budget to rerun with.
+    """
+    budget = int(max_tokens)
+    while True:
+        try:
+            return run(budget)
+        except torch.OutOfMemoryError:
+            pass  # retried outside the handler: its traceback holds the failed pass's tensors
+        if distributed.active():
+            raise DeviceMemoryError(f"out of device memory at --max-tokens {budget} under torchrun, where a rank "
+                                    f"cannot re-plan alone: rerun with --max-tokens {budget // OOM_BACKOFF}")
+        rows = list(lengths() if callable(lengths) else lengths)
+        if budget < OOM_BACKOFF * max(1, min(rows, default=0)):  # every batch held one row already
+            raise DeviceMemoryError(_one_row_message(f"the longest has {max(rows, default=0)} tokens"))
+        free_device_memory()
+        budget //= OOM_BACKOFF

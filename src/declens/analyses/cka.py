@@ -49,7 +49,7 @@ from ..formats import Requests, format_named
 from ..lens import EMBEDDING_ID
 from ..models import LoadedModel
 from ..results import RunWriter, provenance, register_result
-from ..runner import Batch, Probe, collate, default_max_tokens, forward, plan_batches
+from ..runner import Batch, Probe, collate, default_max_tokens, forward, plan_batches, split_on_oom
 from ..scoring import InputRead
 from ..surgery import dense_layer_ids, keep_positions
 from ..tasks import TaskData, subsample
@@ -286,9 +286,9 @@ def collect_states(lm: LoadedModel, rows: Sequence[Sequence[int]], layers: Seque
 
     pad = encoder_for(lm).pad_id
     probe = CKAProbe(len(rows))
-    for idx in plan_batches([len(r) for r in rows], max_tokens or default_max_tokens(lm.parts),
-                            batch_cost=lm.options.batch_cost):
-        forward(lm.parts, collate(rows, idx, pad, lm.device), [probe], layers=layers)
+    lengths = [len(r) for r in rows]
+    for idx in plan_batches(lengths, max_tokens or default_max_tokens(lm.parts), batch_cost=lm.options.batch_cost):
+        split_on_oom(lambda ix: forward(lm.parts, collate(rows, ix, pad, lm.device), [probe], layers=layers), idx, lengths)
     return probe
 
 
@@ -537,17 +537,22 @@ def cka_study(
     run = [p for p in keep if m is not None and p > m]
     dense = CKAProbe(len(rows))
     pruned = CKAProbe(len(rows))
-    plan = plan_batches([len(r) for r in rows], budget, batch_cost=parts.options.batch_cost)
+    lengths = [len(r) for r in rows]
+    plan = plan_batches(lengths, budget, batch_cost=parts.options.batch_cost)
     mine = [i for j in distributed.my_batches(plan) for i in plan[j]]  # this rank's rows (all in one process)
     talk = progress and distributed.is_main()
     bar = tqdm(total=len(mine), desc=f"cka {data.name}/{fmt}", unit="seq", disable=not talk, leave=False)
+
+    def run_batch(idx: list[int]) -> None:  # the probes write row by row: a batch may run as two halves
+        b = collate(rows, idx, pad, lm.device)
+        cap = _InputAt(m) if run else None
+        forward(parts, b, [dense] + ([InputRead(dense)] if include_embeddings else []) + ([cap] if cap else []))
+        if run:
+            forward(parts, b, [pruned], layers=run, start_hidden=cap.state)
+
     try:
         for idx in (plan[j] for j in distributed.my_batches(plan)):
-            b = collate(rows, idx, pad, lm.device)
-            cap = _InputAt(m) if run else None
-            forward(parts, b, [dense] + ([InputRead(dense)] if include_embeddings else []) + ([cap] if cap else []))
-            if run:
-                forward(parts, b, [pruned], layers=run, start_hidden=cap.state)
+            split_on_oom(run_batch, idx, lengths)
             bar.update(len(idx))
     finally:
         bar.close()

@@ -62,7 +62,7 @@ from __future__ import annotations
 import hashlib
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -76,7 +76,7 @@ from ..formats import Requests, format_named
 from ..metrics import compute_metrics, margins, predictions
 from ..models import LoadedModel
 from ..results import Checkpoint, RunWriter, check_run_folder_kind, config_key, provenance, register_result
-from ..runner import Batch, Probe, collate, default_max_tokens, flush, forward, plan_batches
+from ..runner import Batch, Probe, collate, default_max_tokens, flush, forward, plan_batches, replan_on_oom
 from ..scoring import Checkpointer, ScoreState, ScoringPlan
 from ..surgery import dense_layer_ids
 from ..tasks import TaskData
@@ -97,6 +97,9 @@ SIGMA_RULES = {
 #: Most bytes of kept layer outputs per batch (all layers of one batch are kept, in CPU memory):
 #: the default batch budget is lowered so that ``tokens x d x L x itemsize`` stays below it.
 CACHE_BYTES = 4 * 1024**3
+#: ... but the default budget is never below this many padded tokens (a model too large for the cap still
+#: batches its rows; the out-of-memory policy backs off from there).
+MIN_CACHE_BUDGET = 256
 
 
 # ------------------------------------------------------------------------------------------------
@@ -482,7 +485,7 @@ def _cache_budget(lm: LoadedModel, max_tokens: int | None) -> int:
         return int(max_tokens)
     d = lm.parts.config.hidden_size
     per_token = d * lm.num_layers * torch.empty((), dtype=lm.dtype).element_size()
-    return max(256, min(default_max_tokens(lm.parts), CACHE_BYTES // max(per_token, 1)))
+    return max(MIN_CACHE_BUDGET, min(default_max_tokens(lm.parts), CACHE_BYTES // max(per_token, 1)))
 
 
 @dataclass(frozen=True)
@@ -559,17 +562,45 @@ def noise_study(
             process: under ``torchrun`` the ranks run disjoint batches (see the module docstring), so none is
             written (one left by a single process is read).
 
+    Out of memory: both passes keep state per planned batch (sigma folded batch by batch, units done
+    counted in batches), so the study starts again planned with half the batch budget
+    (:func:`~declens.runner.replan_on_oom`); its result then records that budget (``config["max_tokens"]``) and
+    its checkpoint is the one :func:`noise_checkpoint` gives for it (a resumed run backs off the same way).
+
     Returns:
         The :class:`NoiseResult`.
 
     Raises:
         NoiseSpecError: bad scales, repeats or sigma rule; LayerSpecError: bad layer ids; DeclensError: bad format.
     """
+    cfg = config if config is not None else NoiseConfig()
+    first = _cache_budget(lm, cfg.max_tokens)
+    prepared = {"requests": requests}
+
+    def lengths() -> list[int]:  # the rows' token counts, wanted only on out-of-memory
+        from .decision import prepare
+
+        if prepared["requests"] is None:
+            prepared["requests"] = prepare(lm, data, fmt, num_fewshot=cfg.num_fewshot)
+        return [len(r) for r in ScoringPlan(lm.parts, prepared["requests"]).rows]
+
+    def attempt(budget: int) -> NoiseResult:
+        if budget == first:  # as asked
+            return _noise_study(lm, data, fmt, cfg, progress, requests=prepared["requests"], checkpoint=checkpoint)
+        c = replace(cfg, max_tokens=budget)  # re-planned: the checkpoint of a run asked with that budget
+        ck = None if checkpoint is None else noise_checkpoint(checkpoint.path.parent.parent, lm, data, fmt, c)
+        return _noise_study(lm, data, fmt, c, progress, requests=prepared["requests"], checkpoint=ck)
+
+    return replan_on_oom(attempt, first, lengths)
+
+
+def _noise_study(lm: LoadedModel, data: TaskData, fmt: str, cfg: NoiseConfig, progress: bool, *,
+                 requests: Requests | None, checkpoint: Checkpoint | None) -> NoiseResult:
+    """:func:`noise_study` planned with ``cfg``'s batch budget (no out-of-memory back-off here)."""
     from tqdm.auto import tqdm
 
     from .decision import encoder_for, prepare
 
-    cfg = config if config is not None else NoiseConfig()
     scales, layers, seed, repeats, max_tokens = cfg.scales, cfg.layers, cfg.seed, cfg.repeats, cfg.max_tokens
     num_fewshot, decision_score, sigma = cfg.num_fewshot, cfg.decision_score, cfg.sigma
     format_named(fmt)  # an unknown format fails here, before any work

@@ -21,7 +21,7 @@ from .. import distributed
 from ..formats import Requests, encoder_for
 from ..metrics import LayerMetrics, compute_metrics
 from ..models import LoadedModel
-from ..runner import Batch, Probe, collate, default_max_tokens, forward, plan_batches
+from ..runner import Batch, Probe, collate, default_max_tokens, forward, plan_batches, replan_on_oom
 from ..scoring import LayerScores, ScoringPlan
 from ..surgery import dense_layer_ids, keep_positions
 from .influence import InfluenceProbe, angular_distances, next_token_nll
@@ -154,14 +154,18 @@ class PruningEngine:
         """Run the dense model once over all rows (cached; later calls return at once)."""
         if self.dense is not None:
             return self.dense
-        while True:
-            try:
-                return self._run_dense()
-            except torch.OutOfMemoryError:
-                if self.max_tokens <= 256:
-                    raise
-                self.max_tokens //= 2  # back off: re-plan with half the batch budget
-                torch.cuda.empty_cache()
+        # the prefix states are kept per planned batch: on out-of-memory the pass re-plans with half the
+        # budget (the policy of runner.replan_on_oom); later passes run the batches of the plan that fit
+        lengths = [len(r) for rs in (self.eval, self.calib) if rs for r in rs.rows]
+        return replan_on_oom(self._run_dense_at, self.max_tokens, lengths)
+
+    def _run_dense_at(self, max_tokens: int) -> Evaluation:
+        """The dense pass planned with ``max_tokens`` padded tokens per batch (a failed pass's states dropped first)."""
+        self.max_tokens = max_tokens
+        for rs in (self.eval, self.calib):
+            if rs is not None:
+                rs.batches, rs.cache = [], []
+        return self._run_dense()
 
     def _run_dense(self) -> Evaluation:
         from tqdm.auto import tqdm

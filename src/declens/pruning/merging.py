@@ -43,7 +43,7 @@ from torch import nn
 
 from ..errors import DeclensError
 from ..models import DecoderParts
-from ..runner import Batch, collate, forward, plan_batches
+from ..runner import Batch, collate, forward, plan_batches, split_on_oom
 from ..surgery import dense_layer_ids, keep_positions
 from .influence import InfluenceProbe
 from .methods import Memo, MethodRun, PruneRecord, register_method
@@ -313,14 +313,20 @@ class CalibRows:
         self.parts = eng.parts
         self.reuse = eng.reuse
         rows = eng.calib.rows[:n]
-        plan = plan_batches([len(r) for r in rows], eng.max_tokens, batch_cost=eng.parts.options.batch_cost)
-        self.batches = [collate(rows, idx, eng.pad, eng.device) for idx in plan]
-        self.inputs, self.finals = [], []
+        lengths = [len(r) for r in rows]
+        plan = plan_batches(lengths, eng.max_tokens, batch_cost=eng.parts.options.batch_cost)
+        self.batches, self.inputs, self.finals = [], [], []
         last = InfluenceProbe(keep_last=True)
-        for b in self.batches:
+
+        def run(idx: list[int]) -> None:  # a batch's states are kept only once it has run through
+            b = collate(rows, idx, eng.pad, eng.device)
             cache = _CacheProbe(offload=False)
             self.finals.append(forward(self.parts, b, [cache, last]))
+            self.batches.append(b)
             self.inputs.append(cache.store)
+
+        for idx in plan:
+            split_on_oom(run, idx, lengths)  # out of memory: the batch runs as two (rows keep their order)
         self.last = {lid: torch.cat(hs).numpy() for lid, hs in last.last_states.items() if lid >= 0}
 
     def run(self, spec: MergeSpec, probes=()) -> tuple[list[torch.Tensor], list[int]]:

@@ -398,7 +398,8 @@ def prune(
     elapsed = time.perf_counter() - t0
     total = engine.total_work()
     work = {"reuse": cfg.reuse, **_work_entry(total["run"], total["full"]), "evaluations": len(memo.data),
-            "resumed_evaluations": len(stored), "ranks": distributed.world(), "methods": per_method}
+            "resumed_evaluations": len(stored), "ranks": distributed.world(), "methods": per_method,
+            "max_tokens": engine.max_tokens}  # the batch budget used (lower than asked after an out-of-memory re-plan)
     prov = provenance(lm, data, timing={"prune_s": round(elapsed, 2), "evaluations_run": len(memo.data) - len(stored),
                                         "evaluations_restored": len(stored)})
     res = PruneResult(config=config, provenance=prov, runs=runs,
