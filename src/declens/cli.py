@@ -88,16 +88,11 @@ def _execution(fastpath: Optional[str], batch_cost: Optional[int], checkpoint_ev
                                              checkpoint_every=checkpoint_every, fused_lse=fused_lse)
 
 
-def _load(model: str, dtype: str, device: str, device_map: Optional[str], max_memory: Optional[str],
-          allow_truncation: bool = False, execution=None):
-    """Load the model (every option has been checked by then); set its prompt-truncation policy and
-    execution options (None: :func:`_execution` defaults)."""
-    from .models import load_model
-
-    lm = load_model(model, dtype=dtype, device=device, device_map=device_map, max_memory=max_memory,
-                    options=execution)
-    lm.truncate = allow_truncation
-    return lm
+def _out_folder(out: Optional[Path], *name: str) -> Path:
+    """The results folder of a command: ``--out`` if given, else ``runs/<name>``, its parts (a command's prefix,
+    the model, the task, the format ...) joined by ``_``, each as a file-name slug (a model path or hub id
+    gives its last component), e.g. ``runs/prune_<model>_<task>``."""
+    return Path(out) if out else Path("runs") / "_".join(_slug(part) for part in name)
 
 
 def _ready(folder: Path, data=None, num_fewshot: int = 0, record: bool = True, **out_kw) -> Path:
@@ -232,11 +227,30 @@ class ModelArgs:
     device_map: Optional[str] = None
     max_memory: Optional[str] = None
     allow_truncation: bool = False
+    #: :class:`~declens.execution.ExecutionOptions` (:func:`_execution`); None: the defaults
     execution: Any = None
 
+    def check(self, **options: Any) -> None:
+        """Refuse a bad ``--dtype``, ``--device``, ``--device-map`` or ``--max-memory``, with the command's other
+        ``options`` (by parameter name: :func:`~declens.checks.check_options`), without loading anything: each
+        command calls it before any long work.
+
+        Raises:
+            DeclensError: the first bad option, with the fix.
+        """
+        from .checks import check_options
+
+        check_options(**options, dtype=self.dtype, device=self.device, device_map=self.device_map,
+                      max_memory=self.max_memory)
+
     def load(self):
-        return _load(self.model, self.dtype, self.device, self.device_map, self.max_memory, self.allow_truncation,
-                     execution=self.execution)
+        """Load the model (after :meth:`check`) with its prompt-truncation policy and execution options."""
+        from .models import load_model
+
+        lm = load_model(self.model, dtype=self.dtype, device=self.device, device_map=self.device_map,
+                        max_memory=self.max_memory, options=self.execution)
+        lm.truncate = self.allow_truncation
+        return lm
 
 
 @dataclass(frozen=True)
@@ -269,20 +283,19 @@ class AnalyzeArgs:
 
 def _analyze(m: ModelArgs, rows: RowArgs, a: AnalyzeArgs, out: Optional[Path], quiet: bool = False):
     from .analyses.decision import AnalyzeConfig, analyze
-    from .checks import check_format_options, check_options, check_task_fields
+    from .checks import check_format_options, check_task_fields
     from .surgery import parse_layer_ids
     from .tasks import LETTERS, load_task
 
     task, fields, fmt, labels, decision_score = rows.task, rows.fields, a.fmt, a.labels, a.decision_score
-    check_options(fmt=fmt, seed=rows.seed, limit=rows.limit, num_fewshot=a.num_fewshot, max_tokens=a.max_tokens,
-                  dtype=m.dtype, decision_score=decision_score, lens_layers=a.lens_layers, remove=a.remove,
-                  device=m.device, device_map=m.device_map, max_memory=m.max_memory)
+    m.check(fmt=fmt, seed=rows.seed, limit=rows.limit, num_fewshot=a.num_fewshot, max_tokens=a.max_tokens,
+            decision_score=decision_score, lens_layers=a.lens_layers, remove=a.remove)
     check_task_fields(task, fields)
     check_format_options(fmt, labels, decision_score)
     data = load_task(task, split=rows.split, limit=rows.limit, seed=rows.seed, subjects=_split_list(rows.subjects),
                      fields=fields)
     check_format_options(fmt, labels, decision_score, data)
-    out = _ready(Path(out) if out else Path("runs") / f"{_slug(m.model)}_{_slug(data.name)}_{fmt}", data, a.num_fewshot)
+    out = _ready(_out_folder(out, m.model, data.name, fmt), data, a.num_fewshot)
     lm = m.load()
     res = analyze(lm, data, fmt, AnalyzeConfig(num_fewshot=a.num_fewshot, seed=rows.seed, remove=parse_layer_ids(a.remove),
                                                labels=_split_list(labels) or LETTERS, label_prefix=a.label_prefix,
@@ -400,11 +413,12 @@ def prune(
         merge.validate()
         skip = SkipPrun(enabled=skip_prun, restart=restart_from, criterion=collapse_rule, drop=collapse_drop,
                         rel_drop=collapse_rel_drop, max_skips=max_skips, max_restarts=max_restarts)  # checked before loading
-        from .checks import check_calibration, check_methods, check_options, check_task_fields
+        from .checks import check_calibration, check_methods, check_task_fields
 
-        check_options(fmt=fmt, seed=seed, limit=limit, max_tokens=max_tokens, dtype=dtype, order=order,
-                      calib_samples=calib_samples, max_ratio=max_ratio, collapse_keep=collapse_keep, device=device,
-                      device_map=device_map, max_memory=max_memory)
+        m = ModelArgs(model, dtype, device, device_map, max_memory, allow_truncation,
+                      _execution(fastpath, batch_cost, checkpoint_every, fused_lse))
+        m.check(fmt=fmt, seed=seed, limit=limit, max_tokens=max_tokens, order=order, calib_samples=calib_samples,
+                max_ratio=max_ratio, collapse_keep=collapse_keep)
         check_methods(_split_list(method) or [], order)
         check_task_fields(task, fields)
         check_calibration(calib_task, calib_split, calib_from_eval)
@@ -415,9 +429,8 @@ def prune(
                            calib_task=calib_task, calib_split=calib_split, calib_from_eval=calib_from_eval, skip=skip,
                            seed=seed, reuse=not no_reuse, collapse_keep=collapse_keep, max_tokens=max_tokens,
                            order=parse_layer_ids(order) if order else None, merge=merge)
-        folder = _ready(Path(out) if out else Path("runs") / f"prune_{_slug(model)}_{_slug(data.name)}")
-        lm = _load(model, dtype, device, device_map, max_memory, allow_truncation,
-                   execution=_execution(fastpath, batch_cost, checkpoint_every, fused_lse))
+        folder = _ready(_out_folder(out, "prune", model, data.name))
+        lm = m.load()
         res = run_prune(lm, data, fmt, pcfg, out_dir=folder)
         print_prune(res)
         _truncation_note(lm)
@@ -482,19 +495,19 @@ def eval_cmd(
     def go():
         from .analyses.evaluate import evaluate_configs
         from .cli_tables import print_eval
-        from .checks import check_distinct_configs, check_formats, check_options, check_task_names
+        from .checks import check_distinct_configs, check_formats, check_task_names
         from .surgery import parse_layer_ids
 
-        check_options(formats=formats, seed=seed, limit=limit, max_tokens=max_tokens, dtype=dtype, remove=remove,
-                      device=device, device_map=device_map, max_memory=max_memory)
+        m = ModelArgs(model, dtype, device, device_map, max_memory, allow_truncation,
+                      _execution(fastpath, batch_cost, checkpoint_every, fused_lse))
+        m.check(formats=formats, seed=seed, limit=limit, max_tokens=max_tokens, remove=remove)
         names = check_task_names(tasks)
         configs = ([[]] if dense else []) + [parse_layer_ids(r) for r in remove]
         if not configs:
             raise DeclensError("nothing to evaluate: give --remove at least once, or keep --dense")
         check_distinct_configs(configs)
-        folder = _ready(Path(out) if out else Path("runs") / f"eval_{_slug(model)}")
-        lm = _load(model, dtype, device, device_map, max_memory, allow_truncation,
-                   execution=_execution(fastpath, batch_cost, checkpoint_every, fused_lse))
+        folder = _ready(_out_folder(out, "eval", model))
+        lm = m.load()
         res = evaluate_configs(lm, names, configs, check_formats(formats), limit=limit, seed=seed,
                                max_tokens=max_tokens, out_dir=folder)
         print_eval(res, console)
@@ -532,15 +545,15 @@ def ablate(
     def go():
         from .analyses.ablation import AblateConfig, ablate as run_ablate
         from .cli_tables import print_eval
-        from .checks import check_options, check_task_names
+        from .checks import check_task_names
 
-        check_options(fmt=fmt, seed=seed, limit=limit, max_tokens=max_tokens, dtype=dtype, window=window, tp=tp,
-                      device=device, device_map=device_map, max_memory=max_memory)
+        m = ModelArgs(model, dtype, device, device_map, max_memory, allow_truncation,
+                      _execution(fastpath, batch_cost, checkpoint_every, fused_lse))
+        m.check(fmt=fmt, seed=seed, limit=limit, max_tokens=max_tokens, window=window, tp=tp)
         check_task_names(task, "--task", allow_all=False)
         names = check_task_names(tasks)
-        folder = _ready(Path(out) if out else Path("runs") / f"ablate_{_slug(model)}_{_slug(task)}")
-        lm = _load(model, dtype, device, device_map, max_memory, allow_truncation,
-                   execution=_execution(fastpath, batch_cost, checkpoint_every, fused_lse))
+        folder = _ready(_out_folder(out, "ablate", model, task))
+        lm = m.load()
         res = run_ablate(lm, task, names, fmt, AblateConfig(window=window, tp=tp, limit=limit, seed=seed, pairs=pairs,
                                                             max_tokens=max_tokens), out_dir=folder)
         console.print(f"Transition Point: layer {res.transition_layer} ({task}, {fmt})")
@@ -567,15 +580,13 @@ def export(
     """Write a pruned (or layer-merged) model that plain AutoModelForCausalLM.from_pretrained loads."""
 
     def go():
-        from .models import load_model
         from .pruning.export import check_export_dir
         from .pruning.merging import MergeSpec, export_merged, state_from_prune
         from .results import load_result
         from .surgery import parse_layer_ids
 
-        from .checks import check_options
-
-        check_options(dtype=dtype, remove=remove, device=device, device_map=device_map, max_memory=max_memory)
+        m = ModelArgs(model, dtype, device, device_map, max_memory)
+        m.check(remove=remove)
         if (remove is None) == (from_prune is None):
             raise DeclensError("give the layers to remove with --remove 24,23 or a prune run with --from-prune DIR, one of the two")
         if from_prune is None and (prune_method or ratio is not None):
@@ -590,7 +601,7 @@ def export(
             spec, rec = state_from_prune(pres, meth, ratio)
         else:
             spec = MergeSpec(removed=parse_layer_ids(remove))
-        lm = load_model(model, dtype=dtype, device=device, device_map=device_map, max_memory=max_memory)
+        lm = m.load()
         if from_prune is not None:
             from .surgery import original_num_layers
 
@@ -659,7 +670,7 @@ def cka(
 
     def go():
         from .analyses.cka import CKAConfig, check_rows, cka_study, from_prune_run, state_from_prune
-        from .checks import check_options, check_task_fields
+        from .checks import check_task_fields
         from .surgery import parse_layer_ids
         from .tasks import load_task
 
@@ -675,16 +686,15 @@ def cka(
         elif drop is None:
             raise DeclensError("give the pruned view: --remove 24,23,22 (\"\" for the dense model) or --prune-run DIR")
 
-        check_options(fmt=fmt, seed=seed, limit=limit, num_fewshot=num_fewshot, max_tokens=max_tokens, dtype=dtype,
-                      remove=drop, device=device, device_map=device_map, max_memory=max_memory)
+        m = ModelArgs(model, dtype, device, device_map, max_memory, allow_truncation,
+                      _execution(fastpath, batch_cost, checkpoint_every, fused_lse))
+        m.check(fmt=fmt, seed=seed, limit=limit, num_fewshot=num_fewshot, max_tokens=max_tokens, remove=drop)
         check_rows(limit)
         check_task_fields(task, fields)
         data = load_task(task, split=split, limit=limit, seed=seed, subjects=_split_list(subjects), fields=fields)
         check_rows(len(data.items), f"the selection from {data.name!r} holds only {len(data.items)} rows; use a larger task or split")
-        folder = _ready(Path(out) if out else Path("runs") / f"cka_{_slug(model)}_{_slug(data.name)}_{fmt}", data,
-                        num_fewshot)
-        lm = _load(model, dtype, device, device_map, max_memory, allow_truncation,
-                   execution=_execution(fastpath, batch_cost, checkpoint_every, fused_lse))
+        folder = _ready(_out_folder(out, "cka", model, data.name, fmt), data, num_fewshot)
+        lm = m.load()
         res = cka_study(lm, data, parse_layer_ids(drop), fmt,
                         CKAConfig(n_samples=None, seed=seed, max_tokens=max_tokens, num_fewshot=num_fewshot,
                                   include_embeddings=include_embeddings))
@@ -752,22 +762,21 @@ def noise(
 
     def go():
         from .analyses.noise import NoiseConfig, noise_checkpoint, noise_study, parse_scales, validate_sigma
-        from .checks import check_format_options, check_options, check_task_fields
+        from .checks import check_format_options, check_task_fields
         from .surgery import parse_layer_ids
         from .tasks import load_task
 
         a = parse_scales(scales)  # fail on a typo before loading anything
         check_format_options(fmt, None, decision_score)
         validate_sigma(sigma)
-        check_options(fmt=fmt, seed=seed, limit=limit, num_fewshot=num_fewshot, max_tokens=max_tokens, dtype=dtype,
-                      decision_score=decision_score, layers=layers, repeats=repeats, device=device,
-                      device_map=device_map, max_memory=max_memory)
+        m = ModelArgs(model, dtype, device, device_map, max_memory, allow_truncation,
+                      _execution(fastpath, batch_cost, checkpoint_every, fused_lse))
+        m.check(fmt=fmt, seed=seed, limit=limit, num_fewshot=num_fewshot, max_tokens=max_tokens,
+                decision_score=decision_score, layers=layers, repeats=repeats)
         check_task_fields(task, fields)
         data = load_task(task, split=split, limit=limit, seed=seed, subjects=_split_list(subjects), fields=fields)
-        folder = _ready(Path(out) if out else Path("runs") / f"noise_{_slug(model)}_{_slug(data.name)}_{fmt}", data,
-                        num_fewshot)
-        lm = _load(model, dtype, device, device_map, max_memory, allow_truncation,
-                   execution=_execution(fastpath, batch_cost, checkpoint_every, fused_lse))
+        folder = _ready(_out_folder(out, "noise", model, data.name, fmt), data, num_fewshot)
+        lm = m.load()
         ncfg = NoiseConfig(scales=a, layers=parse_layer_ids(layers) or None, seed=seed, repeats=repeats,
                            max_tokens=max_tokens, num_fewshot=num_fewshot, decision_score=decision_score, sigma=sigma)
         # a killed run resumes from <folder>/.checkpoint/; saving the result removes it
@@ -833,8 +842,9 @@ def recover(
         from .surgery import parse_layer_ids
         from .tasks import load_task
 
-        check_options(seed=seed, limit=limit, max_tokens=max_tokens, dtype=dtype, remove=remove,
-                      train_samples=train_samples, device=device, device_map=device_map, max_memory=max_memory)
+        m = ModelArgs(model, dtype, device, device_map, max_memory, allow_truncation,
+                      _execution(fastpath, batch_cost, checkpoint_every, fused_lse))
+        m.check(seed=seed, limit=limit, max_tokens=max_tokens, remove=remove, train_samples=train_samples)
         if fmt is not None:
             check_options(fmt=fmt)
         ft = FinetuneConfig.make(method=method, epochs=epochs, lr=lr, batch_size=batch_size, grad_accum=grad_accum,
@@ -870,9 +880,8 @@ def recover(
         rcfg = RecoveryStudyConfig(fmt=f, finetune=replace(ft, seed=sd), ratios=ratio_list, prune_method=prune_method,
                                    train_split=train_split, train_samples=train_samples, train_seed=sd,
                                    max_tokens=max_tokens)
-        folder = _ready(Path(out) if out else Path("runs") / f"recover_{_slug(model)}_{_slug(data.name)}_{method}")
-        lm = _load(model, dtype, device, device_map, max_memory, allow_truncation,
-                   execution=_execution(fastpath, batch_cost, checkpoint_every, fused_lse))
+        folder = _ready(_out_folder(out, "recover", model, data.name, method))
+        lm = m.load()
         res = recover_study(lm, data, train_task or t, [parse_layer_ids(r) for r in remove] if remove else None, rcfg,
                             prune=from_prune, out_dir=folder, export_dir=export_dir)
         print_recovery(res, console)
@@ -960,9 +969,11 @@ def compare(
                             limit=limit, seed=seed, prune_task=prune_task, prune_limit=prune_limit,
                             calib_samples=calib_samples, skip_prun=skip_prun, train=train, finetune=ft,
                             eval_before=eval_before, max_tokens=max_tokens)
-        folder = _ready(Path(out) if out else Path("runs") / f"compare_{_slug(model)}")
-        lm = _load(model, dtype, device, device_map, max_memory, False,
-                   execution=_execution(fastpath, batch_cost, checkpoint_every, fused_lse))
+        m = ModelArgs(model, dtype, device, device_map, max_memory,
+                      execution=_execution(fastpath, batch_cost, checkpoint_every, fused_lse))
+        m.check()
+        folder = _ready(_out_folder(out, "compare", model))
+        lm = m.load()
         def say(cell):
             if cell["method"] == "dense":
                 console.print(f"dense: average accuracy {cell['average']:.3f}" + (" (reused)" if cell["reused"] else ""))
@@ -996,7 +1007,7 @@ def correlate(
         from .checks import check_methods
 
         check_methods([method], None)
-        folder = _ready(Path(out) if out else Path("runs") / f"correlate_{_slug(method)}")
+        folder = _ready(_out_folder(out, "correlate", method))
         res = run_correlate(run_dirs, method=method)
         res.save(folder)
         print_correlation(res)
@@ -1079,10 +1090,12 @@ def study(
 
     def go():
         from .analyses.study import StageEvent, StudyConfig, run_study
-        from .checks import check_formats, check_methods, check_options, check_task_names
+        from .checks import check_formats, check_methods, check_task_names
         from .surgery import parse_layer_ids
 
-        check_options(seed=seed, limit=limit, dtype=dtype, device=device, device_map=device_map, max_memory=max_memory)
+        m = ModelArgs(model, dtype, device, device_map, max_memory,
+                      execution=_execution(fastpath, batch_cost, checkpoint_every, fused_lse))
+        m.check(seed=seed, limit=limit)
         task_list = check_task_names(tasks)
         fmt_list = check_formats(formats)
         if _split_list(baselines):
@@ -1102,10 +1115,9 @@ def study(
                           finetune=ft, stages=_split_list(stages) or [],
                           ip_order=parse_layer_ids(ip_order) if ip_order else None)
         cfg.check()
-        folder = Path(out) if out else Path("runs") / f"study_{_slug(model)}"
+        folder = _out_folder(out, "study", model)
         _ready(folder)
-        lm = _load(model, dtype, device, device_map, max_memory, False,
-                   execution=_execution(fastpath, batch_cost, checkpoint_every, fused_lse))
+        lm = m.load()
 
         def say(ev: StageEvent) -> None:
             if ev.status == "start":
