@@ -405,6 +405,86 @@ class _inject:
         self.handle.remove()
 
 
+# ------------------------------------------------------------------------------------------------
+# Prefix reuse: keep layer states in one pass, start a later pass from one of them
+#
+# A model that differs from the dense one only from layer position m on (layers removed or merged there, or
+# noise added to the output of layer m - 1) computes the dense states before m, so a pass over its layers
+# from m on, fed the dense input of layer m, gives its numbers exactly: the pruning engine (and merging's
+# calibration rows), cka and noise keep the states with LayerStates and start from them with run_from.
+
+#: Where :class:`LayerStates` keeps the states: ``device`` (where they were computed), ``cpu`` (copied to
+#: host memory: offload) or ``auto`` (on a CUDA device with more than ``room`` bytes free, else host memory).
+STATE_PLACES = ("device", "cpu", "auto")
+
+
+class LayerStates(Probe):
+    """Keeps the input or the output hidden states of chosen layers during each batch's pass (prefix reuse).
+
+    Args:
+        side: ``input`` (the state entering the layer: what :func:`run_from` starts the layer from) or
+            ``output`` (what the layer returns, after any earlier probe's replacement).
+        positions: positions in the running stack (:meth:`Probe.layer`'s ``pos``: in a pass over every
+            layer, the layer's position in the model) whose states are kept; None keeps every layer's;
+            empty keeps none (the probe still takes part in the pass: the final layer computes every position).
+        where: one of :data:`STATE_PLACES`: ``device`` keeps a copy where the state was computed, ``cpu``
+            copies it to host memory, ``auto`` does the first on a CUDA device with more than ``room``
+            bytes free when the batch starts, else the second.
+        room: free device memory, in bytes, that ``auto`` asks for.
+
+    Attributes:
+        states: running position -> ``[B, T, d]`` the kept state of the last batch run (a new dict at
+            each batch's start, so a caller may keep each batch's dict: ``[batch][position]``).
+        on_device: whether the last batch's states stay on the device.
+    """
+
+    def __init__(self, side: str = "input", positions: Sequence[int] | None = None, where: str = "device",
+                 room: int = 0):
+        if side not in ("input", "output"):
+            raise ValueError(f"side must be 'input' or 'output', not {side!r}")
+        if where not in STATE_PLACES:
+            raise ValueError(f"where must be one of {STATE_PLACES}, not {where!r}")
+        self.side, self.where, self.room = side, where, int(room)
+        self.positions = None if positions is None else frozenset(int(p) for p in positions)
+        self.states: dict[int, Tensor] = {}
+        self.on_device = where == "device"
+
+    def start(self, batch: Batch) -> None:
+        self.states = {}
+        if self.where == "auto":
+            dev = batch.input_ids.device
+            self.on_device = dev.type == "cuda" and torch.cuda.mem_get_info(dev)[0] > self.room
+
+    def layer(self, pos: int, layer_id: int, inputs: Tensor, output: Tensor) -> Tensor | None:
+        if self.positions is None or pos in self.positions:
+            h = inputs if self.side == "input" else output
+            self.states[pos] = h.clone() if self.on_device else h.to("cpu", copy=True)
+        return None
+
+    def clear(self) -> None:
+        """Drop the kept states (frees their memory)."""
+        self.states = {}
+
+
+def run_from(parts: DecoderParts, batch: Batch, probes: Sequence[Probe], start: Tensor | None,
+             layers: Sequence[int], *, defer: bool = False, trim_final: bool = True) -> Tensor:
+    """Run the layers at positions ``layers`` over ``batch``, the first of them fed ``start`` (prefix reuse).
+
+    Args:
+        parts, batch, probes: as in :func:`forward` (probes see running positions ``0 .. len(layers) - 1``).
+        start: ``[B, T, d]`` the input of the layer at ``layers[0]`` (e.g. a state kept by
+            :class:`LayerStates`; moved to the batch's device if it lies elsewhere), or None: the embeddings.
+        layers: positions (in the current layer list) of the layers to run, in order.
+        defer, trim_final: as in :func:`forward`.
+
+    Returns:
+        ``[B, T, d]`` the final normalised hidden states (the LM head's input).
+    """
+    if start is not None and start.device != batch.input_ids.device:
+        start = start.to(batch.input_ids.device)
+    return forward(parts, batch, probes, layers=layers, start_hidden=start, defer=defer, trim_final=trim_final)
+
+
 def default_max_tokens(parts: DecoderParts) -> int:
     """A padded-token budget per batch that fits the device.
 

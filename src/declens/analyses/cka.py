@@ -49,7 +49,8 @@ from ..formats import Requests, format_named
 from ..lens import EMBEDDING_ID
 from ..models import LoadedModel
 from ..results import RunWriter, provenance, register_result
-from ..runner import Batch, Probe, collate, default_max_tokens, forward, plan_batches, split_on_oom
+from ..runner import (Batch, LayerStates, Probe, collate, default_max_tokens, forward, plan_batches, run_from,
+                      split_on_oom)
 from ..scoring import InputRead
 from ..surgery import dense_layer_ids, keep_positions
 from ..tasks import TaskData, subsample
@@ -241,22 +242,6 @@ class CKAProbe(Probe):
                         if lid not in store:  # this rank ran no batch
                             store[lid] = torch.zeros(self.n_rows, vals.shape[-1], dtype=torch.float32)
                         store[lid][their_rows] = vals
-
-
-class _InputAt(Probe):
-    """Keeps the input of the layer at one position (the dense state entering the first removed layer)."""
-
-    def __init__(self, pos: int):
-        self.pos = pos
-        self.state: Tensor | None = None
-
-    def start(self, batch: Batch) -> None:
-        self.state = None
-
-    def layer(self, pos, layer_id, inputs, output):
-        if pos == self.pos:
-            self.state = inputs.clone()
-        return None
 
 
 def cka_rows(req: Requests) -> list[list[int]]:
@@ -545,10 +530,10 @@ def cka_study(
 
     def run_batch(idx: list[int]) -> None:  # the probes write row by row: a batch may run as two halves
         b = collate(rows, idx, pad, lm.device)
-        cap = _InputAt(m) if run else None
+        cap = LayerStates("input", [m]) if run else None  # the dense state entering the first removed layer
         forward(parts, b, [dense] + ([InputRead(dense)] if include_embeddings else []) + ([cap] if cap else []))
         if run:
-            forward(parts, b, [pruned], layers=run, start_hidden=cap.state)
+            run_from(parts, b, [pruned], cap.states[m], run)
 
     try:
         for idx in (plan[j] for j in distributed.my_batches(plan)):

@@ -76,7 +76,8 @@ from ..formats import Requests, format_named
 from ..metrics import compute_metrics, margins, predictions
 from ..models import LoadedModel
 from ..results import Checkpoint, RunWriter, check_run_folder_kind, config_key, provenance, register_result
-from ..runner import Batch, Probe, collate, default_max_tokens, flush, forward, plan_batches, replan_on_oom
+from ..runner import (Batch, LayerStates, Probe, collate, default_max_tokens, flush, forward, plan_batches,
+                      replan_on_oom)
 from ..scoring import Checkpointer, ScoreState, ScoringPlan
 from ..surgery import dense_layer_ids
 from ..tasks import TaskData
@@ -330,20 +331,6 @@ def merge_sigma(probe: SigmaProbe, mine: Sequence[int]) -> SigmaProbe:
         for key, m in by_batch[j].items():
             _combine(out.stats, key, m)
     return out
-
-
-class _OutputCache(Probe):
-    """Keeps every layer's output (the dense states noise is added to): on a CUDA device with room for
-    twice :data:`CACHE_BYTES` there (no copy to the host and back, no wait for the device), else in CPU memory."""
-
-    def start(self, batch: Batch) -> None:
-        self.store: list[Tensor] = []
-        dev = batch.input_ids.device
-        self.on_device = dev.type == "cuda" and torch.cuda.mem_get_info(dev)[0] > 2 * CACHE_BYTES
-
-    def layer(self, pos, layer_id, inputs, output):
-        self.store.append(output.clone() if self.on_device else output.to("cpu", copy=True))
-        return None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -640,7 +627,9 @@ def _noise_study(lm: LoadedModel, data: TaskData, fmt: str, cfg: NoiseConfig, pr
     # written (one from a single process is still read: every rank skips what it holds)
     save = checkpoint.save if checkpoint is not None and not distributed.active() else None
     dense_out, outs = state.arrays["dense"], state.arrays["outs"]
-    cache = _OutputCache()
+    # every layer's output (the dense states noise is added to): on a CUDA device with room for twice
+    # CACHE_BYTES there (no copy to the host and back, no wait for the device), else in CPU memory
+    cache = LayerStates("output", where="auto", room=2 * CACHE_BYTES)
     cached = None  # the batch whose layer outputs ``cache`` holds
     mine = distributed.my_batches(batches)  # this rank's batches (all of them in a single process)
     talk = progress and distributed.is_main()
@@ -701,7 +690,7 @@ def _noise_study(lm: LoadedModel, data: TaskData, fmt: str, cfg: NoiseConfig, pr
                     if done[j, pi]:
                         continue
                     lid = dense_ids[p]
-                    h = cache.store[p].to(lm.device)
+                    h = cache.states[p].to(lm.device)
                     scale_of[pi] = token_sigma(h) if sigma_mode == "per-token" else sigma_l[lid]
                     for r in range(repeats):
                         for si, a in enumerate(scales):
@@ -723,7 +712,7 @@ def _noise_study(lm: LoadedModel, data: TaskData, fmt: str, cfg: NoiseConfig, pr
         sync()
     finally:
         bar.close()
-        cache.store = []
+        cache.clear()
     if distributed.active():  # every rank: the final-layer scores of all rows
         outs = state.arrays["outs"] = distributed.merge_rows(outs, plan.out_rows(_rows(batches, mine)), axis=4)
     if save:

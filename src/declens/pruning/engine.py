@@ -21,7 +21,7 @@ from .. import distributed
 from ..formats import Requests, encoder_for
 from ..metrics import LayerMetrics, compute_metrics
 from ..models import LoadedModel
-from ..runner import Batch, Probe, collate, default_max_tokens, forward, plan_batches, replan_on_oom
+from ..runner import Batch, LayerStates, collate, default_max_tokens, forward, plan_batches, replan_on_oom, run_from
 from ..scoring import LayerScores, ScoringPlan
 from ..surgery import dense_layer_ids, keep_positions
 from .influence import InfluenceProbe, angular_distances, next_token_nll
@@ -48,35 +48,12 @@ class Evaluation:
     nll: float | None = None
 
 
-class _CacheProbe(Probe):
-    """Keeps the input of every layer (the dense prefix states)."""
-
-    def __init__(self, offload: bool):
-        self.offload = offload
-        self.store: list[Tensor] = []
-
-    def start(self, batch):
-        self.store = []
-
-    def layer(self, pos, layer_id, inputs, output):
-        self.store.append(inputs.to("cpu", copy=True) if self.offload else inputs)
-        return None
-
-
-class _OutputProbe(_CacheProbe):
-    """Keeps the output of every layer run (a pruned state's inputs to its following kept layers)."""
-
-    def layer(self, pos, layer_id, inputs, output):
-        self.store.append(output.to("cpu", copy=True) if self.offload else output)
-        return None
-
-
 @dataclass
 class _RowSet:
     rows: list
     plan: list[list[int]] = field(default_factory=list)  # every batch (the same on every rank)
     batches: list[Batch] = field(default_factory=list)  # this rank's batches, collated
-    cache: list[list[Tensor]] = field(default_factory=list)  # [my batch][layer position] -> [B, T, d]
+    cache: list[dict[int, Tensor]] = field(default_factory=list)  # [my batch][layer position] -> [B, T, d]
     mine: list[int] = field(default_factory=list)  # row indices this rank runs
 
 
@@ -181,10 +158,10 @@ class PruningEngine:
             self.eval.cache = []
             out = self.plan.new_out(L)
             probe = self.plan.probe(out)
+            cache = self._states()
             for b in self.eval.batches:
-                cache = _CacheProbe(self.offload)
                 forward(self.parts, b, [probe, cache] + ([infl] if shared else []), defer=True)
-                self.eval.cache.append(cache.store if self.reuse else [])
+                self.eval.cache.append(cache.states)
                 bar.update(b.size)
             probe.flush()
             self.dense_out = out = distributed.merge_rows(out, self.plan.out_rows(self.eval.mine), axis=1)
@@ -204,12 +181,17 @@ class PruningEngine:
         """Dense pass over the calibration rows, caching every layer's input."""
         self._prepare(self.calib)
         self.calib.cache = []
+        cache = self._states()
         for b in self.calib.batches:
-            cache = _CacheProbe(self.offload)
             forward(self.parts, b, [cache] + ([infl] if infl is not None else []))
-            self.calib.cache.append(cache.store if self.reuse else [])
+            self.calib.cache.append(cache.states)
             if bar is not None:
                 bar.update(b.size)
+
+    def _states(self, side: str = "input", positions: Sequence[int] | None = None) -> LayerStates:
+        """A probe keeping the layer states that later passes start from (in CPU memory with ``offload``;
+        none without ``reuse``, where the probe only keeps the pass as it is with reuse)."""
+        return LayerStates(side, positions if self.reuse else (), where="cpu" if self.offload else "device")
 
     def _metrics(self, s: LayerScores) -> LayerMetrics:
         base = s.norm_scores if self.decision_score == "norm" and s.norm_scores is not None else s.scores
@@ -244,12 +226,8 @@ class PruningEngine:
                 finals.append(None)
                 continue
             self.work["run"] += tokens * len(run)
-            start = None
-            if m is not None:
-                start = rs.cache[j][m] if starts is None else starts[j]
-                if start.device != self.device:
-                    start = start.to(self.device)
-            finals.append(forward(self.parts, b, probes_for(j), layers=run, start_hidden=start, defer=True))
+            start = None if m is None else rs.cache[j][m] if starts is None else starts[j]
+            finals.append(run_from(self.parts, b, probes_for(j), start, run, defer=True))
         return finals
 
     def evaluate(self, removed: Sequence[int], scores: bool = True, bi: bool = True, nll: bool = False,
@@ -336,10 +314,10 @@ class PruningEngine:
             start = self.calib.cache[j][m]  # the input of the first kept layer after m is the dense one
             states = [start]
             if len(run) > 1:  # the last kept layer's output is no candidate's input
-                outs = _OutputProbe(self.offload)
-                forward(self.parts, b, [outs], layers=run[:-1], start_hidden=start.to(self.device))
+                outs = self._states("output")
+                run_from(self.parts, b, [outs], start, run[:-1])
                 self.work["run"] += int(b.lengths.sum()) * (len(run) - 1)
-                states += outs.store
+                states += [outs.states[i] for i in range(len(run) - 1)]  # running positions of run[:-1]
             out.append(dict(zip(run, states)))
         return out
 

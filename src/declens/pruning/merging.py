@@ -43,7 +43,7 @@ from torch import nn
 
 from ..errors import DeclensError
 from ..models import DecoderParts
-from ..runner import Batch, collate, forward, plan_batches, split_on_oom
+from ..runner import Batch, LayerStates, collate, forward, plan_batches, run_from, split_on_oom
 from ..surgery import dense_layer_ids, keep_positions
 from .influence import InfluenceProbe
 from .methods import Memo, MethodRun, PruneRecord, register_method
@@ -298,15 +298,14 @@ class CalibRows:
 
     Attributes:
         batches: the rows, batched (the same rows on every rank).
-        inputs: ``[batch][position]`` -> ``[B, T, d]`` dense input of every layer.
+        inputs: ``[batch][position]`` -> ``[B, T, d]`` dense input of every layer (kept by
+            :class:`~declens.runner.LayerStates`).
         finals: the dense model's final normalised hidden states per batch.
         last: dense id -> ``[n, d]`` float32 dense layer output at each row's last real token
             (rows in batch order).
     """
 
     def __init__(self, memo: Memo, n: int):
-        from .engine import _CacheProbe
-
         eng = memo.engine
         if eng.calib is None:
             raise DeclensError("layer merging needs calibration rows; give --calib-samples > 0")
@@ -320,10 +319,10 @@ class CalibRows:
 
         def run(idx: list[int]) -> None:  # a batch's states are kept only once it has run through
             b = collate(rows, idx, eng.pad, eng.device)
-            cache = _CacheProbe(offload=False)
+            cache = LayerStates("input")
             self.finals.append(forward(self.parts, b, [cache, last]))
             self.batches.append(b)
-            self.inputs.append(cache.store)
+            self.inputs.append(cache.states)
 
         for idx in plan:
             split_on_oom(run, idx, lengths)  # out of memory: the batch runs as two (rows keep their order)
@@ -343,7 +342,7 @@ class CalibRows:
         m = min(touched) if touched and self.reuse else None
         run = keep if m is None else [p for p in keep if p >= m]
         with merged_view(parts, spec):
-            finals = [forward(parts, b, list(probes), layers=run, start_hidden=None if m is None else self.inputs[j][m])
+            finals = [run_from(parts, b, list(probes), None if m is None else self.inputs[j][m], run)
                       for j, b in enumerate(self.batches)]
         return finals, [dense[p] for p in keep if p not in run]
 
