@@ -56,6 +56,8 @@ def main():
     ap.add_argument("--limit", type=int, default=None, help="rows per task (default: all; --tiny: 4)")
     ap.add_argument("--calib-samples", type=int, default=None, help="calibration rows (default 256; --tiny: 4)")
     ap.add_argument("--study-dir", default=os.path.join(tempfile.gettempdir(), "declens_gpu_study"))
+    ap.add_argument("--stages", default=",".join(STAGES), help="comma-separated stages to run (default: all six)")
+    ap.add_argument("--tasks", default="arc_challenge,arc_easy", help="comma-separated tasks")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
     from transformers import AutoTokenizer
@@ -67,11 +69,11 @@ def main():
     shape = {**LLAMA3_8B, "num_hidden_layers": 8} if args.tiny else LLAMA3_8B
     L = shape["num_hidden_layers"]  # the Table 2 order (50% of 32 layers), mapped onto L layers for --tiny
     order = list(dict.fromkeys(i * L // 32 for i in ORDERS["llama3-8b"]))[: L // 2]
-    cfg = StudyConfig(tasks=["arc_challenge", "arc_easy"], formats=["letter"],
+    cfg = StudyConfig(tasks=args.tasks.split(","), formats=["letter"],
                       limit=args.limit if args.limit is not None else (4 if args.tiny else None),
                       ip_max_ratio=len(order) / L, ip_order=order, baseline_ratio=0.5,
                       calib_samples=args.calib_samples or (4 if args.tiny else 256), cka_ratio=0.5,
-                      cka_rows=8 if args.tiny else 500, recover_ratios=[], stages=STAGES)
+                      cka_rows=8 if args.tiny else 500, recover_ratios=[], stages=args.stages.split(","))
     rec = {"env": {"torch": torch.__version__, "transformers": transformers.__version__,
                    "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "tiny": args.tiny},
            "config": asdict(cfg), "study_dir": args.study_dir, "events": [], "stage_s": {}, "complete": False}

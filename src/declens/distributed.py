@@ -12,6 +12,7 @@ Start with, e.g.::
 
 from __future__ import annotations
 
+import atexit
 import os
 from typing import Sequence
 
@@ -29,7 +30,19 @@ def init_from_env() -> bool:
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend)
+        atexit.register(_leave)
     return True
+
+
+def _leave() -> None:
+    """At exit: wait for every rank, then leave the process group (a rank that exits while the others'
+    collectives are still in flight otherwise aborts in the communication library's threads)."""
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.barrier()
+            dist.destroy_process_group()
+        except Exception:  # a peer already gone: nothing left to wait for
+            pass
 
 
 def active() -> bool:
