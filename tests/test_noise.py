@@ -296,17 +296,20 @@ class _DyingCheckpoint(Checkpoint):
 
 
 def _counting_forward(monkeypatch) -> dict:
-    """Count the study's forward passes (every pass of the dense model or of the layers after a noised one)."""
+    """Count the study's forward passes: full passes of the dense model (``forward``) and passes of the
+    layers after a noised one (``run_from``)."""
     import declens.analyses.noise as noise_mod
 
-    real = noise_mod.forward
     calls = {"n": 0}
 
-    def counting(*args, **kwargs):
-        calls["n"] += 1
-        return real(*args, **kwargs)
+    def counting(real):
+        def run(*args, **kwargs):
+            calls["n"] += 1
+            return real(*args, **kwargs)
+        return run
 
-    monkeypatch.setattr(noise_mod, "forward", counting)
+    for name in ("forward", "run_from"):
+        monkeypatch.setattr(noise_mod, name, counting(getattr(noise_mod, name)))
     return calls
 
 

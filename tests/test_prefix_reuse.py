@@ -37,3 +37,36 @@ def test_layer_states_refuse_unknown_sides_and_places():
         LayerStates("middle")
     with pytest.raises(ValueError, match="where"):
         LayerStates("input", where="disk")
+
+
+@pytest.mark.parametrize("pruned_first", [False, True])
+def test_the_suffix_to_run_reproduces_the_pruned_model(pruned_first):
+    """suffix_to_run: running its positions from the dense input at its start equals a full pass of the
+    kept layers, for several removals (and changed layers), on a dense model and on one already pruned
+    (where dense ids and positions differ)."""
+    from declens.surgery import dense_layer_ids, keep_positions, layer_view, remove_layers, suffix_to_run
+
+    lm = make_tiny("llama", layers=6)
+    if pruned_first:
+        remove_layers(lm.parts, [1])  # dense ids 0, 2, 3, 4, 5 at positions 0..4
+    dense = dense_layer_ids(lm.parts)
+    req = prepare(lm, load_task("arc_easy", limit=4, seed=3), "letter")
+    batch = collate(req.prompts, list(range(4)), encoder_for(lm).pad_id, lm.device)
+    kept_in = LayerStates("input")
+    forward(lm.parts, batch, [kept_in], trim_final=False)
+    for remove in ([dense[2]], [dense[4], dense[2]], [dense[-1]], [dense[0], dense[3]]):
+        s = suffix_to_run(lm.parts, remove)
+        assert s.start == min(dense.index(i) for i in remove)
+        assert list(s.keep) == list(keep_positions(lm.parts, remove))
+        assert list(s.skipped) + list(s.run) == list(s.keep)
+        with layer_view(lm.parts, s.keep):
+            full = forward(lm.parts, batch, [], trim_final=False)
+        if not s.run:  # only the last layer removed: the dense input of it is the pruned model's last state
+            continue
+        again = run_from(lm.parts, batch, [], kept_in.states[s.start], list(s.run), trim_final=False)
+        torch.testing.assert_close(again, full, rtol=0, atol=1e-6)
+    # a changed (merged) layer also ends the reusable prefix; reuse=False runs everything from the embeddings
+    assert suffix_to_run(lm.parts, [dense[4]], changed=[dense[1]]).start == 1
+    s = suffix_to_run(lm.parts, [dense[4]], reuse=False)
+    assert s.start is None and s.run == s.keep and not s.skipped
+    assert suffix_to_run(lm.parts, []).start is None

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import operator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Iterable, Iterator, Sequence
 
 from torch import nn
@@ -259,6 +260,54 @@ def keep_positions(parts: DecoderParts, remove: Sequence[int]) -> Positions:
     """
     gone = set(check_removal(parts, remove))
     return Positions(p for p, d in enumerate(dense_layer_ids(parts)) if d not in gone)
+
+
+@dataclass(frozen=True)
+class Suffix:
+    """Which layers of a pruned (or merged) model must run when the dense prefix is reused.
+
+    Every kept layer before the first removed or changed one computes exactly what the dense model
+    computes, so a run can start from the dense state entering position ``start`` (the input of the
+    first removed or changed layer is the input of the first kept layer after it).
+
+    Attributes:
+        keep: positions (in the current layer list) of the kept layers.
+        run: positions that must run, in order: ``keep`` itself when nothing is reused, else the kept
+            positions from ``start`` on (empty when only trailing layers were removed).
+        start: the position whose dense input feeds ``run[0]``; None: nothing is reused (run from the
+            embeddings).
+    """
+
+    keep: Positions
+    run: Positions
+    start: int | None
+
+    @property
+    def skipped(self) -> Positions:
+        """Kept positions that need not run (their states are the dense ones)."""
+        return Positions(p for p in self.keep if self.start is not None and p < self.start)
+
+    def starting_at(self, start: int) -> "Suffix":
+        """The same kept layers run from position ``start`` (a state known further in than the dense prefix)."""
+        return Suffix(self.keep, Positions(p for p in self.keep if p >= start), start)
+
+
+def suffix_to_run(parts: DecoderParts, remove: Sequence[int], changed: Sequence[int] = (),
+                  reuse: bool = True) -> Suffix:
+    """The kept positions, and those that must run from the dense prefix, after removing dense ids
+    ``remove`` and changing the weights of the kept dense ids ``changed`` (e.g. a merged layer).
+
+    ``reuse=False`` (or nothing removed or changed): every kept position runs from the embeddings.
+
+    Raises:
+        LayerSpecError: see :func:`check_removal`.
+    """
+    keep = keep_positions(parts, remove)
+    touched = [*remove, *changed]
+    if not touched or not reuse:
+        return Suffix(keep, keep, None)
+    dense = dense_layer_ids(parts)
+    return Suffix(keep, keep, None).starting_at(min(dense.index(int(i)) for i in touched))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -52,7 +52,7 @@ from ..results import RunWriter, provenance, register_result
 from ..runner import (Batch, LayerStates, Probe, collate, default_max_tokens, forward, plan_batches, run_from,
                       split_on_oom)
 from ..scoring import InputRead
-from ..surgery import dense_layer_ids, keep_positions
+from ..surgery import dense_layer_ids, suffix_to_run
 from ..tasks import TaskData, subsample
 
 CKA_FILE = "cka.json"
@@ -505,7 +505,10 @@ def cka_study(
     format_named(fmt)  # an unknown format fails here, before any work
     remove = [int(i) for i in remove]
     parts = lm.parts
-    keep = keep_positions(parts, remove)
+    # Prefix reuse: positions before the first removed one are the dense layers themselves (nothing
+    # removed: the dense model against itself, nothing runs twice).
+    suffix = suffix_to_run(parts, remove)
+    keep, m, run = suffix.keep, suffix.start, (suffix.run if remove else [])
     dense_ids = dense_layer_ids(parts)
     pruned_ids = [dense_ids[p] for p in keep]
     data = _select(data, n_samples, seed)
@@ -517,9 +520,6 @@ def cka_study(
         raise CKAError(f"the requests hold {len(rows)} rows but {len(data.items)} items are selected")
     pad = encoder_for(lm).pad_id
     budget = max_tokens or default_max_tokens(parts)
-    # Prefix reuse: positions before the first removed one are the dense layers themselves.
-    m = min(dense_ids.index(i) for i in remove) if remove else None
-    run = [p for p in keep if m is not None and p > m]
     dense = CKAProbe(len(rows))
     pruned = CKAProbe(len(rows))
     lengths = [len(r) for r in rows]

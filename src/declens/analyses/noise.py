@@ -76,7 +76,7 @@ from ..formats import Requests, format_named
 from ..metrics import compute_metrics, margins, predictions
 from ..models import LoadedModel
 from ..results import Checkpoint, RunWriter, check_run_folder_kind, config_key, provenance, register_result
-from ..runner import (Batch, LayerStates, Probe, collate, default_max_tokens, flush, forward, plan_batches,
+from ..runner import (Batch, LayerStates, Probe, collate, default_max_tokens, flush, forward, plan_batches, run_from,
                       replan_on_oom)
 from ..scoring import Checkpointer, ScoreState, ScoringPlan
 from ..surgery import dense_layer_ids
@@ -703,8 +703,8 @@ def _noise_study(lm: LoadedModel, data: TaskData, fmt: str, cfg: NoiseConfig, pr
                             else:
                                 # every position of the final layer is computed (no last-position
                                 # trim), so scale 0 rounds exactly like pass 1
-                                forward(parts, b, [probe], layers=list(range(p + 1, L)), start_hidden=noised,
-                                        trim_final=False, defer=True)
+                                run_from(parts, b, [probe], noised, list(range(p + 1, L)), trim_final=False,
+                                         defer=True)
                             in_flight.append(probe)  # its copy to the host overlaps the next runs
                             bar.update(1)
                     del h

@@ -23,7 +23,7 @@ from ..metrics import LayerMetrics, compute_metrics
 from ..models import LoadedModel
 from ..runner import Batch, LayerStates, collate, default_max_tokens, forward, plan_batches, replan_on_oom, run_from
 from ..scoring import LayerScores, ScoringPlan
-from ..surgery import dense_layer_ids, keep_positions
+from ..surgery import dense_layer_ids, suffix_to_run
 from .influence import InfluenceProbe, angular_distances, next_token_nll
 
 
@@ -201,17 +201,11 @@ class PruningEngine:
     # ---------------------------------------------------------------------------- pruned configurations
 
     def _suffix(self, removed: Sequence[int], changed: Sequence[int] = ()) -> tuple[list[int], list[int], int | None]:
-        """Kept positions, positions to run, and the position whose dense input starts the run.
-
-        ``changed``: dense ids of kept layers whose weights differ from the dense model's (a merged
-        layer swapped in by a view): the dense prefix is valid only before the first removed or changed layer.
-        """
-        keep = keep_positions(self.parts, removed)
-        if not (removed or changed) or not self.reuse:
-            return keep, keep, None
-        dense = self.dense_ids
-        m = min(dense.index(i) for i in [*removed, *changed])
-        return keep, [p for p in keep if p >= m], m
+        """Kept positions, positions to run, and the position whose dense input starts the run (see
+        :func:`~declens.surgery.suffix_to_run`; ``changed``: dense ids of kept layers whose weights differ
+        from the dense model's, a merged layer swapped in by a view)."""
+        s = suffix_to_run(self.parts, removed, changed, reuse=self.reuse)
+        return list(s.keep), list(s.run), s.start
 
     def _run_set(self, rs: _RowSet, keep: list[int], run: list[int], m: int | None, probes_for,
                  starts: Sequence[Tensor] | None = None) -> list[Tensor | None]:
@@ -274,7 +268,7 @@ class PruningEngine:
             calib_infl = infl if not shared_bi else None
             starts = None
             if calib_infl is None and not changed:  # NLL only: may start from the held state's prefix
-                run, m, starts = self._from_held(removed, keep, run, m)
+                run, m, starts = self._from_held(removed, run, m)
             ev.nll = self._nll(keep, run, m, calib_infl, want=nll, starts=starts)
         if bi:
             got = infl.block_influence()
@@ -290,7 +284,7 @@ class PruningEngine:
         self._held = sorted(removed) if removed and self.reuse and self.calib else None
         self._held_cache = None
 
-    def _from_held(self, removed: list[int], keep: list[int], run: list[int], m: int | None):
+    def _from_held(self, removed: list[int], run: list[int], m: int | None):
         """``(run, m, starts)`` of a calibration-only evaluation of ``removed``: from the held state's
         prefix when it reaches further than the dense one, else unchanged (``starts`` None)."""
         held = self._held
@@ -302,7 +296,8 @@ class PruningEngine:
             return run, m, None
         if self._held_cache is None:
             self._held_cache = self._held_pass()
-        return [p for p in keep if p >= m_new], m_new, [c[m_new] for c in self._held_cache]
+        run = suffix_to_run(self.parts, removed).starting_at(m_new).run
+        return list(run), m_new, [c[m_new] for c in self._held_cache]
 
     def _held_pass(self) -> list[dict[int, Tensor]]:
         """The held state's input to each of its layers from its first removed one, per calibration batch."""

@@ -44,7 +44,7 @@ from torch import nn
 from ..errors import DeclensError
 from ..models import DecoderParts
 from ..runner import Batch, LayerStates, collate, forward, plan_batches, run_from, split_on_oom
-from ..surgery import dense_layer_ids, keep_positions
+from ..surgery import dense_layer_ids, keep_positions, suffix_to_run
 from .influence import InfluenceProbe
 from .methods import Memo, MethodRun, PruneRecord, register_method
 
@@ -336,15 +336,12 @@ class CalibRows:
             did not run (those before the first changed layer; their states are the dense ones).
         """
         parts = self.parts
-        dense = list(dense_layer_ids(parts))
-        keep = keep_positions(parts, spec.removed)
-        touched = [dense.index(i) for i in [*spec.removed, *spec.changed()]]
-        m = min(touched) if touched and self.reuse else None
-        run = keep if m is None else [p for p in keep if p >= m]
+        s = suffix_to_run(parts, spec.removed, spec.changed(), reuse=self.reuse)
         with merged_view(parts, spec):
-            finals = [run_from(parts, b, list(probes), None if m is None else self.inputs[j][m], run)
+            finals = [run_from(parts, b, list(probes), None if s.start is None else self.inputs[j][s.start], s.run)
                       for j, b in enumerate(self.batches)]
-        return finals, [dense[p] for p in keep if p not in run]
+        dense = dense_layer_ids(parts)
+        return finals, [dense[p] for p in s.skipped]
 
 
 def _flat_rows(finals: Sequence[torch.Tensor], batches: Sequence[Batch]) -> dict[int, torch.Tensor]:
