@@ -292,3 +292,74 @@ def test_torchrun_prune_resumes_after_a_kill(llama_dir, tmp_path):
         assert [x["final_accuracy"] for x in ra] == [x["final_accuracy"] for x in rb]
         assert [x["final_dm"] for x in ra] == pytest.approx([x["final_dm"] for x in rb], abs=1e-5)
         assert [x["removed"] for x in a["methods"][m]["table"]] == [x["removed"] for x in b["methods"][m]["table"]]
+
+
+def test_torchrun_compare_equals_one_process(llama_dir, tmp_path):
+    """``compare`` over two ranks: the pruning methods evaluate sharded rows (the same layers removed), every
+    pruned model is fine-tuned data parallel (DDP, 1 row per rank and micro-batch, against one process's 2:
+    the same effective batch, see the recover test above for the rounding this allows) and evaluated sharded;
+    rank 0 alone writes the folder and its cells."""
+    args = ["compare", "--model", str(llama_dir), "--methods", "ip,last", "--ratios", "0.34", "--tasks", "arc_easy",
+            "--prune-task", "arc_easy", "--limit", "8", "--calib-samples", "8", "--train-tasks", "arc_easy",
+            "--train-samples", "24", "--ft-method", "lora", "--lora-dropout", "0", "--max-steps", "3",
+            "--grad-accum", "2", "--lr", "1e-3", "--dtype", "float32", "--max-length", "96", "--max-tokens", "256"]
+    _one_thread([*args, "--batch-size", "2", "--out", str(tmp_path / "one")])
+    _torchrun([*args, "--batch-size", "1", "--out", str(tmp_path / "two")], tmp_path)
+    a = json.loads((tmp_path / "one" / "compare.json").read_text())
+    b = json.loads((tmp_path / "two" / "compare.json").read_text())
+    ca = {(c["method"], c["k"]): c for c in a["cells"]}
+    cb = {(c["method"], c["k"]): c for c in b["cells"]}
+    assert sorted(ca) == sorted(cb) == [("ip", 2), ("last", 2)]
+    for key in ca:
+        ta, tb = ca[key]["train"], cb[key]["train"]
+        assert (ta["world_size"], tb["world_size"]) == (1, 2) and ta["effective_batch"] == tb["effective_batch"] == 4
+        assert ca[key]["removed"] == cb[key]["removed"] and ca[key]["prune_accuracy"] == cb[key]["prune_accuracy"], key
+        assert tb["losses"] == pytest.approx(ta["losses"], rel=1e-6), key  # the same steps on the same rows
+        assert ta["losses"][0] != pytest.approx(ta["losses"][1], rel=1e-2)  # it trains
+        assert ca[key]["accuracy"] == cb[key]["accuracy"], key
+    assert ca[("last", 2)]["removed"] == [4, 3]  # the layers before the last one
+    # one folder, written by rank 0: the files of one process's (its cells and prune runs included), complete
+    assert sorted(q.name for q in tmp_path.iterdir()) == ["one", "two"]
+    files = [sorted(str(q.relative_to(tmp_path / d)) for q in (tmp_path / d).rglob("*")) for d in ("one", "two")]
+    assert files[0] == files[1] and "cells/ip_k2.json" in files[1]
+    assert json.loads((tmp_path / "two" / "manifest.json").read_text())["complete"]
+
+
+#: run under torchrun by the test below: every rank runs out of (stand-in) device memory in the pruning engine's
+#: dense pass, whose policy re-plans the whole pass with half the budget in one process
+_REPLAN = """
+import json, sys, torch
+from declens import distributed, load_model
+from declens.analyses.decision import prepare
+from declens.errors import DeviceMemoryError
+from declens.pruning.engine import PruningEngine
+from declens.tasks import load_task
+distributed.init_from_env()
+lm = load_model(sys.argv[1], dtype="float32", device="cpu")
+def limit(module, args):  # the stand-in device: no pass over more than 40 padded tokens
+    if args[0].shape[0] * args[0].shape[1] > 40:
+        raise torch.OutOfMemoryError("stand-in")
+lm.parts.decoder.rotary_emb.register_forward_pre_hook(limit)
+try:
+    PruningEngine(lm, prepare(lm, load_task("arc_easy", limit=8), "letter"), None, max_tokens=512,
+                  progress=False).run_dense()
+    got = "no error"
+except DeviceMemoryError as e:
+    got = str(e)
+got = distributed.gather_objects(got)
+if distributed.is_main():
+    open(sys.argv[2], "w").write(json.dumps(got))
+"""
+
+
+def test_torchrun_refuses_to_replan_one_rank_alone(llama_dir, tmp_path):
+    """Out of memory in a pass whose ranks share one plan, a rank cannot halve its budget alone (the others
+    would run another plan and the collectives would not match): every rank stops with one line naming the
+    budget to rerun with, instead of hanging or re-planning."""
+    script = tmp_path / "replan.py"
+    script.write_text(_REPLAN)
+    _torchrun([str(llama_dir), str(tmp_path / "errors.json")], tmp_path, entry=(str(script),))
+    errors = json.loads((tmp_path / "errors.json").read_text())
+    assert len(errors) == 2
+    for msg in errors:
+        assert "\n" not in msg and "under torchrun" in msg and "rerun with --max-tokens 256" in msg, msg

@@ -183,3 +183,21 @@ def test_merging_calibration_rows_split_batches_that_run_out_of_memory(lm, data)
     assert sorted(got.last) == sorted(free.last)
     for lid in got.last:  # rows in plan order either way
         _close(got.last[lid], free.last[lid])
+
+
+def test_the_fine_tuning_loss_splits_batches_that_run_out_of_memory(lm, data):
+    from declens.finetune import answer_loss
+    from declens.finetune.data import TrainSeq
+
+    rows = ScoringPlan(lm.parts, prepare(lm, data, "letter")).rows
+    seqs = [TrainSeq(tuple(r) + (7, 9), len(r)) for r in rows]  # two answer tokens each
+    free = answer_loss(lm, seqs, batch_size=len(seqs))
+    longest = max(len(s.input_ids) for s in seqs)
+    assert len(seqs) // 2 >= 2  # the limit below cuts the one batch, and every row fits alone
+    with MemoryLimit(lm, len(seqs) * longest // 2) as limit:
+        got = answer_loss(lm, seqs, batch_size=len(seqs))
+    assert limit.hits > 0
+    _close(np.array([got]), np.array([free]))
+    shortest = min(len(s.input_ids) for s in seqs)
+    with MemoryLimit(lm, shortest - 1), pytest.raises(DeviceMemoryError, match="one row"):
+        answer_loss(lm, seqs, batch_size=len(seqs))

@@ -39,6 +39,7 @@ import torch
 from .. import distributed
 from ..errors import DeclensError
 from ..models import LoadedModel, decoder_parts
+from ..runner import split_on_oom
 from .config import LR_RULE, FinetuneConfig
 from .data import IGNORE_INDEX, TrainSeq
 from .setup import copy_model, detach_inference_tensors, lora_model, merge_lora
@@ -142,7 +143,11 @@ def answer_loss(lm: LoadedModel, seqs: Sequence[TrainSeq], batch_size: int = 16)
     The LM head runs only at the positions that predict an answer token (position ``j - 1`` for
     answer token ``j``), which saves the vocabulary projection of every prompt position. Under
     ``torchrun`` every rank runs its round-robin share of the batches (all ranks must call it); the
-    per-batch sums are gathered and added in batch order, as one process adds them.
+    per-batch sums are gathered and added in batch order, as one process adds them. Out of device
+    memory, a batch runs as two halves (:func:`~declens.runner.split_on_oom`) whose sums are added.
+
+    Raises:
+        DeviceMemoryError: one sequence alone does not fit.
     """
     from ..formats import encoder_for
 
@@ -153,17 +158,23 @@ def answer_loss(lm: LoadedModel, seqs: Sequence[TrainSeq], batch_size: int = 16)
     was_training = lm.model.training
     lm.model.eval()
     order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i].input_ids))  # less padding
+    lengths = [len(seqs[i].input_ids) for i in order]  # of the rows in ``order``, named on out-of-memory
     starts = list(range(0, len(seqs), batch_size))
     sums: dict[int, tuple[float, int]] = {}  # batch index -> (summed cross-entropy, answer tokens)
+
+    def run(rows: list[int], into: list[tuple[float, int]]) -> None:  # rows: indices into ``order``
+        b = {k: v.to(lm.device) for k, v in _collate([seqs[order[i]] for i in rows], pad).items()}
+        h = parts.decoder(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False).last_hidden_state
+        sel = b["labels"][:, 1:] != IGNORE_INDEX
+        logits = parts.logit_transform(parts.head(h[:, :-1][sel]).float())
+        y = b["labels"][:, 1:][sel]
+        into.append((float(torch.nn.functional.cross_entropy(logits, y, reduction="sum")), int(y.numel())))
+
     with torch.no_grad():
         for j in distributed.my_batches(starts):
-            s = starts[j]
-            b = {k: v.to(lm.device) for k, v in _collate([seqs[i] for i in order[s : s + batch_size]], pad).items()}
-            h = parts.decoder(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False).last_hidden_state
-            sel = b["labels"][:, 1:] != IGNORE_INDEX
-            logits = parts.logit_transform(parts.head(h[:, :-1][sel]).float())
-            y = b["labels"][:, 1:][sel]
-            sums[j] = (float(torch.nn.functional.cross_entropy(logits, y, reduction="sum")), int(y.numel()))
+            got: list[tuple[float, int]] = []  # a batch split on out-of-memory adds its halves' sums
+            split_on_oom(lambda rows: run(rows, got), range(starts[j], min(starts[j] + batch_size, len(seqs))), lengths)
+            sums[j] = (sum(g[0] for g in got), sum(g[1] for g in got))
     lm.model.train(was_training)
     sums = {j: v for part in distributed.gather_objects(sums) for j, v in part.items()}
     total, count = 0.0, 0
