@@ -98,6 +98,25 @@ def test_fewer_than_three_pairs_is_a_clear_error(tmp_path):
     assert "m6 · arc_easy · cloze: the dense model is not above chance" in msg
 
 
+def test_a_model_not_significantly_above_chance_is_left_out(tmp_path):
+    """5 of 8 two-option rows right (0.625) is not above chance at 5% (one-sided binomial p = 0.36): no pair; the
+    same pair counts when the test is switched off (--chance-alpha 1), and 7 of 8 (p = 0.035) counts either way."""
+    from declens.analyses.correlation import above_chance_p
+
+    assert above_chance_p(0.625, 0.5, 8) == pytest.approx(93 / 256) and above_chance_p(0.875, 0.5, 8) == pytest.approx(9 / 256)
+    good = [make_prune(tmp_path / f"p{i}", f"m{i}", "piqa", 10, tp, kc, max_k=kc + 1, dense_acc=0.875)
+            for i, (tp, kc) in enumerate(((3, 5), (6, 3), (8, 2)))]
+    weak = make_prune(tmp_path / "weak", "m-weak", "piqa", 10, 5, 4, max_k=5, dense_acc=0.625)
+    res = correlate([*good, weak])
+    assert [p.model for p in res.pairs] == ["m0", "m1", "m2"] and res.config["chance_alpha"] == 0.05
+    (left,) = res.incomplete
+    assert left["model"] == "m-weak" and "not significantly above chance" in left["missing"]
+    assert "0.625 on 8 rows" in left["missing"] and "p = 0.36" in left["missing"]
+    assert [p.model for p in correlate([*good, weak], chance_alpha=1).pairs] == ["m-weak", "m0", "m1", "m2"]
+    with pytest.raises(DeclensError, match="chance_alpha"):
+        correlate(good, chance_alpha=0)
+
+
 def test_undefined_r_is_reported_not_nan(tmp_path):
     dirs = [make_prune(tmp_path / f"p{i}", f"m{i}", "piqa", 10, tp, 3, max_k=4) for i, tp in enumerate((2, 5, 7))]
     res = correlate(dirs)  # every critical ratio is 0.3

@@ -43,6 +43,14 @@ def test_study_runs_every_stage_and_resumes(tmp_path, model_dir):
     assert again.output.count("already complete") >= 9 and " ...\n" not in again.output
     assert json.loads((out / "findings.json").read_text())["findings"] == f["findings"]
 
+    # 'declens correlate STUDY' reads the study's stage runs (not the study's own summary alone)
+    from declens.analyses.correlation import gather
+
+    g = gather([out])
+    assert {f.kind for f in g.files} >= {"analysis", "prune"} and "study" not in {f.kind for f in g.files}
+    assert sorted(k[1] for k in g.decisions) == ["arc_easy", "piqa", "winogrande"]
+    assert all("ip" in per for per in g.ratios.values()) and len(g.ratios) == 3
+
     fo = tmp_path / "findings"
     r2 = runner.invoke(app, ["findings", str(out), "--out", str(fo), "--bootstrap", "50"])
     assert r2.exit_code == 0, r2.output

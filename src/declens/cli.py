@@ -998,6 +998,7 @@ def compare(
 def correlate(
     run_dirs: list[Path] = typer.Argument(..., metavar="RUN_DIR...", help="Folders of 'declens analyze' and 'declens prune' (eval too) for at least 3 model/task pairs."),
     method: str = typer.Option("ip", "--method", help=f"Pruning method whose critical ratio is used (one the prune runs ran: {', '.join(PRUNING_METHODS)})."),
+    chance_alpha: float = typer.Option(0.05, "--chance-alpha", help="A pair counts only when its dense model is above chance with a one-sided binomial p below this (1: every pair above chance)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Results folder (default runs/correlate_<method>)."),
 ):
     """Pearson correlation of the Transition Point with the critical pruning ratio across model-task pairs."""
@@ -1008,7 +1009,7 @@ def correlate(
 
         check_methods([method], None)
         folder = _ready(_out_folder(out, "correlate", method))
-        res = run_correlate(run_dirs, method=method)
+        res = run_correlate(run_dirs, method=method, chance_alpha=chance_alpha)
         res.save(folder)
         print_correlation(res)
         console.print(f"results in [bold]{escape(str(folder))}[/bold] (correlate.json, correlate.csv, correlate.png, safe_margin.png)")

@@ -24,11 +24,14 @@ command), ``task`` the task name (``mmlu:astronomy`` for a subject), ``format`` 
   the one given first; the others are listed in :attr:`CorrelationResult.notes`.
 - The **critical ratio** comes from a ``prune`` result of the same group whose ``critical_ratio``
   has ``method``; among several, the one on the most rows wins, then the one given first.
-- A group is a **complete pair** when both exist and are numbers. A group is left out, with the
-  reason in :attr:`CorrelationResult.incomplete`, when it has no TP source, when the dense model
-  never decides (no TP: the Decision Margin is not positive at the last layer), when it has no prune
-  result with ``method``, or when the critical ratio was not reached within the run's
-  ``--max-ratio`` (the ratio is then only known to exceed it; it is not imputed).
+- A group is a **complete pair** when both exist and are numbers and the dense model is above chance.
+  A group is left out, with the reason in :attr:`CorrelationResult.incomplete`, when it has no TP
+  source, when the dense model never decides (no TP: the Decision Margin is not positive at the last
+  layer), when it has no prune result with ``method``, when the critical ratio was not reached within
+  the run's ``--max-ratio`` (the ratio is then only known to exceed it; it is not imputed), or when the
+  dense model is not above chance with a one-sided binomial p below ``chance_alpha`` (default 0.05): a
+  model that guesses has nothing to lose, and its "critical ratio" is sampling noise.
+- A **study** folder (``declens study``) stands for its finished stage runs (analysis, prune, ...).
 
 At least three complete pairs are needed; fewer raise :class:`~declens.errors.DeclensError` naming
 the pairs found and what is missing. When the TPs (or the critical ratios) of all pairs are equal,
@@ -55,6 +58,8 @@ from ..results import Run, RunWriter, find_runs, provenance, register_result
 CORRELATE_FILE = "correlate.json"
 CORRELATE_CSV = "correlate.csv"
 MIN_PAIRS = 3
+#: a pair counts only when its dense model is above chance with a one-sided binomial p below this
+CHANCE_ALPHA = 0.05
 
 #: TP sources in order of preference (lower wins).
 _TP_PRIORITY = {"analysis": 0, "prune": 1, "eval": 2}
@@ -252,6 +257,14 @@ def _rows_key(rows: Any) -> float:
     return -float(rows) if isinstance(rows, (int, float)) and rows is not None else math.inf
 
 
+def _stage_runs(run: Run) -> list[Run]:
+    """A study folder stands for the runs of its stages (analysis, prune, baselines ...: the finished ones); any
+    other run for itself."""
+    if run.kind != "study":
+        return [run]
+    return [r for r in find_runs(run.folder, nested=True, skip_incomplete=True) if r.kind != "study"]
+
+
 def gather(run_dirs: Sequence[str | Path]) -> Gathered:
     """Scan run folders and choose, per (model, task, format), the TP source and the critical ratio
     per method (see the module docstring for the rules).
@@ -264,7 +277,7 @@ def gather(run_dirs: Sequence[str | Path]) -> Gathered:
     files: list[Run] = []
     seen: set[Path] = set()
     for d in run_dirs:
-        for f in find_runs(d):
+        for f in (g for r in find_runs(d) for g in _stage_runs(r)):
             rp = f.path.resolve()
             if rp not in seen:
                 seen.add(rp)
@@ -470,7 +483,16 @@ class CorrelationResult:
         return out
 
 
-def _missing(key, g: Gathered, method: str) -> str | None:
+def above_chance_p(accuracy: float, chance: float, rows: int) -> float:
+    """One-sided binomial p-value of ``accuracy`` on ``rows`` rows against a uniform guess's ``chance`` (the
+    probability that guessing scores at least as many rows right; approximate where items have different
+    numbers of options, ``chance`` being their mean)."""
+    from scipy.stats import binomtest
+
+    return float(binomtest(int(round(accuracy * rows)), int(rows), float(chance), alternative="greater").pvalue)
+
+
+def _missing(key, g: Gathered, method: str, chance_alpha: float = CHANCE_ALPHA) -> str | None:
     """Why a group is not a complete pair (None if it is)."""
     d = g.decisions.get(key)
     per = g.ratios.get(key, {})
@@ -491,15 +513,24 @@ def _missing(key, g: Gathered, method: str) -> str | None:
                        f"chance {cr.chance:.3g}), so no collapse can be measured")
         else:
             why.append(f"critical ratio ({method}) not reached within --max-ratio {cr.max_ratio} in {cr.source}")
+    elif cr.dense_accuracy is not None and cr.chance is not None and cr.rows:
+        # a model that guesses has no accuracy to lose: its "collapse" is a matter of sampling noise
+        p = above_chance_p(cr.dense_accuracy, cr.chance, int(cr.rows))
+        if p >= chance_alpha:
+            why.append(f"the dense model is not significantly above chance in {cr.source} (accuracy "
+                       f"{cr.dense_accuracy:.3g} on {int(cr.rows)} rows, chance {cr.chance:.3g}: one-sided binomial "
+                       f"p = {p:.2g}, needs < {chance_alpha:g})")
     return "; ".join(why) or None
 
 
-def correlate(run_dirs: Sequence[str | Path], method: str = "ip") -> CorrelationResult:
+def correlate(run_dirs: Sequence[str | Path], method: str = "ip", chance_alpha: float = CHANCE_ALPHA) -> CorrelationResult:
     """Correlate the Transition Point with the critical pruning ratio across model-task pairs.
 
     Args:
         run_dirs: folders written by ``declens analyze`` / ``prune`` / ``eval`` (or their JSON files).
         method: the pruning method whose critical ratio is used (``ip``, ``shortgpt``, ``last`` ...).
+        chance_alpha: a pair counts only when its dense model is above chance with a one-sided binomial
+            p-value below this (:func:`above_chance_p`; 1 keeps every pair above chance).
 
     Returns:
         A :class:`CorrelationResult` with Pearson r / p for TP as layer index and as fraction of
@@ -510,14 +541,18 @@ def correlate(run_dirs: Sequence[str | Path], method: str = "ip") -> Correlation
             pairs were found (the message lists the pairs found and what each other group lacks).
     """
     g = gather(run_dirs)
-    return correlate_gathered(g, method, [str(d) for d in run_dirs])
+    return correlate_gathered(g, method, [str(d) for d in run_dirs], chance_alpha)
 
 
-def correlate_gathered(g: Gathered, method: str, run_dirs: Sequence[str] = ()) -> CorrelationResult:
+def correlate_gathered(g: Gathered, method: str, run_dirs: Sequence[str] = (),
+                       chance_alpha: float = CHANCE_ALPHA) -> CorrelationResult:
     """:func:`correlate` on already gathered results (the report computes one per method)."""
+    if not 0 < chance_alpha <= 1:
+        raise DeclensError(f"chance_alpha must be in (0, 1], got {chance_alpha}: the significance level of 'the dense "
+                           "model is above chance' (1 keeps every pair above chance)")
     pairs, incomplete = [], []
     for key in g.keys:
-        why = _missing(key, g, method)
+        why = _missing(key, g, method, chance_alpha)
         if why:
             incomplete.append({"model": key[0], "task": key[1], "format": key[2], "missing": why})
             continue
@@ -546,6 +581,8 @@ def correlate_gathered(g: Gathered, method: str, run_dirs: Sequence[str] = ()) -
     prov["versions"]["scipy"] = scipy_version
     prov["inputs"] = [{"path": str(f.path), "kind": f.kind, "model_fingerprint": _fingerprint(f),
                        "data_fingerprint": (f.provenance.get("data") or {}).get("fingerprint")} for f in g.files]
-    res = CorrelationResult(config={"run_dirs": list(run_dirs), "method": method}, provenance=prov, method=method,
+    res = CorrelationResult(config={"run_dirs": list(run_dirs), "method": method, "chance_alpha": chance_alpha,
+                                    "chance_test": "one-sided binomial test of the dense accuracy against chance"},
+                            provenance=prov, method=method,
                             pairs=pairs, incomplete=incomplete, notes=notes)
     return res.compute()
