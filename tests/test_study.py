@@ -12,7 +12,7 @@ runner = CliRunner()
 
 ARGS = ["--tasks", "arc_easy,piqa,winogrande", "--formats", "letter", "--limit", "12", "--ip-max-ratio", "0.6",
         "--baselines", "shortgpt,last", "--baseline-ratio", "0.5", "--calib-samples", "8", "--cka-rows", "8",
-        "--noise-scales", "0,1", "--ablate-window", "1", "--recover-ratios", "0.25", "--epochs", "1",
+        "--noise-scales", "0,1", "--noise-layers", "0,2,3", "--ablate-window", "1", "--recover-ratios", "0.25", "--epochs", "1",
         "--train-samples", "16", "--dtype", "float32"]
 
 
@@ -23,6 +23,7 @@ def test_study_runs_every_stage_and_resumes(tmp_path, model_dir):
     for sub in ("analysis/arc_easy_letter", "prune/piqa_letter", "baselines/winogrande_letter", "cka", "noise",
                 "recover"):
         assert (out / sub / "manifest.json").is_file(), sub
+    assert json.loads((out / "noise" / "noise.json").read_text())["config"]["layers"] == [0, 2, 3]  # --noise-layers
     # a stage that cannot run on these results says why instead of failing the study
     for stage in ("ablate", "correlate"):
         assert (out / stage / "manifest.json").is_file() or f"{stage}: not run" in r.output, stage
@@ -90,3 +91,7 @@ def test_study_replays_a_given_ip_order(tmp_path, model_dir):
     bad = runner.invoke(app, ["study", "--model", str(model_dir), *args, "--ip-order", "2,9", "--out", str(tmp_path / "b")])
     assert bad.exit_code == 2 and "outside 0..3" in bad.output and "Traceback" not in bad.output, bad.output
     assert not (tmp_path / "b" / "analysis").exists()
+    bad = runner.invoke(app, ["study", "--model", str(model_dir), *args, "--stages", "analysis,noise", "--noise-layers",
+                              "1,7", "--out", str(tmp_path / "c")])
+    assert bad.exit_code == 2 and "[7] are not in the model" in bad.output and "Traceback" not in bad.output, bad.output
+    assert not (tmp_path / "c" / "analysis").exists()

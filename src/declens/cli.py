@@ -1069,6 +1069,7 @@ def study(
     cka_ratio: float = typer.Option(0.5, "--cka-ratio", help="CKA of IP's best state at this ratio against the dense model."),
     cka_rows: int = typer.Option(500, "--cka-rows", help="Rows of the CKA study."),
     noise_scales: str = typer.Option("0,0.1,0.5,1,2", "--noise-scales", help="Noise scales, comma-separated."),
+    noise_layers: Optional[str] = typer.Option(None, "--noise-layers", help="Dense ids of the layers the noise study perturbs, e.g. 0-4,20-27 (default: every layer)."),
     ablate_window: int = typer.Option(2, "--ablate-window", help="Layers on each side of the Transition Point ablated."),
     recover_ratios: str = typer.Option("0.25,0.5", "--recover-ratios", help="Ratios whose best IP set is fine-tuned ('' for no fine-tuning)."),
     epochs: int = typer.Option(3, "--epochs", help="Fine-tuning epochs (the paper: 3)."),
@@ -1114,7 +1115,8 @@ def study(
                           baseline_ratio=baseline_ratio, calib_samples=calib_samples, cka_ratio=cka_ratio,
                           cka_rows=cka_rows, noise_scales=scales, ablate_window=ablate_window, recover_ratios=rr,
                           finetune=ft, stages=_split_list(stages) or [],
-                          ip_order=parse_layer_ids(ip_order) if ip_order else None)
+                          ip_order=parse_layer_ids(ip_order) if ip_order else None,
+                          noise_layers=parse_layer_ids(noise_layers) if noise_layers else None)
         cfg.check()
         folder = _out_folder(out, "study", model)
         _ready(folder)

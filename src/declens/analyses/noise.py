@@ -446,7 +446,7 @@ class NoiseResult:
 # The study
 
 
-def _perturbed_positions(dense_ids: list[int], layers: Sequence[int] | None) -> list[int]:
+def perturbed_positions(dense_ids: list[int], layers: Sequence[int] | None) -> list[int]:
     if layers is None:
         return list(range(len(dense_ids)))
     ids = [int(i) for i in layers]
@@ -601,7 +601,7 @@ def _noise_study(lm: LoadedModel, data: TaskData, fmt: str, cfg: NoiseConfig, pr
     parts = lm.parts
     dense_ids = dense_layer_ids(parts)
     L = len(dense_ids)
-    positions = _perturbed_positions(dense_ids, layers)
+    positions = perturbed_positions(dense_ids, layers)
     t0 = time.perf_counter()
     req = requests if requests is not None else prepare(lm, data, fmt, num_fewshot=num_fewshot)
     plan = ScoringPlan(parts, req)

@@ -49,6 +49,8 @@ class StudyConfig:
         calib_samples: Block Influence calibration rows (ARC-Challenge train, as the paper).
         cka_ratio: the IP state (best at this ratio) compared with the dense model by CKA; cka_rows: rows.
         noise_scales, noise_repeats: the noise study's scales and draws.
+        noise_layers: dense ids of the layers the noise study perturbs (None: every layer; a subset covering
+            both phases is enough for claim 6 at a fraction of the cost).
         ablate_window: layers on each side of the Transition Point.
         recover_ratios: ratios whose best IP set is fine-tuned (empty: no fine-tuning).
         finetune: fine-tuning overrides: ``declens.finetune.FinetuneConfig`` fields and the recovery's own options
@@ -72,6 +74,7 @@ class StudyConfig:
     cka_rows: int = 500
     noise_scales: list[float] = field(default_factory=lambda: [0.0, 0.1, 0.5, 1.0, 2.0])
     noise_repeats: int = 1
+    noise_layers: list[int] | None = None
     ablate_window: int = 2
     recover_ratios: list[float] = field(default_factory=lambda: [0.25, 0.5])
     finetune: dict = field(default_factory=dict)
@@ -84,9 +87,13 @@ class StudyConfig:
         return "replay" if self.ip_order else "ip"
 
     def check_order(self, num_layers: int) -> None:
-        """Refuse an ``ip_order`` that this ``num_layers``-layer model cannot replay to ``ip_max_ratio``."""
+        """Refuse an ``ip_order`` that this ``num_layers``-layer model cannot replay to ``ip_max_ratio``, and
+        ``noise_layers`` it does not have."""
         from ..pruning.run import max_removed_for
+        from .noise import perturbed_positions
 
+        if self.noise_layers is not None and "noise" in self.stages:
+            perturbed_positions(list(range(num_layers)), self.noise_layers)
         o = self.ip_order
         if not o:
             return
@@ -321,7 +328,7 @@ def _noise_stage(lm, cfg, r, data, out, progress) -> None:
     folder = out / "noise"
 
     def run():
-        ncfg = NoiseConfig(scales=cfg.noise_scales, seed=cfg.seed, repeats=cfg.noise_repeats)
+        ncfg = NoiseConfig(scales=cfg.noise_scales, seed=cfg.seed, repeats=cfg.noise_repeats, layers=cfg.noise_layers)
         # a killed study resumes the stage from noise/.checkpoint/; saving the result removes it
         res = noise_study(lm, data, cfg.formats[0], ncfg, progress=progress,
                           checkpoint=noise_checkpoint(folder, lm, data, cfg.formats[0], ncfg))
