@@ -213,7 +213,7 @@ OPTION_CASES = [
     (["ablate", *M, "--tp", "-2"], ["--tp", "got -2"], None),
     (["recover", *M, "--remove", "1", "--epochs", "0"], ["epochs=0"], None),
     (["recover", *M, "--remove", "1", "--schedule", "zigzag"], ["schedule 'zigzag'"], "linear, cosine, constant"),
-    (["recover", *M, "--remove", "1", "--method", "magic"], ["fine-tuning method 'magic'"], "lora"),
+    (["recover", *M, "--remove", "1", "--ft-method", "magic"], ["fine-tuning method 'magic'"], "lora"),
     (["recover", *M, "--remove", "1", "--task", "{tmp}/two_rows.jsonl"], ["bundled task names"], "declens analyze"),
     (["recover", *M, "--remove", "1", "--train-split", "dev", "-t", "arc_easy"], ["--train-split 'dev'"], "pick one"),
     (["recover", *M, "--remove", "1", "--ratios", "0.5"], ["--ratios selects states of a prune run"], "--from-prune"),

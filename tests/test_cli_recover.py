@@ -9,7 +9,7 @@ runner = CliRunner()
 
 def test_recover_command(model_dir, tmp_path):
     r = runner.invoke(app, ["recover", "--model", str(model_dir), "--task", "arc_easy", "--remove", "1,2", "--remove", "3",
-                            "--method", "lora", "--train-samples", "8", "--max-steps", "2", "--lr", "1e-3", "--limit", "6",
+                            "--ft-method", "lora", "--train-samples", "8", "--max-steps", "2", "--lr", "1e-3", "--limit", "6",
                             "--dtype", "float32", "--max-length", "96", "--out", str(tmp_path / "run"),
                             "--export-dir", str(tmp_path / "models")])
     assert r.exit_code == 0, r.output
@@ -25,7 +25,7 @@ def test_recover_from_prune_command(model_dir, tmp_path):
                             "--max-ratio", "0.5", "--calib-samples", "4", "--dtype", "float32", "--out", str(tmp_path / "p")])
     assert r.exit_code == 0, r.output
     r = runner.invoke(app, ["recover", "--model", str(model_dir), "--from-prune", str(tmp_path / "p"), "--prune-method", "last",
-                            "--ratios", "0.5", "--method", "full", "--train-samples", "8", "--max-steps", "1",
+                            "--ratios", "0.5", "--ft-method", "full", "--train-samples", "8", "--max-steps", "1",
                             "--dtype", "float32", "--max-length", "96", "--out", str(tmp_path / "run")])
     assert r.exit_code == 0, r.output
     d = json.loads((tmp_path / "run" / "recover.json").read_text())
@@ -41,7 +41,9 @@ def test_recover_from_prune_command(model_dir, tmp_path):
     ([], "--remove"),
     (["--remove", "1", "--from-prune", "x"], "one of the two"),
     (["--remove", "1", "--ratios", "0.5"], "--from-prune"),
-    (["--remove", "1", "--method", "qlora"], "unknown fine-tuning method"),
+    (["--remove", "1", "--ft-method", "qlora"], "unknown fine-tuning method"),
+    # the deprecated name still reaches the same check, and says it is deprecated
+    (["--remove", "1", "--method", "qlora"], "recover --method is deprecated: it is --ft-method now"),
     (["--remove", "9"], "out of range"),
     (["--remove", "1", "--task", "hellaswag"], "no training split"),
     (["--remove", "1", "--epochs", "0"], "epochs=0"),

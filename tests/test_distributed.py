@@ -145,7 +145,7 @@ def test_torchrun_recover_trains_data_parallel_like_one_process(llama_dir, tmp_p
     import numpy as np
     from safetensors.numpy import load_file
 
-    args = ["recover", "--model", str(llama_dir), "--task", "arc_easy", "--remove", "1,2", "--method", "lora",
+    args = ["recover", "--model", str(llama_dir), "--task", "arc_easy", "--remove", "1,2", "--ft-method", "lora",
             "--lora-dropout", "0", "--train-samples", "24", "--max-steps", "3", "--grad-accum", "2", "--lr", "1e-3",
             "--limit", "8", "--dtype", "float32", "--max-length", "96", "--max-tokens", "256"]
     _one_thread([*args, "--batch-size", "2", "--out", str(tmp_path / "one"), "--export-dir", str(tmp_path / "m1")])

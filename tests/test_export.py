@@ -248,7 +248,7 @@ def test_cli_ablate_on_pruned_model(pruned_model_dir, tmp_path):
 
 
 def test_cli_recover_on_pruned_model(pruned_model_dir, tmp_path):
-    r, out = _invoke("recover", "--model", pruned_model_dir, "--task", "arc_easy", "--remove", "4", "--method", "lora",
+    r, out = _invoke("recover", "--model", pruned_model_dir, "--task", "arc_easy", "--remove", "4", "--ft-method", "lora",
                      "--train-samples", "4", "--max-steps", "1", "--limit", "4", "--dtype", "float32",
                      "--max-length", "96", "--out", tmp_path / "run", "--export-dir", tmp_path / "models")
     assert r.exit_code == 0, out

@@ -32,7 +32,7 @@ COMMANDS = {
     "cka": (["cka", "--task", "arc_easy", "--limit", "6", "--prune-run", "{root}/prune", "--prune-method", "last",
              "--ratio", "0.5"], "cka"),
     "noise": (["noise", "--task", "arc_easy", "--limit", "3", "--layers", "1", "--scales", "0,0.5"], "noise"),
-    "recover": (["recover", "--from-prune", "{root}/prune", "--prune-method", "last", "--ratios", "0.5", "--method",
+    "recover": (["recover", "--from-prune", "{root}/prune", "--prune-method", "last", "--ratios", "0.5", "--ft-method",
                  "full", "--train-samples", "8", "--max-steps", "1", "--max-length", "96"], "recover"),
     "compare": (["compare", "--methods", "last", "--ratios", "0.25", "--tasks", "arc_easy", "--limit", "4",
                  "--calib-samples", "4", "--train-tasks", "arc_easy", "--train-samples", "8", "--ft-method", "lora",

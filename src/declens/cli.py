@@ -56,6 +56,7 @@ DeviceMapOpt = typer.Option(None, "--device-map", help="auto (or balanced, seque
 MaxMemOpt = typer.Option(None, "--max-memory", help="With --device-map: the most memory to use per GPU, e.g. 20GiB.")
 MaxTokOpt = typer.Option(None, "--max-tokens", help="Padded tokens per batch (default: sized to the device).")
 #: fine-tuning options shared by recover and compare (one declaration each)
+FtMethodOpt = typer.Option("lora", "--ft-method", help="Fine-tuning: lora (peft adapters, merged into the weights afterwards) or full.")
 EpochsOpt = typer.Option(3, "--epochs", help="Passes over the training rows (the paper: 3).")
 LoraROpt = typer.Option(16, "--lora-r", help="LoRA rank.")
 LoraAlphaOpt = typer.Option(32, "--lora-alpha", help="LoRA alpha (scale = alpha / rank).")
@@ -798,7 +799,8 @@ def recover(
     from_prune: Optional[Path] = typer.Option(None, "--from-prune", help="A 'declens prune' folder: recover its best removed set per ratio (with its task, format and rows unless given)."),
     ratios: Optional[str] = typer.Option(None, "--ratios", help="With --from-prune: pruning ratios to recover, e.g. 0.375,0.4 (default: every ratio of the run)."),
     prune_method: str = typer.Option("ip", "--prune-method", help="With --from-prune: whose states to take (ip, shortgpt, sleb, ...)."),
-    method: str = typer.Option("lora", "--method", help="lora (peft adapters, merged into the weights afterwards) or full."),
+    ft_method: str = FtMethodOpt,
+    old_method: Optional[str] = typer.Option(None, "--method", hidden=True, help="Deprecated name of --ft-method (--method names a pruning method elsewhere)."),
     train_task: Optional[str] = typer.Option(None, "--train-task", help="Task whose training split is fine-tuned on (default: --task)."),
     train_split: Optional[str] = typer.Option(None, "--train-split", help="Split to fine-tune on (default: the task's train / few-shot split)."),
     train_samples: Optional[int] = typer.Option(None, "--train-samples", help="Training rows, drawn with --seed (default: the whole split)."),
@@ -847,6 +849,11 @@ def recover(
         m.check(seed=seed, limit=limit, max_tokens=max_tokens, remove=remove, train_samples=train_samples)
         if fmt is not None:
             check_options(fmt=fmt)
+        method = ft_method
+        if old_method is not None:  # the old name, kept working; said once, before any work
+            console.print("[yellow]recover --method is deprecated: it is --ft-method now (--method names a pruning "
+                          "method in prune, export and correlate)[/yellow]", highlight=False)
+            method = old_method
         ft = FinetuneConfig.make(method=method, epochs=epochs, lr=lr, batch_size=batch_size, grad_accum=grad_accum,
                                  max_steps=max_steps, lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                                  schedule=schedule, warmup_ratio=warmup_ratio, max_length=max_length)  # checked before loading
@@ -907,7 +914,7 @@ def compare(
     skip_prun: bool = typer.Option(False, "--skip-prun", help="ip: SKIP-Prun restarts when a step collapses."),
     train_tasks: Optional[str] = typer.Option(None, "--train-tasks", help="Tasks whose training splits are fine-tuned on (default: every task with one: arc_challenge,arc_easy,mmlu)."),
     train_samples: Optional[int] = typer.Option(None, "--train-samples", help="Training rows per training task, drawn with --seed (default: the whole split)."),
-    ft_method: str = typer.Option("lora", "--ft-method", help="Fine-tuning: lora (peft adapters, merged afterwards) or full."),
+    ft_method: str = FtMethodOpt,
     epochs: int = EpochsOpt,
     lr: Optional[float] = typer.Option(None, "--lr", help="A fixed peak learning rate (default: selected from --lr-candidates)."),
     lr_candidates: Optional[str] = typer.Option(None, "--lr-candidates", help="The set the learning rate is selected from per model (default: 1e-4,2e-4,5e-4 for lora; 1e-5,2e-5,5e-5 for full)."),

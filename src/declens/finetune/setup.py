@@ -100,7 +100,7 @@ def lora_model(model: nn.Module, cfg: FinetuneConfig):
         from peft import LoraConfig, get_peft_model
     except ImportError:
         raise DeclensError("LoRA fine-tuning needs the peft package: pip install 'declens[finetune]' "
-                           "(or use --method full)") from None
+                           "(or use --ft-method full)") from None
     lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, bias="none",
                       target_modules=cfg.target_modules, task_type="CAUSAL_LM")
     try:
