@@ -95,3 +95,26 @@ def test_study_replays_a_given_ip_order(tmp_path, model_dir):
                               "1,7", "--out", str(tmp_path / "c")])
     assert bad.exit_code == 2 and "[7] are not in the model" in bad.output and "Traceback" not in bad.output, bad.output
     assert not (tmp_path / "c" / "analysis").exists()
+
+
+def test_a_study_run_in_pieces_lists_every_finished_stage(tmp_path, model_dir):
+    """Tasks and stages added by later invocations (as a long study is run) accumulate in study.json and its
+    findings; a killed stage's unfinished folder stays out."""
+    out = tmp_path / "study"
+    common = ["--model", str(model_dir), "--limit", "8", "--calib-samples", "8", "--ip-max-ratio", "0.5",
+              "--recover-ratios", "", "--dtype", "float32", "--out", str(out)]
+    r = runner.invoke(app, ["study", *common, "--tasks", "arc_easy", "--stages", "analysis,prune"])
+    assert r.exit_code == 0, r.output
+    (out / "analysis" / "hellaswag_letter").mkdir()  # a killed analysis: no manifest
+    (out / "analysis" / "hellaswag_letter" / "scores.npz").write_bytes(b"partial")
+    r = runner.invoke(app, ["study", *common, "--tasks", "piqa", "--stages", "analysis"])
+    assert r.exit_code == 0, r.output
+    st = json.loads((out / "study.json").read_text())
+    assert st["config"]["tasks"] == ["arc_easy", "piqa"] and st["config"]["stages"] == ["analysis", "prune"]
+    assert st["stages"] == {"analysis": ["arc_easy_letter", "piqa_letter"], "prune": ["arc_easy_letter"]}
+    from declens.analyses.study import load_study
+
+    study = load_study(out)
+    assert sorted(study.results["analysis"]) == ["arc_easy_letter", "piqa_letter"] and study.get("prune", "arc_easy_letter")
+    f = json.loads((out / "findings.json").read_text())["findings"]
+    assert {x["source"] for x in f if x["claim"] == 1} == {"study:arc_easy_letter", "study:piqa_letter"}

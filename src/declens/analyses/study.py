@@ -261,8 +261,59 @@ def run_study(lm: LoadedModel, cfg: StudyConfig, out_dir: str | Path,
     if "correlate" in cfg.stages:
         _correlate_stage(cfg, study, r, out)
 
+    adopt_finished(study)
     write_study(study, provenance(lm))
     return study
+
+
+def _stage_folders_on_disk(out: Path, stage: str) -> list[tuple[str, Path]]:
+    """``(key, folder)`` of every folder of ``stage`` in a study folder (finished or not)."""
+    if stage in ("analysis", "prune", "baselines"):
+        base = out / stage
+        return [(p.name, p) for p in sorted(base.iterdir()) if p.is_dir() and "_" in p.name] if base.is_dir() else []
+    return [("main", out / stage)] if (out / stage).is_dir() else []
+
+
+def adopt_finished(study: Study) -> None:
+    """Make a study run in pieces whole: every finished stage folder of the study folder that this run did not
+    list (other stages or tasks run by earlier invocations) joins :attr:`Study.results`, and the config's tasks,
+    formats and stages become the union: the earlier ``study.json``'s first, then this run's, then any found
+    only on disk (each stage folder records its own full config). Unfinished folders (a killed run's) stay out."""
+    import json
+
+    out, cfg = study.folder, study.config
+    try:  # the order of an earlier invocation (read, not trusted: only stage folders that verify join)
+        prev = json.loads((out / "study.json").read_text()).get("config", {})
+    except (OSError, ValueError):
+        prev = {}
+    tasks = [t for t in prev.get("tasks", []) if isinstance(t, str)]
+    formats = [f for f in prev.get("formats", []) if isinstance(f, str)]
+    add = lambda xs, x: xs.append(x) if x not in xs else None  # noqa: E731
+    for t in cfg.tasks:
+        add(tasks, t)
+    for f in cfg.formats:
+        add(formats, f)
+    stages = set(cfg.stages)
+    for stage in STAGES:
+        for key, folder in _stage_folders_on_disk(out, stage):
+            if key in study.results.get(stage, {}):
+                continue
+            try:
+                verify_run_folder(folder)
+                res = load_result(folder, kind="prune" if stage == "baselines" else stage)
+            except DeclensError:
+                continue
+            study.results.setdefault(stage, {})[key] = res
+            stages.add(stage)
+            if key != "main":
+                task, fmt = key.rsplit("_", 1)
+                add(tasks, task)
+                add(formats, fmt)
+    if set(tasks) != set(cfg.tasks) or set(formats) != set(cfg.formats) or stages != set(cfg.stages) \
+            or tasks[0] != cfg.tasks[0]:
+        from dataclasses import replace
+
+        study.config = replace(cfg, tasks=tasks, formats=formats, stages=[x for x in STAGES if x in stages])
 
 
 def stage_folders(study: Study) -> list[Path]:
