@@ -132,6 +132,22 @@ def test_torchrun_cka_equals_one_process(llama_dir, tmp_path):
 
 
 
+def test_torchrun_ablate_equals_one_process(llama_dir, tmp_path):
+    """The ablation (a dense analysis locating the window, then every single and paired removal evaluated on
+    each task) over two ranks: rows sharded and gathered, each batch run alone on a rank as one process with
+    one thread runs it, so every accuracy and DM is one process's, bit for bit."""
+    args = ["ablate", "--model", str(llama_dir), "--task", "arc_easy", "--tasks", "arc_easy,piqa", "--tp", "3",
+            "--window", "1", "--limit", "16", "--dtype", "float32", "--max-tokens", "256"]
+    _one_thread([*args, "--out", str(tmp_path / "one")])
+    _torchrun([*args, "--out", str(tmp_path / "two")], tmp_path)
+    a = json.loads((tmp_path / "one" / "ablate.json").read_text())
+    b = json.loads((tmp_path / "two" / "ablate.json").read_text())
+    assert (a["provenance"]["ranks"], b["provenance"]["ranks"]) == (1, 2)
+    for k in a.keys() - {"provenance"}:
+        assert a[k] == b[k], k
+    _one_result_folder(tmp_path, tmp_path / "two", "ablate")
+
+
 def test_torchrun_recover_trains_data_parallel_like_one_process(llama_dir, tmp_path):
     """LoRA fine-tuning over two ranks (DDP, 1 row per rank and micro-batch, 2 micro-batches per step) takes the
     steps of one process with 2 rows per micro-batch (the same effective batch, 4, and the same rows per step:

@@ -27,6 +27,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from . import distributed
 from .formats import score_kind
 from .metrics import LayerMetrics, compute_metrics, margins, predictions
 from .scoring import LayerScores, ScoreState
@@ -131,6 +132,7 @@ def provenance(lm=None, data=None, **extra: Any) -> dict:
         options = getattr(lm, "options", None)
         if options is not None:
             out["execution"] = options.to_dict()
+        out["ranks"] = distributed.world()  # torchrun processes that computed it (1: one process)
     if data is not None:
         out["data"] = {"task": data.name, "split": data.split, "selection": data.selection,
                        "fingerprint": data.fingerprint()}
