@@ -149,3 +149,29 @@ def test_compare_averages_never_pools_cells_of_two_stopped_comparisons(tmp_path)
     (cells / "shortgpt_k3.json").write_text(json.dumps({**cell, "method": "shortgpt", "average": 0.50, "run": "bbb"}))
     with pytest.raises(DeclensError, match="2 different comparisons"):
         compare_averages(tmp_path / "cmp")
+
+
+def _correlation(points):
+    """A CorrelationResult over (model, TP of 28 layers, critical ratio) points."""
+    from declens.analyses.correlation import CorrelationResult, Pair
+
+    pairs = [Pair(m, "arc_easy", "letter", 28, tp, tp / 28, 1 - tp / 28, cr, 0.6, 0.25, "a", "analysis", "p")
+             for m, tp, cr in points]
+    return CorrelationResult(config={}, provenance={}, method="ip", pairs=pairs).compute()
+
+
+def test_claim_9_needs_a_negative_r_that_no_single_pair_carries():
+    from declens.analyses.findings import FindingsConfig, claim_correlation
+
+    cfg = FindingsConfig()
+    trend = _correlation([("a", 10, 0.50), ("b", 14, 0.42), ("c", 18, 0.33), ("d", 22, 0.25), ("e", 25, 0.20)])
+    f = claim_correlation(trend, cfg)
+    assert f.verdict == "holds" and f.numbers["pearson_r"] < -0.99 and f.numbers["pairs"] == 5
+    assert all(v < -0.99 for v in f.numbers["r_leaving_out"].values())
+    # declens' SmolLM2/Qwen case: one pair deciding at layer 0 carries r; without it the rest rise together
+    carried = _correlation([("smol", 0, 0.50), ("q-boolq", 24, 0.29), ("q-arcc", 23, 0.21), ("q-arce", 22, 0.19),
+                            ("q-mmlu", 23, 0.22)])
+    f = claim_correlation(carried, cfg)
+    assert f.numbers["pearson_r"] < 0 and f.numbers["p_value"] < 0.05  # the point estimate alone would pass
+    assert f.verdict == "does not hold" and f.numbers["r_leaving_out"]["smol · arc_easy"] > 0
+    assert "leaving out smol · arc_easy" in f.note

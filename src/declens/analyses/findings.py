@@ -17,6 +17,8 @@ are cheap to recompute and can be re-read from saved study folders. The criteria
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -387,17 +389,37 @@ def claim_recovery(recovery_result, cfg: FindingsConfig) -> Finding:
 
 
 def claim_correlation(correlation_result, cfg: FindingsConfig) -> Finding:
-    """Claim 9: across model/task pairs, the Transition Point correlates negatively with the critical ratio."""
+    """Claim 9: across model/task pairs, the Transition Point correlates negatively with the critical ratio.
+
+    With four pairs or more, the correlation must also keep its sign with any one pair left out: a
+    negative r carried by a single pair (a model that "decides" at layer 0, say) is not a trend."""
+    from scipy.stats import pearsonr
+
     st = "across model/task pairs, the Transition Point correlates negatively with the critical pruning ratio"
-    crit = f"Pearson r < 0 with p < {cfg.alpha} between the Transition Point (share of depth) and the critical ratio"
+    crit = (f"Pearson r < 0 with p < {cfg.alpha} between the Transition Point (share of depth) and the critical ratio, "
+            "and (with >= 4 pairs) r < 0 with any one pair left out")
     if correlation_result is None:
         return untestable(9, st, crit, "no correlation result (needs >= 3 analysed and pruned model/task pairs)")
     stat = correlation_result.stats.get("fraction") or {}
     r, p, n = stat.get("r"), stat.get("p"), stat.get("n", len(correlation_result.pairs))
     if r is None:
         return untestable(9, st, crit, "the correlation could not be computed")
-    return Finding(9, st, crit, verdict(r < 0 and p is not None and p < cfg.alpha, None, cfg),
-                   numbers={"pearson_r": r, "p_value": p, "pairs": n}, figure="correlation.png")
+    numbers = {"pearson_r": r, "p_value": p, "pairs": n}
+    pairs, labels = correlation_result.pairs, correlation_result.labels()
+    robust, note = True, ""
+    if len(pairs) >= 4:
+        loo = {}
+        for i, label in enumerate(labels):
+            x = [q.transition_fraction for j, q in enumerate(pairs) if j != i]
+            y = [q.critical_ratio for j, q in enumerate(pairs) if j != i]
+            loo[label] = None if len(set(x)) < 2 or len(set(y)) < 2 else float(pearsonr(x, y)[0])
+        numbers["r_leaving_out"] = loo
+        robust = all(v is not None and v < 0 for v in loo.values())
+        worst = max(loo, key=lambda k: math.inf if loo[k] is None else loo[k])
+        note = (f"r with one pair left out ranges up to {'undefined' if loo[worst] is None else format(loo[worst], '+.3f')} "
+                f"(leaving out {worst})")
+    return Finding(9, st, crit, verdict(r < 0 and p is not None and p < cfg.alpha and robust, None, cfg),
+                   numbers=numbers, figure="correlation.png", note=note)
 
 
 #: the baselines claim 10 names (the paper's Table 5)
