@@ -118,3 +118,12 @@ def test_a_study_run_in_pieces_lists_every_finished_stage(tmp_path, model_dir):
     assert sorted(study.results["analysis"]) == ["arc_easy_letter", "piqa_letter"] and study.get("prune", "arc_easy_letter")
     f = json.loads((out / "findings.json").read_text())["findings"]
     assert {x["source"] for x in f if x["claim"] == 1} == {"study:arc_easy_letter", "study:piqa_letter"}
+
+    # the same folder given to another model: none of the first model's results join its study
+    from conftest import save_tiny
+
+    other = save_tiny(tmp_path / "other-llama", "llama")
+    r = runner.invoke(app, ["study", "--model", str(other), *common[2:], "--tasks", "winogrande", "--stages", "analysis"])
+    assert r.exit_code == 0, r.output
+    st = json.loads((out / "study.json").read_text())
+    assert st["stages"] == {"analysis": ["winogrande_letter"]} and st["config"]["tasks"] == ["winogrande"], st

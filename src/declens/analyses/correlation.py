@@ -375,7 +375,7 @@ class Pair:
                 "tp_kind": self.tp_kind, "ratio_source": self.ratio_source}
 
 
-def _pearson(x: Sequence[float], y: Sequence[float]) -> dict:
+def pearson(x: Sequence[float], y: Sequence[float]) -> dict:
     """Pearson r and two-sided p (scipy); ``None`` with a reason when undefined (a constant input)."""
     from scipy.stats import pearsonr
 
@@ -427,10 +427,10 @@ class CorrelationResult:
         df = [p.decisive_fraction for p in self.pairs]
         cr = [p.critical_ratio for p in self.pairs]
         err = [p.margin_error for p in self.pairs]
-        margin = _pearson(df, cr)
+        margin = pearson(df, cr)
         margin.update(mae=sum(abs(e) for e in err) / len(err), bias=sum(err) / len(err),
                       max_abs_error=max(abs(e) for e in err))
-        self.stats = {"layer": _pearson(tl, cr), "fraction": _pearson(tf, cr), "safe_margin": margin}
+        self.stats = {"layer": pearson(tl, cr), "fraction": pearson(tf, cr), "safe_margin": margin}
         for name, s in self.stats.items():
             if s.get("undefined"):
                 self.notes.append(f"Pearson r ({name}) is undefined: {s['undefined']}")

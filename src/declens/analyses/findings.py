@@ -393,7 +393,7 @@ def claim_correlation(correlation_result, cfg: FindingsConfig) -> Finding:
 
     With four pairs or more, the correlation must also keep its sign with any one pair left out: a
     negative r carried by a single pair (a model that "decides" at layer 0, say) is not a trend."""
-    from scipy.stats import pearsonr
+    from .correlation import pearson
 
     st = "across model/task pairs, the Transition Point correlates negatively with the critical pruning ratio"
     crit = (f"Pearson r < 0 with p < {cfg.alpha} between the Transition Point (share of depth) and the critical ratio, "
@@ -412,7 +412,7 @@ def claim_correlation(correlation_result, cfg: FindingsConfig) -> Finding:
         for i, label in enumerate(labels):
             x = [q.transition_fraction for j, q in enumerate(pairs) if j != i]
             y = [q.critical_ratio for j, q in enumerate(pairs) if j != i]
-            loo[label] = None if len(set(x)) < 2 or len(set(y)) < 2 else float(pearsonr(x, y)[0])
+            loo[label] = pearson(x, y)["r"]  # None when one side is constant
         numbers["r_leaving_out"] = loo
         robust = all(v is not None and v < 0 for v in loo.values())
         worst = max(loo, key=lambda k: math.inf if loo[k] is None else loo[k])

@@ -33,6 +33,8 @@ from ..results import RunWriter, figure_drawer, load_result, provenance, registe
 from ..tasks import load_task
 
 STAGES = ("analysis", "prune", "baselines", "cka", "noise", "ablate", "recover", "correlate")
+#: stages with one folder per task and format (``<stage>/<task>_<format>``); the others have one, keyed ``main``
+PER_TASK_STAGES = ("analysis", "prune", "baselines")
 DEFAULT_BASELINES = ("shortgpt", "sleb", "angular", "last", "random")
 
 
@@ -86,7 +88,7 @@ class StudyConfig:
         """The prune stage's method standing for Iterative Pruning: ``replay`` with ``ip_order``, else ``ip``."""
         return "replay" if self.ip_order else "ip"
 
-    def check_order(self, num_layers: int) -> None:
+    def check_for_model(self, num_layers: int) -> None:
         """Refuse an ``ip_order`` that this ``num_layers``-layer model cannot replay to ``ip_max_ratio``, and
         ``noise_layers`` it does not have."""
         from ..pruning.run import max_removed_for
@@ -215,7 +217,7 @@ def run_study(lm: LoadedModel, cfg: StudyConfig, out_dir: str | Path,
     from .decision import AnalyzeConfig, analyze
 
     cfg.check()
-    cfg.check_order(lm.num_layers)
+    cfg.check_for_model(lm.num_layers)
     out = Path(out_dir)
     study = Study(cfg, out)
     r = _Runner(study, on_event)
@@ -261,59 +263,67 @@ def run_study(lm: LoadedModel, cfg: StudyConfig, out_dir: str | Path,
     if "correlate" in cfg.stages:
         _correlate_stage(cfg, study, r, out)
 
-    adopt_finished(study)
-    write_study(study, provenance(lm))
+    prov = provenance(lm)
+    adopt_finished(study, (prov.get("model") or {}).get("fingerprint"))
+    write_study(study, prov)
     return study
+
+
+def _stage_folder(out: Path, stage: str, key: str) -> Path:
+    """The folder of one stage result of a study folder ``out``."""
+    return out / stage / key if stage in PER_TASK_STAGES else out / stage
+
+
+def _load_stage(folder: Path, stage: str) -> Any:
+    """A stage folder's typed result (verified against its manifest)."""
+    return load_result(folder, kind="prune" if stage == "baselines" else stage)
 
 
 def _stage_folders_on_disk(out: Path, stage: str) -> list[tuple[str, Path]]:
     """``(key, folder)`` of every folder of ``stage`` in a study folder (finished or not)."""
-    if stage in ("analysis", "prune", "baselines"):
+    if stage in PER_TASK_STAGES:
         base = out / stage
         return [(p.name, p) for p in sorted(base.iterdir()) if p.is_dir() and "_" in p.name] if base.is_dir() else []
     return [("main", out / stage)] if (out / stage).is_dir() else []
 
 
-def adopt_finished(study: Study) -> None:
+def adopt_finished(study: Study, fingerprint: str | None = None) -> None:
     """Make a study run in pieces whole: every finished stage folder of the study folder that this run did not
     list (other stages or tasks run by earlier invocations) joins :attr:`Study.results`, and the config's tasks,
     formats and stages become the union: the earlier ``study.json``'s first, then this run's, then any found
-    only on disk (each stage folder records its own full config). Unfinished folders (a killed run's) stay out."""
+    only on disk (each stage folder records its own full config). Unfinished folders (a killed run's) stay out,
+    and so do results of other weights than ``fingerprint`` (the model's, when given): a folder reused for
+    another model never mixes two models' results."""
     import json
+    from dataclasses import replace
 
     out, cfg = study.folder, study.config
-    try:  # the order of an earlier invocation (read, not trusted: only stage folders that verify join)
-        prev = json.loads((out / "study.json").read_text()).get("config", {})
-    except (OSError, ValueError):
-        prev = {}
-    tasks = [t for t in prev.get("tasks", []) if isinstance(t, str)]
-    formats = [f for f in prev.get("formats", []) if isinstance(f, str)]
-    add = lambda xs, x: xs.append(x) if x not in xs else None  # noqa: E731
-    for t in cfg.tasks:
-        add(tasks, t)
-    for f in cfg.formats:
-        add(formats, f)
-    stages = set(cfg.stages)
+    tasks, formats, stages = set(cfg.tasks), set(cfg.formats), set(cfg.stages)
     for stage in STAGES:
         for key, folder in _stage_folders_on_disk(out, stage):
             if key in study.results.get(stage, {}):
                 continue
             try:
-                verify_run_folder(folder)
-                res = load_result(folder, kind="prune" if stage == "baselines" else stage)
+                res = _load_stage(folder, stage)
             except DeclensError:
+                continue
+            theirs = ((getattr(res, "provenance", None) or {}).get("model") or {}).get("fingerprint")
+            if fingerprint and theirs and theirs != fingerprint:
                 continue
             study.results.setdefault(stage, {})[key] = res
             stages.add(stage)
             if key != "main":
                 task, fmt = key.rsplit("_", 1)
-                add(tasks, task)
-                add(formats, fmt)
-    if set(tasks) != set(cfg.tasks) or set(formats) != set(cfg.formats) or stages != set(cfg.stages) \
-            or tasks[0] != cfg.tasks[0]:
-        from dataclasses import replace
-
-        study.config = replace(cfg, tasks=tasks, formats=formats, stages=[x for x in STAGES if x in stages])
+                tasks.add(task)
+                formats.add(fmt)
+    try:  # the order of an earlier invocation (read, not trusted: only stage folders that verify joined above)
+        prev = json.loads((out / "study.json").read_text()).get("config", {})
+    except (OSError, ValueError):
+        prev = {}
+    first = lambda *lists: list(dict.fromkeys(x for xs in lists for x in xs))  # noqa: E731 (order kept, once each)
+    task_order = first([t for t in prev.get("tasks", []) if isinstance(t, str) and t in tasks], cfg.tasks, sorted(tasks))
+    format_order = first([f for f in prev.get("formats", []) if isinstance(f, str) and f in formats], cfg.formats, sorted(formats))
+    study.config = replace(cfg, tasks=task_order, formats=format_order, stages=[x for x in STAGES if x in stages])
 
 
 def stage_folders(study: Study) -> list[Path]:
@@ -321,7 +331,7 @@ def stage_folders(study: Study) -> list[Path]:
     out = []
     for stage in STAGES:
         for key in sorted(study.results.get(stage, {})):
-            out.append(study.folder / stage / key if stage in ("analysis", "prune", "baselines") else study.folder / stage)
+            out.append(_stage_folder(study.folder, stage, key))
     return out
 
 
@@ -580,6 +590,5 @@ def load_study(folder: str | Path) -> Study:
     study = Study(cfg, folder, timings=d.get("timings_s", {}))
     for stage, keys in d.get("stages", {}).items():
         for key in keys:
-            sub = folder / stage / key if stage in ("analysis", "prune", "baselines") else folder / stage
-            study.results.setdefault(stage, {})[key] = load_result(sub, kind="prune" if stage == "baselines" else stage)
+            study.results.setdefault(stage, {})[key] = _load_stage(_stage_folder(folder, stage, key), stage)
     return study
