@@ -44,6 +44,28 @@ def test_study_runs_every_stage_and_resumes(tmp_path, model_dir):
     assert again.output.count("already complete") >= 9 and " ...\n" not in again.output
     assert json.loads((out / "findings.json").read_text())["findings"] == f["findings"]
 
+    # a rerun asking other settings never reuses a finished stage made otherwise: one line, before any stage runs
+    for change, said in ((["--noise-scales", "0,2"], "noise main: the finished folder"),
+                         (["--limit", "10"], "limit: recorded 12, asked 10"),
+                         (["--calib-samples", "16"], "calibration.limit: recorded 8, asked 16"),
+                         (["--epochs", "2"], "recover main: the finished folder"),
+                         (["--train-samples", "12"], "train.limit: recorded 16, asked 12")):
+        args = list(ARGS)
+        i = args.index(change[0])
+        args[i + 1] = change[1]
+        bad = runner.invoke(app, ["study", "--model", str(model_dir), *args, "--out", str(out)])
+        msg = " ".join(bad.output.split())
+        assert bad.exit_code == 2 and said in msg and "delete that folder" in msg and "Traceback" not in msg, msg
+        assert "already complete" not in msg and " ...\n" not in bad.output, msg
+    assert json.loads((out / "findings.json").read_text())["findings"] == f["findings"]
+    # the correlation is derived from the stage folders: made again (not refused) when they are another set
+    from declens.analyses.study import finished_as_asked, recorded_differences
+
+    if (out / "correlate" / "manifest.json").is_file():
+        asked = {"config.run_dirs": [str(out / "analysis" / "arc_easy_letter")], "config.method": "ip"}
+        assert recorded_differences(out / "correlate", asked)[0].startswith("run_dirs: recorded [")
+        assert not finished_as_asked("correlate", "main", out / "correlate", asked, redo=True)
+
     # 'declens correlate STUDY' reads the study's stage runs (not the study's own summary alone)
     from declens.analyses.correlation import gather
 

@@ -170,19 +170,18 @@ def _key(task: str, fmt: str) -> str:
 
 
 class _Runner:
-    """Runs or reloads one stage folder at a time, reporting through ``on_event``."""
+    """Runs or reloads one stage folder at a time, reporting through ``on_event``.
+
+    A finished folder is reloaded only when it was made with what this study asks (``expect``, see
+    :func:`recorded_differences`); otherwise the stage is refused with the differences and the fix, or, for a
+    stage derived from the others (``redo=True``: the correlation), run again."""
 
     def __init__(self, study: Study, on_event: Callable[[StageEvent], None] | None):
         self.study, self.on_event = study, on_event or (lambda e: None)
 
     def stage(self, stage: str, key: str, folder: Path, run: Callable[[], Any], load: Callable[[Path], Any],
-              summary: Callable[[Any], str]) -> Any:
-        done = False
-        try:
-            verify_run_folder(folder)
-            done = True
-        except DeclensError:
-            done = False
+              summary: Callable[[Any], str], expect: dict[str, Any] | None = None, redo: bool = False) -> Any:
+        done = finished_as_asked(stage, key, folder, expect or {}, redo)
         if done:
             res = load(folder)
             self.on_event(StageEvent(stage, key, "skip", summary(res)))
@@ -195,6 +194,58 @@ class _Runner:
             self.on_event(StageEvent(stage, key, "done", summary(res), dt))
         self.study.results.setdefault(stage, {})[key] = res
         return res
+
+
+def recorded_differences(folder: Path, expect: dict[str, Any]) -> list[str]:
+    """What a finished run folder was made with that differs from ``expect``.
+
+    Args:
+        folder: a run folder that verifies.
+        expect: dotted paths into its main JSON (``config.limit``, ``provenance.data.fingerprint``) -> the
+            value asked now. A path the folder does not record (an older declens) is not compared.
+
+    Returns:
+        One ``"path: recorded X, asked Y"`` per difference (empty: made as asked).
+    """
+    import json
+
+    from ..results import read_run
+
+    d = read_run(folder).data
+    out = []
+    for path, want in expect.items():
+        got: Any = d
+        for part in path.split("."):
+            got = got.get(part, _MISSING) if isinstance(got, dict) else _MISSING
+        want = json.loads(json.dumps(want))  # tuples -> lists, as the JSON holds them
+        if got is not _MISSING and got != want:
+            out.append(f"{path.split('.', 1)[-1]}: recorded {json.dumps(got)}, asked {json.dumps(want)}")
+    return out
+
+
+_MISSING = object()
+
+
+def finished_as_asked(stage: str, key: str, folder: Path, expect: dict[str, Any], redo: bool = False) -> bool:
+    """True when ``folder`` is a finished run made as ``expect`` says; False when it is not finished (or, with
+    ``redo``, made otherwise: the stage runs again).
+
+    Raises:
+        DeclensError: (without ``redo``) a finished folder made with other settings: one line naming the
+            differences and the fix, so that a rerun never reuses a result of another configuration.
+    """
+    try:
+        verify_run_folder(folder)
+    except DeclensError:
+        return False
+    diffs = recorded_differences(folder, expect)
+    if not diffs:
+        return True
+    if redo:
+        return False
+    raise DeclensError(f"study stage {stage} {key}: the finished folder {str(folder)!r} was made with other settings "
+                       f"({'; '.join(diffs)}); pass the settings it was made with, choose another --out folder, or "
+                       "delete that folder to redo the stage")
 
 
 def run_study(lm: LoadedModel, cfg: StudyConfig, out_dir: str | Path,
@@ -223,6 +274,9 @@ def run_study(lm: LoadedModel, cfg: StudyConfig, out_dir: str | Path,
     r = _Runner(study, on_event)
     main_task, main_fmt = cfg.tasks[0], cfg.formats[0]
     data = {t: load_task(t, limit=cfg.limit, seed=cfg.seed) for t in cfg.tasks}
+    asked = stage_expectations(lm, cfg, data)
+    for (stage, key), expect in asked.items():  # before any long work: refuse a finished stage made otherwise
+        finished_as_asked(stage, key, _stage_folder(out, stage, key), expect)
 
     if "analysis" in cfg.stages or _needs_dense(cfg):
         for t in cfg.tasks:
@@ -231,7 +285,7 @@ def run_study(lm: LoadedModel, cfg: StudyConfig, out_dir: str | Path,
                 r.stage("analysis", _key(t, f), folder,
                         lambda t=t, f=f, folder=folder: analyze(lm, data[t], f, AnalyzeConfig(seed=cfg.seed),
                                                                 out_dir=folder, progress=progress),
-                        AnalysisResult.load, _analysis_line)
+                        AnalysisResult.load, _analysis_line, asked[("analysis", _key(t, f))])
 
     if "prune" in cfg.stages:
         ip_config = PruneConfig(["replay"] if cfg.ip_order else ["ip", "phase"], max_ratio=cfg.ip_max_ratio,
@@ -241,7 +295,7 @@ def run_study(lm: LoadedModel, cfg: StudyConfig, out_dir: str | Path,
             folder = out / "prune" / _key(t, main_fmt)
             r.stage("prune", _key(t, main_fmt), folder,
                     lambda t=t, folder=folder: prune(lm, data[t], main_fmt, ip_config, out_dir=folder, progress=progress),
-                    PruneResult.load, _prune_line)
+                    PruneResult.load, _prune_line, asked[("prune", _key(t, main_fmt))])
 
     if "baselines" in cfg.stages and cfg.baselines:
         base_config = PruneConfig(list(cfg.baselines), max_ratio=cfg.baseline_ratio, calib_samples=cfg.calib_samples,
@@ -250,16 +304,16 @@ def run_study(lm: LoadedModel, cfg: StudyConfig, out_dir: str | Path,
             folder = out / "baselines" / _key(t, main_fmt)
             r.stage("baselines", _key(t, main_fmt), folder,
                     lambda t=t, folder=folder: prune(lm, data[t], main_fmt, base_config, out_dir=folder, progress=progress),
-                    PruneResult.load, _prune_line)
+                    PruneResult.load, _prune_line, asked[("baselines", _key(t, main_fmt))])
 
     if "cka" in cfg.stages:
-        _cka_stage(lm, cfg, study, r, data[main_task], progress)
+        _cka_stage(lm, cfg, study, r, data[main_task], progress, asked[("cka", "main")])
     if "noise" in cfg.stages:
-        _noise_stage(lm, cfg, r, data[main_task], out, progress)
+        _noise_stage(lm, cfg, r, data[main_task], out, progress, asked[("noise", "main")])
     if "ablate" in cfg.stages:
-        _ablate_stage(lm, cfg, study, r, out, progress)
+        _ablate_stage(lm, cfg, study, r, out, progress, asked[("ablate", "main")])
     if "recover" in cfg.stages and cfg.recover_ratios:
-        _recover_stage(lm, cfg, study, r, data[main_task], out, progress)
+        _recover_stage(lm, cfg, study, r, data[main_task], out, progress, asked[("recover", "main")])
     if "correlate" in cfg.stages:
         _correlate_stage(cfg, study, r, out)
 
@@ -267,6 +321,55 @@ def run_study(lm: LoadedModel, cfg: StudyConfig, out_dir: str | Path,
     adopt_finished(study, (prov.get("model") or {}).get("fingerprint"))
     write_study(study, prov)
     return study
+
+
+def stage_expectations(lm: LoadedModel, cfg: StudyConfig, data: dict) -> dict[tuple[str, str], dict[str, Any]]:
+    """What each stage this study runs must have been made with to be reused, known before any stage runs:
+    ``(stage, key)`` -> dotted path in its main JSON -> value (see :func:`recorded_differences`). The model's
+    weights and the evaluated rows (fingerprints), then each stage's own settings. Values that depend on
+    earlier stages (CKA's removed set, the ablation's Transition Point, recovery's ratios) are added when the
+    stage runs."""
+    main_fmt = cfg.formats[0]
+
+    def base(task: str, fmt: str) -> dict[str, Any]:
+        return {"config.task": task, "config.format": fmt, "config.limit": cfg.limit,
+                "provenance.model.fingerprint": lm.fingerprint(), "provenance.data.fingerprint": data[task].fingerprint()}
+
+    calib = {"config.calibration.limit": cfg.calib_samples, "config.seed": cfg.seed}
+    out: dict[tuple[str, str], dict[str, Any]] = {}
+    if "analysis" in cfg.stages or _needs_dense(cfg):
+        for t in cfg.tasks:
+            for f in cfg.formats:
+                out[("analysis", _key(t, f))] = {**base(t, f), "config.fewshot_seed": cfg.seed}
+    if "prune" in cfg.stages:
+        for t in cfg.tasks:
+            out[("prune", _key(t, main_fmt))] = {
+                **base(t, main_fmt), **calib, "config.methods": ["replay"] if cfg.ip_order else ["ip", "phase"],
+                "config.max_ratio": cfg.ip_max_ratio, "config.skip_prun.enabled": True, "config.order": cfg.ip_order}
+    if "baselines" in cfg.stages and cfg.baselines:
+        for t in cfg.tasks:
+            out[("baselines", _key(t, main_fmt))] = {**base(t, main_fmt), **calib, "config.methods": list(cfg.baselines),
+                                                      "config.max_ratio": cfg.baseline_ratio}
+    main = base(cfg.tasks[0], main_fmt)
+    if "cka" in cfg.stages:
+        # CKA records the rows it compared (n_samples of the task's rows), not the task's selection
+        out[("cka", "main")] = {**{k: v for k, v in main.items() if k != "provenance.data.fingerprint"},
+                                "config.n_samples": cfg.cka_rows}
+    if "noise" in cfg.stages:
+        layers = sorted(cfg.noise_layers) if cfg.noise_layers is not None else list(range(lm.num_layers))
+        out[("noise", "main")] = {**main, "config.scales": [float(x) for x in cfg.noise_scales],
+                                  "config.layers": layers, "config.repeats": cfg.noise_repeats, "config.seed": cfg.seed}
+    if "ablate" in cfg.stages:
+        out[("ablate", "main")] = {"provenance.model.fingerprint": lm.fingerprint(), "config.tp_task": cfg.tasks[0],
+                                   "config.tasks": list(cfg.tasks), "config.format": main_fmt,
+                                   "config.window": cfg.ablate_window, "config.limit": cfg.limit, "config.seed": cfg.seed}
+    if "recover" in cfg.stages and cfg.recover_ratios:
+        rcfg = _recovery_config(cfg)
+        out[("recover", "main")] = {
+            **main, "config.prune.method": cfg.ip_method,
+            **{f"config.finetune.{k}": v for k, v in rcfg.finetune.to_dict().items() if k in cfg.finetune},
+            **({"config.train.limit": rcfg.train_samples} if "train_samples" in cfg.finetune else {})}
+    return out
 
 
 def _stage_folder(out: Path, stage: str, key: str) -> Path:
@@ -363,7 +466,7 @@ def _best_removed(prune_result, ratio: float, method: str = "ip") -> list[int]:
     return list(best[max(ks)].removed)
 
 
-def _cka_stage(lm, cfg, study, r, data, progress) -> None:
+def _cka_stage(lm, cfg, study, r, data, progress, expect) -> None:
     from .cka import CKAConfig, CKAResult, cka_study
 
     pr = study.get("prune", _key(cfg.tasks[0], cfg.formats[0]))
@@ -380,10 +483,10 @@ def _cka_stage(lm, cfg, study, r, data, progress) -> None:
 
     r.stage("cka", "main", folder, run, CKAResult.load,
             lambda x: f"{len(x.pruned_ids)} of {len(x.dense_ids)} layers; final layer's decision state best matches "
-                      f"dense layer {x.best_decision[-1]}")
+                      f"dense layer {x.best_decision[-1]}", {**expect, "config.remove": remove})
 
 
-def _noise_stage(lm, cfg, r, data, out, progress) -> None:
+def _noise_stage(lm, cfg, r, data, out, progress, expect) -> None:
     from .noise import NoiseConfig, NoiseResult, noise_checkpoint, noise_study
 
     folder = out / "noise"
@@ -401,10 +504,10 @@ def _noise_stage(lm, cfg, r, data, out, progress) -> None:
         fmt = lambda v: "-" if v is None else f"{v[-1]:+.3f}"  # noqa: E731
         return f"DM drop at scale {x.scales[-1]}: silent {fmt(ps['silent']['dm_drop'])}, decisive {fmt(ps['decisive']['dm_drop'])}"
 
-    r.stage("noise", "main", folder, run, NoiseResult.load, line)
+    r.stage("noise", "main", folder, run, NoiseResult.load, line, expect)
 
 
-def _ablate_stage(lm, cfg, study, r, out, progress) -> None:
+def _ablate_stage(lm, cfg, study, r, out, progress, expect) -> None:
     from .ablation import AblateConfig, AblationResult, ablate
 
     dense = study.get("analysis", _key(cfg.tasks[0], cfg.formats[0]))
@@ -417,12 +520,12 @@ def _ablate_stage(lm, cfg, study, r, out, progress) -> None:
             lambda: ablate(lm, cfg.tasks[0], cfg.tasks, cfg.formats[0],
                            AblateConfig(window=cfg.ablate_window, tp=tp, limit=cfg.limit, seed=cfg.seed),
                            out_dir=folder, progress=progress),
-            AblationResult.load, lambda x: f"around layer {x.transition_layer} on {len(x.eval.tasks)} task(s)")
+            AblationResult.load, lambda x: f"around layer {x.transition_layer} on {len(x.eval.tasks)} task(s)",
+            {**expect, "transition_layer": tp})
 
 
-def _recover_stage(lm, cfg, study, r, data, out, progress) -> None:
-    from ..finetune import FinetuneConfig
-    from .recovery import RecoveryResult, RecoveryStudyConfig, recover_study
+def _recover_stage(lm, cfg, study, r, data, out, progress, expect) -> None:
+    from .recovery import RecoveryResult, recover_study
 
     pr = study.get("prune", _key(cfg.tasks[0], cfg.formats[0]))
     if pr is None:
@@ -433,16 +536,25 @@ def _recover_stage(lm, cfg, study, r, data, out, progress) -> None:
     if not ratios:
         raise DeclensError(f"no Iterative Pruning state at or below the recover ratios {cfg.recover_ratios} "
                            f"(one layer of {L} is {1 / L:.1%}); raise --recover-ratios")
-    # cfg.finetune holds FinetuneConfig fields and the recovery's own options (train_samples, train_split, ...)
-    own = {f.name for f in fields(RecoveryStudyConfig)} - {"fmt", "finetune", "ratios", "prune_method", "train_seed"}
-    rcfg = RecoveryStudyConfig(fmt=cfg.formats[0], ratios=ratios, prune_method=cfg.ip_method, train_seed=cfg.seed,
-                               finetune=FinetuneConfig.make(**{k: v for k, v in cfg.finetune.items() if k not in own}),
-                               **{k: v for k, v in cfg.finetune.items() if k in own})
+    rcfg = _recovery_config(cfg, ratios)
     r.stage("recover", "main", folder,
             lambda: recover_study(lm, data, cfg.tasks[0], None, rcfg, prune=pr, out_dir=folder, progress=progress),
             RecoveryResult.load,
             lambda x: "; ".join(f"{run.ratio:.0%}: DM {run.before['final_dm']:+.2f} -> {run.after['final_dm']:+.2f}"
-                                for run in x.runs))
+                                for run in x.runs),
+            {**expect, "config.prune.ratios": ratios})
+
+
+def _recovery_config(cfg: StudyConfig, ratios: Sequence[float] | None = None):
+    """The recovery stage's :class:`~declens.analyses.recovery.RecoveryStudyConfig`: ``cfg.finetune`` holds
+    ``FinetuneConfig`` fields and the recovery's own options (``train_samples``, ``train_split``, ...)."""
+    from ..finetune import FinetuneConfig
+    from .recovery import RecoveryStudyConfig
+
+    own = {f.name for f in fields(RecoveryStudyConfig)} - {"fmt", "finetune", "ratios", "prune_method", "train_seed"}
+    return RecoveryStudyConfig(fmt=cfg.formats[0], ratios=ratios, prune_method=cfg.ip_method, train_seed=cfg.seed,
+                               finetune=FinetuneConfig.make(**{k: v for k, v in cfg.finetune.items() if k not in own}),
+                               **{k: v for k, v in cfg.finetune.items() if k in own})
 
 
 def _recover_ratios(prune_result, wanted: Sequence[float], method: str = "ip") -> list[float]:
@@ -464,9 +576,9 @@ def _correlate_stage(cfg, study, r, out) -> None:
     if n < 3:
         return  # the correlation needs >= 3 model/task pairs: across studies, `declens findings` combines them
     folder = out / "correlate"
-    try:
-        verify_run_folder(folder)
-    except DeclensError:
+    # derived from the stage folders: made again whenever they changed (another set of tasks)
+    expect = {"config.run_dirs": [str(d) for d in dirs], "config.method": cfg.ip_method}
+    if not finished_as_asked("correlate", "main", folder, expect, redo=True):
         try:
             correlate(dirs, cfg.ip_method)  # cheap (reads result files): refuse here, not as a failed stage
         except DeclensError as e:
@@ -479,7 +591,8 @@ def _correlate_stage(cfg, study, r, out) -> None:
         return res
 
     r.stage("correlate", "main", folder, run, CorrelationResult.load,
-            lambda x: f"r = {x.stats['fraction'].get('r')} over {len(x.pairs)} pairs")
+            lambda x: f"r = {x.stats['fraction'].get('r')} over {len(x.pairs)} pairs",
+            expect, redo=True)
 
 
 def _analysis_line(res) -> str:
