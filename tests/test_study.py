@@ -125,8 +125,16 @@ def test_a_study_run_in_pieces_lists_every_finished_stage(tmp_path, model_dir):
     out = tmp_path / "study"
     common = ["--model", str(model_dir), "--limit", "8", "--calib-samples", "8", "--ip-max-ratio", "0.5",
               "--recover-ratios", "", "--dtype", "float32", "--out", str(out)]
-    r = runner.invoke(app, ["study", *common, "--tasks", "arc_easy", "--stages", "analysis,prune"])
+    r = runner.invoke(app, ["study", *common, "--tasks", "arc_easy", "--stages", "analysis,prune", "--no-phase"])
     assert r.exit_code == 0, r.output
+    # --no-phase: IP alone (claims 3, 4 and 9 need no more); the phase-aware finding says it cannot be tested
+    pr = json.loads((out / "prune" / "arc_easy_letter" / "prune.json").read_text())
+    assert list(pr["methods"]) == ["ip"] and pr["config"]["methods"] == ["ip"]
+    f = {x["claim"]: x for x in json.loads((out / "findings.json").read_text())["findings"]}
+    assert f["phase-aware"]["verdict"] == "cannot be tested here", f["phase-aware"]
+    # ... and a rerun asking for phase-aware pruning is refused rather than given the IP-only folder
+    r = runner.invoke(app, ["study", *common, "--tasks", "arc_easy", "--stages", "analysis,prune"])
+    assert r.exit_code == 2 and 'methods: recorded ["ip"], asked ["ip", "phase"]' in " ".join(r.output.split()), r.output
     (out / "analysis" / "hellaswag_letter").mkdir()  # a killed analysis: no manifest
     (out / "analysis" / "hellaswag_letter" / "scores.npz").write_bytes(b"partial")
     r = runner.invoke(app, ["study", *common, "--tasks", "piqa", "--stages", "analysis"])

@@ -1083,6 +1083,7 @@ def study(
     train_samples: Optional[int] = typer.Option(None, "--train-samples", help="Fine-tuning rows (default: the whole training split)."),
     stages: str = typer.Option(",".join(("analysis", "prune", "baselines", "cka", "noise", "ablate", "recover", "correlate")), "--stages", help="Stages to run, comma-separated."),
     ip_order: Optional[str] = typer.Option(None, "--ip-order", help="Replay this removal order (dense layer ids, e.g. 24,23,25,...) instead of choosing by Block Influence; the findings say IP was replayed."),
+    phase_aware: bool = typer.Option(True, "--phase/--no-phase", help="Prune with phase-aware pruning beside IP (declens' idea); --no-phase: IP alone, about half the prune stage's time."),
     limit: Optional[int] = LimitOpt,
     seed: int = SeedOpt,
     dtype: str = DtypeOpt,
@@ -1122,7 +1123,7 @@ def study(
                           baseline_ratio=baseline_ratio, calib_samples=calib_samples, cka_ratio=cka_ratio,
                           cka_rows=cka_rows, noise_scales=scales, ablate_window=ablate_window, recover_ratios=rr,
                           finetune=ft, stages=_split_list(stages) or [],
-                          ip_order=parse_layer_ids(ip_order) if ip_order else None,
+                          ip_order=parse_layer_ids(ip_order) if ip_order else None, phase_aware=phase_aware,
                           noise_layers=parse_layer_ids(noise_layers) if noise_layers else None)
         cfg.check()
         folder = _out_folder(out, "study", model)
