@@ -175,3 +175,38 @@ def test_claim_9_needs_a_negative_r_that_no_single_pair_carries():
     assert f.numbers["pearson_r"] < 0 and f.numbers["p_value"] < 0.05  # the point estimate alone would pass
     assert f.verdict == "does not hold" and f.numbers["r_leaving_out"]["smol · arc_easy"] > 0
     assert "leaving out smol · arc_easy" in f.note
+
+
+def test_claim_9_resamples_each_pairs_transition_point_over_its_rows(tmp_path):
+    """The Transition Points come from analyses of sampled rows: r gets a bootstrap interval, and a trend that
+    holds only for the TPs these rows happened to give (DM near zero over many layers) is not supported."""
+    from declens.analyses.correlation import CorrelationResult, Pair
+    from declens.analyses.findings import claim_correlation
+
+    def pairs_from(profiles, ratios, n, tag):
+        out = []
+        for i, (dm, cr) in enumerate(zip(profiles, ratios)):
+            a = analysis_with(dm, n=n, seed=i)
+            folder = a.save(tmp_path / f"{tag}{i}")
+            tp = a.metrics.transition_layer
+            assert tp is not None
+            out.append(Pair(f"{tag}{i}", "arc_easy", "letter", 28, tp, tp / 28, 1 - tp / 28, cr, 0.6, 0.25,
+                            str(folder / "result.json"), "analysis", "p"))
+        return CorrelationResult(config={}, provenance={}, method="ip", pairs=out).compute()
+
+    cfg = FindingsConfig(bootstrap=200)
+    tps, ratios = [10, 14, 18, 22, 25], [0.50, 0.42, 0.33, 0.25, 0.20]
+    sharp = pairs_from([[-1.0] * t + [2.0] * (28 - t) for t in tps], ratios, 200, "sharp")
+    f = claim_correlation(sharp, cfg)
+    assert f.verdict == HOLDS and f.support == 1.0 and f.ci["pearson_r"][1] < -0.99, (f.numbers, f.ci)
+    # DM within +-0.03 of zero over layers 2-25: the rows put the TP anywhere there, so no trend is supported
+    flat = pairs_from([[-1.0] * 2 + [-0.03] * (t - 2) + [0.03] * (26 - t) + [2.0] * 2 for t in tps], ratios, 40, "flat")
+    g = claim_correlation(flat, cfg)
+    assert g.support is not None and g.support < 0.5 and g.verdict == FAILS, (g.numbers, g.support)
+    assert g.ci["pearson_r"][1] - g.ci["pearson_r"][0] > 0.5
+    # without the analyses (moved away) the TPs are held fixed and the note says so
+    import shutil
+
+    shutil.rmtree(tmp_path / "sharp0")
+    h = claim_correlation(sharp, cfg)
+    assert "held fixed" in h.note and "sharp0" in h.note and h.support == 1.0

@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -392,9 +393,9 @@ def claim_correlation(correlation_result, cfg: FindingsConfig) -> Finding:
     """Claim 9: across model/task pairs, the Transition Point correlates negatively with the critical ratio.
 
     With four pairs or more, the correlation must also keep its sign with any one pair left out: a
-    negative r carried by a single pair (a model that "decides" at layer 0, say) is not a trend."""
-    from .correlation import pearson
-
+    negative r carried by a single pair (a model that "decides" at layer 0, say) is not a trend. The
+    Transition Points are resampled over each pair's rows (bootstrap; the critical ratios, one pruning run
+    each, are held fixed): the interval of r and the support come from the resamples."""
     st = "across model/task pairs, the Transition Point correlates negatively with the critical pruning ratio"
     crit = (f"Pearson r < 0 with p < {cfg.alpha} between the Transition Point (share of depth) and the critical ratio, "
             "and (with >= 4 pairs) r < 0 with any one pair left out")
@@ -406,20 +407,79 @@ def claim_correlation(correlation_result, cfg: FindingsConfig) -> Finding:
         return untestable(9, st, crit, "the correlation could not be computed")
     numbers = {"pearson_r": r, "p_value": p, "pairs": n}
     pairs, labels = correlation_result.pairs, correlation_result.labels()
-    robust, note = True, ""
-    if len(pairs) >= 4:
-        loo = {}
-        for i, label in enumerate(labels):
-            x = [q.transition_fraction for j, q in enumerate(pairs) if j != i]
-            y = [q.critical_ratio for j, q in enumerate(pairs) if j != i]
-            loo[label] = pearson(x, y)["r"]  # None when one side is constant
-        numbers["r_leaving_out"] = loo
-        robust = all(v is not None and v < 0 for v in loo.values())
-        worst = max(loo, key=lambda k: math.inf if loo[k] is None else loo[k])
-        note = (f"r with one pair left out ranges up to {'undefined' if loo[worst] is None else format(loo[worst], '+.3f')} "
-                f"(leaving out {worst})")
-    return Finding(9, st, crit, verdict(r < 0 and p is not None and p < cfg.alpha and robust, None, cfg),
-                   numbers=numbers, figure="correlation.png", note=note)
+    x, y = [q.transition_fraction for q in pairs], [q.critical_ratio for q in pairs]
+    ok, _, _, loo = _correlation_test(x, y, cfg)
+    notes = []
+    if loo is not None:
+        numbers["r_leaving_out"] = dict(zip(labels, loo))
+        worst = max(range(len(loo)), key=lambda i: math.inf if loo[i] is None else loo[i])
+        notes.append(f"r with one pair left out ranges up to "
+                     f"{'undefined' if loo[worst] is None else format(loo[worst], '+.3f')} (leaving out {labels[worst]})")
+    fractions, fixed = _resampled_tp_fractions(pairs, labels, cfg)
+    support, ci = None, {}
+    if len(fixed) < len(pairs):
+        boots = []
+        for b in range(cfg.bootstrap):
+            keep = [i for i in range(len(pairs)) if fractions[i][b] is not None]
+            boots.append(_correlation_test([fractions[i][b] for i in keep], [y[i] for i in keep], cfg)
+                         if len(keep) >= 3 else (False, None, None, None))
+        support = float(np.mean([t[0] for t in boots]))
+        ci = {"pearson_r": interval([t[1] for t in boots])}
+        lost = {labels[i]: float(np.mean([f is None for f in fractions[i]])) for i in range(len(pairs))
+                if any(f is None for f in fractions[i])}
+        if lost:
+            numbers["share_of_resamples_without_tp"] = lost
+            notes.append("a resample where a pair has no Transition Point leaves that pair out")
+    if fixed:
+        notes.append(f"Transition Point held fixed (no per-row scores to resample) for: {', '.join(fixed)}")
+    return Finding(9, st, crit, verdict(ok, support, cfg), numbers=numbers, ci=ci, support=support,
+                   figure="correlation.png", note="; ".join(notes))
+
+
+def _correlation_test(x: Sequence[float], y: Sequence[float], cfg: FindingsConfig):
+    """Claim 9's criterion on one set of pairs: ``(meets, r, p, r leaving out each pair or None)``."""
+    from .correlation import pearson
+
+    st = pearson(list(x), list(y))
+    r, p = st["r"], st["p"]
+    if r is None:
+        return False, None, None, None
+    loo = None
+    if len(x) >= 4:  # None when one side is constant
+        loo = [pearson([v for j, v in enumerate(x) if j != i], [v for j, v in enumerate(y) if j != i])["r"]
+               for i in range(len(x))]
+    ok = r < 0 and p is not None and p < cfg.alpha and (loo is None or all(v is not None and v < 0 for v in loo))
+    return bool(ok), r, p, loo
+
+
+def _resampled_tp_fractions(pairs, labels: Sequence[str], cfg: FindingsConfig) -> tuple[list[list[float | None]], list[str]]:
+    """Per pair, ``cfg.bootstrap`` Transition Points as shares of depth, each from a resample of the rows of the
+    analysis the pair took its TP from (None: no TP in that resample), and the labels of the pairs held fixed
+    (a TP from a prune record, or an analysis folder no longer found)."""
+    from ..errors import DeclensError
+    from ..results import load_result
+
+    out, fixed = [], []
+    for i, q in enumerate(pairs):
+        a = None
+        if q.tp_kind == "analysis":
+            try:
+                a = load_result(Path(q.tp_source).parent, kind="analysis")
+            except (DeclensError, OSError):
+                a = None
+        if a is None:
+            out.append([q.transition_fraction] * cfg.bootstrap)
+            fixed.append(labels[i])
+            continue
+        s = a.scores
+        rng = np.random.default_rng([cfg.seed, i])  # each pair its own draws
+        fr = []
+        for idx in rng.integers(0, s.scores.shape[1], size=(cfg.bootstrap, s.scores.shape[1])):
+            mm = _metrics(s.scores[:, idx], s.gold[idx], s.n_options[idx], s.layer_ids)
+            t = mm.transition_index
+            fr.append(None if t is None else mm.layer_ids[t] / q.num_layers)
+        out.append(fr)
+    return out, fixed
 
 
 #: the baselines claim 10 names (the paper's Table 5)
