@@ -199,11 +199,16 @@ def test_claim_9_resamples_each_pairs_transition_point_over_its_rows(tmp_path):
     sharp = pairs_from([[-1.0] * t + [2.0] * (28 - t) for t in tps], ratios, 200, "sharp")
     f = claim_correlation(sharp, cfg)
     assert f.verdict == HOLDS and f.support == 1.0 and f.ci["pearson_r"][1] < -0.99, (f.numbers, f.ci)
+    from declens.analyses.findings import idea_safe_margin
+
+    m = idea_safe_margin(sharp, cfg)  # the Decisive Phase's share, from the same resampled TPs
+    assert m.verdict == HOLDS and m.support == 1.0 and m.ci["pearson_r"][0] > 0.99, (m.numbers, m.ci)
     # DM within +-0.03 of zero over layers 2-25: the rows put the TP anywhere there, so no trend is supported
     flat = pairs_from([[-1.0] * 2 + [-0.03] * (t - 2) + [0.03] * (26 - t) + [2.0] * 2 for t in tps], ratios, 40, "flat")
     g = claim_correlation(flat, cfg)
     assert g.support is not None and g.support < 0.5 and g.verdict == FAILS, (g.numbers, g.support)
     assert g.ci["pearson_r"][1] - g.ci["pearson_r"][0] > 0.5
+    assert idea_safe_margin(flat, cfg).support < 0.5
     # without the analyses (moved away) the TPs are held fixed and the note says so
     import shutil
 

@@ -523,7 +523,7 @@ def spearman_pearson(x: Sequence[float], y: Sequence[float]) -> dict:
     from scipy import stats
 
     x, y = np.asarray(x, float), np.asarray(y, float)
-    if len(x) < 3:
+    if len(x) < 3 or len(set(x.tolist())) < 2 or len(set(y.tolist())) < 2:  # undefined for a constant input
         return {"n": len(x), "pearson_r": None, "pearson_p": None, "spearman_rho": None, "spearman_p": None}
     pr = stats.pearsonr(x, y)
     sr = stats.spearmanr(x, y)
@@ -604,13 +604,33 @@ def idea_safe_margin(correlation_result, cfg: FindingsConfig) -> Finding:
             "and the measured critical ratio across model/task pairs (the mean absolute error is reported)")
     if correlation_result is None or len(correlation_result.pairs) < 3:
         return untestable("safe margin", st, crit, "fewer than 3 model/task pairs with a Transition Point and a critical ratio")
-    x = [p.decisive_fraction for p in correlation_result.pairs]
-    y = [p.critical_ratio for p in correlation_result.pairs]
-    s = spearman_pearson(x, y)
+    pairs = correlation_result.pairs
+    x = [p.decisive_fraction for p in pairs]
+    y = [p.critical_ratio for p in pairs]
+
+    def test(x, y) -> tuple[bool, dict]:
+        s = spearman_pearson(x, y)
+        ok = (s["pearson_r"] is not None and s["pearson_r"] > 0
+              and s["pearson_p"] < cfg.alpha and s["spearman_rho"] > 0 and s["spearman_p"] < cfg.alpha)
+        return bool(ok), s
+
+    ok, s = test(x, y)
     s["mean_abs_error"] = float(np.mean(np.abs(np.subtract(x, y))))
-    ok = (s["pearson_r"] is not None and s["pearson_r"] > 0 and s["pearson_p"] < cfg.alpha
-          and s["spearman_rho"] > 0 and s["spearman_p"] < cfg.alpha)
-    return Finding("safe margin", st, crit, verdict(bool(ok), None, cfg), numbers=s, figure="safe_margin.png")
+    # as claim 9: each pair's TP (so its Decisive Phase's share) resampled over its rows, critical ratios fixed
+    fractions, fixed = _resampled_tp_fractions(pairs, correlation_result.labels(), cfg)
+    support, ci, note = None, {}, ""
+    if len(fixed) < len(pairs):
+        boots = []
+        for b in range(cfg.bootstrap):
+            keep = [i for i in range(len(pairs)) if fractions[i][b] is not None]
+            boots.append(test([1 - fractions[i][b] for i in keep], [y[i] for i in keep]) if len(keep) >= 3
+                         else (False, {"pearson_r": None, "spearman_rho": None}))
+        support = float(np.mean([t[0] for t in boots]))
+        ci = {k: interval([t[1][k] for t in boots]) for k in ("pearson_r", "spearman_rho")}
+    if fixed:
+        note = f"Transition Point held fixed (no per-row scores to resample) for: {', '.join(fixed)}"
+    return Finding("safe margin", st, crit, verdict(ok, support, cfg), numbers=s, ci=ci, support=support,
+                   figure="safe_margin.png", note=note)
 
 
 def idea_phase_aware(prune_results: Sequence, cfg: FindingsConfig) -> Finding:
