@@ -8,7 +8,10 @@ for folder in sys.argv[2:]:
         m = a.config.get("model", "")
         model = "smollm2-135m" if "smollm2" in m else m
         s = a.to_dict()["summary"]
-        ent = out.setdefault(f"{model}:{key}", {})
+        name = f"{model}:{key}"
+        if name in out and out[name]["analysis"]["rows"] != len(a.item_ids):  # the same task on other rows
+            name = f"{name}:{len(a.item_ids)}rows"
+        ent = out.setdefault(name, {})
         ent["analysis"] = {"final_accuracy": s.get("final_accuracy"), "final_accuracy_norm": s.get("final_accuracy_norm"),
                            "final_dm": s.get("final_dm"), "chance": s.get("chance"), "transition_layer": s.get("transition_layer"),
                            "rows": len(a.item_ids), "dm": [round(float(x), 3) for x in a.metrics.dm], "accuracy": [round(float(x), 3) for x in a.metrics.acc]}
