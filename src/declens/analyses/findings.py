@@ -407,49 +407,73 @@ def claim_correlation(correlation_result, cfg: FindingsConfig) -> Finding:
         return untestable(9, st, crit, "the correlation could not be computed")
     numbers = {"pearson_r": r, "p_value": p, "pairs": n}
     pairs, labels = correlation_result.pairs, correlation_result.labels()
-    x, y = [q.transition_fraction for q in pairs], [q.critical_ratio for q in pairs]
-    ok, _, _, loo = _correlation_test(x, y, cfg)
+    ok, point = _correlation_test([q.transition_fraction for q in pairs], [q.critical_ratio for q in pairs], cfg)
     notes = []
+    loo = point["r_leaving_out"]
     if loo is not None:
         numbers["r_leaving_out"] = dict(zip(labels, loo))
         worst = max(range(len(loo)), key=lambda i: math.inf if loo[i] is None else loo[i])
         notes.append(f"r with one pair left out ranges up to "
                      f"{'undefined' if loo[worst] is None else format(loo[worst], '+.3f')} (leaving out {labels[worst]})")
-    fractions, fixed = _resampled_tp_fractions(pairs, labels, cfg)
-    support, ci = None, {}
-    if len(fixed) < len(pairs):
-        boots = []
-        for b in range(cfg.bootstrap):
-            keep = [i for i in range(len(pairs)) if fractions[i][b] is not None]
-            boots.append(_correlation_test([fractions[i][b] for i in keep], [y[i] for i in keep], cfg)
-                         if len(keep) >= 3 else (False, None, None, None))
-        support = float(np.mean([t[0] for t in boots]))
-        ci = {"pearson_r": interval([t[1] for t in boots])}
-        lost = {labels[i]: float(np.mean([f is None for f in fractions[i]])) for i in range(len(pairs))
-                if any(f is None for f in fractions[i])}
-        if lost:
-            numbers["share_of_resamples_without_tp"] = lost
-            notes.append("a resample where a pair has no Transition Point leaves that pair out")
-    if fixed:
-        notes.append(f"Transition Point held fixed (no per-row scores to resample) for: {', '.join(fixed)}")
-    return Finding(9, st, crit, verdict(ok, support, cfg), numbers=numbers, ci=ci, support=support,
-                   figure="correlation.png", note="; ".join(notes))
+    rs = _over_resampled_tps(correlation_result, cfg, lambda x, y: _correlation_test(x, y, cfg), ("r",))
+    numbers.update(rs.numbers)
+    return Finding(9, st, crit, verdict(ok, rs.support, cfg), numbers=numbers,
+                   ci={"pearson_r": rs.ci["r"]} if rs.ci else {}, support=rs.support, figure="correlation.png",
+                   note="; ".join(notes + rs.notes))
 
 
-def _correlation_test(x: Sequence[float], y: Sequence[float], cfg: FindingsConfig):
-    """Claim 9's criterion on one set of pairs: ``(meets, r, p, r leaving out each pair or None)``."""
+def _correlation_test(x: Sequence[float], y: Sequence[float], cfg: FindingsConfig) -> tuple[bool, dict]:
+    """Claim 9's criterion on one set of pairs: whether it is met, and ``r``, ``p`` and ``r_leaving_out`` (r
+    without each pair, with four pairs or more; else None)."""
     from .correlation import pearson
 
     st = pearson(list(x), list(y))
     r, p = st["r"], st["p"]
-    if r is None:
-        return False, None, None, None
     loo = None
-    if len(x) >= 4:  # None when one side is constant
+    if r is not None and len(x) >= 4:  # None when one side is constant
         loo = [pearson([v for j, v in enumerate(x) if j != i], [v for j, v in enumerate(y) if j != i])["r"]
                for i in range(len(x))]
-    ok = r < 0 and p is not None and p < cfg.alpha and (loo is None or all(v is not None and v < 0 for v in loo))
-    return bool(ok), r, p, loo
+    ok = (r is not None and r < 0 and p is not None and p < cfg.alpha
+          and (loo is None or all(v is not None and v < 0 for v in loo)))
+    return bool(ok), {"r": r, "p": p, "r_leaving_out": loo}
+
+
+@dataclass
+class _Resampled:
+    """A criterion over resampled Transition Points: support, intervals and what the finding should say."""
+
+    support: float | None = None
+    ci: dict = field(default_factory=dict)
+    numbers: dict = field(default_factory=dict)
+    notes: list = field(default_factory=list)
+
+
+def _over_resampled_tps(correlation_result, cfg: FindingsConfig, test: Callable, keys: Sequence[str],
+                        decisive: bool = False) -> _Resampled:
+    """``test(x, y) -> (meets, stats)`` on every bootstrap resample of the pairs' Transition Points (x: each TP as
+    a share of depth, or the Decisive Phase's share with ``decisive``; y: the critical ratios, fixed): the
+    share of resamples that meet it, and percentile intervals of ``stats[k]`` for ``keys``. A pair without a TP
+    in a resample is left out of it (fewer than 3 pairs left: not met)."""
+    pairs, labels = correlation_result.pairs, correlation_result.labels()
+    y = [q.critical_ratio for q in pairs]
+    fractions, fixed = _resampled_tp_fractions(pairs, labels, cfg)
+    out = _Resampled()
+    if fixed:
+        out.notes.append(f"Transition Point held fixed (no per-row scores to resample) for: {', '.join(fixed)}")
+    if len(fixed) == len(pairs):
+        return out
+    boots = []
+    for b in range(cfg.bootstrap):
+        keep = [i for i in range(len(pairs)) if fractions[i][b] is not None]
+        x = [1 - fractions[i][b] if decisive else fractions[i][b] for i in keep]
+        boots.append(test(x, [y[i] for i in keep]) if len(keep) >= 3 else (False, {}))
+    out.support = float(np.mean([ok for ok, _ in boots]))
+    out.ci = {k: interval([st.get(k) for _, st in boots]) for k in keys}
+    lost = {labels[i]: float(np.mean([f is None for f in fr])) for i, fr in enumerate(fractions) if None in fr}
+    if lost:
+        out.numbers["share_of_resamples_without_tp"] = lost
+        out.notes.append("a resample where a pair has no Transition Point leaves that pair out")
+    return out
 
 
 def _resampled_tp_fractions(pairs, labels: Sequence[str], cfg: FindingsConfig) -> tuple[list[list[float | None]], list[str]]:
@@ -604,9 +628,8 @@ def idea_safe_margin(correlation_result, cfg: FindingsConfig) -> Finding:
             "and the measured critical ratio across model/task pairs (the mean absolute error is reported)")
     if correlation_result is None or len(correlation_result.pairs) < 3:
         return untestable("safe margin", st, crit, "fewer than 3 model/task pairs with a Transition Point and a critical ratio")
-    pairs = correlation_result.pairs
-    x = [p.decisive_fraction for p in pairs]
-    y = [p.critical_ratio for p in pairs]
+    x = [p.decisive_fraction for p in correlation_result.pairs]
+    y = [p.critical_ratio for p in correlation_result.pairs]
 
     def test(x, y) -> tuple[bool, dict]:
         s = spearman_pearson(x, y)
@@ -617,20 +640,9 @@ def idea_safe_margin(correlation_result, cfg: FindingsConfig) -> Finding:
     ok, s = test(x, y)
     s["mean_abs_error"] = float(np.mean(np.abs(np.subtract(x, y))))
     # as claim 9: each pair's TP (so its Decisive Phase's share) resampled over its rows, critical ratios fixed
-    fractions, fixed = _resampled_tp_fractions(pairs, correlation_result.labels(), cfg)
-    support, ci, note = None, {}, ""
-    if len(fixed) < len(pairs):
-        boots = []
-        for b in range(cfg.bootstrap):
-            keep = [i for i in range(len(pairs)) if fractions[i][b] is not None]
-            boots.append(test([1 - fractions[i][b] for i in keep], [y[i] for i in keep]) if len(keep) >= 3
-                         else (False, {"pearson_r": None, "spearman_rho": None}))
-        support = float(np.mean([t[0] for t in boots]))
-        ci = {k: interval([t[1][k] for t in boots]) for k in ("pearson_r", "spearman_rho")}
-    if fixed:
-        note = f"Transition Point held fixed (no per-row scores to resample) for: {', '.join(fixed)}"
-    return Finding("safe margin", st, crit, verdict(ok, support, cfg), numbers=s, ci=ci, support=support,
-                   figure="safe_margin.png", note=note)
+    rs = _over_resampled_tps(correlation_result, cfg, test, ("pearson_r", "spearman_rho"), decisive=True)
+    return Finding("safe margin", st, crit, verdict(ok, rs.support, cfg), numbers={**s, **rs.numbers}, ci=rs.ci,
+                   support=rs.support, figure="safe_margin.png", note="; ".join(rs.notes))
 
 
 def idea_phase_aware(prune_results: Sequence, cfg: FindingsConfig) -> Finding:
