@@ -758,7 +758,12 @@ def read_run(path: Path | str) -> Run:
     Raises:
         DeclensError: as :func:`load_result`.
     """
-    m = verify_run_folder(path)
+    return run_of(verify_run_folder(path))
+
+
+def run_of(m: RunManifest) -> Run:
+    """The run of a folder whose manifest ``m`` was just verified (:func:`verify_run_folder`): its kind looked
+    up, its main JSON read and upgraded (as :func:`read_run`, without hashing the folder again)."""
     rk = result_kind(m.kind, m.folder)
     if rk.main_file not in m.files:
         raise incomplete_error(m.folder, f"its manifest lists no {rk.main_file}")

@@ -389,13 +389,14 @@ def claim_recovery(recovery_result, cfg: FindingsConfig) -> Finding:
                    figure="recover_dm.png")
 
 
-def claim_correlation(correlation_result, cfg: FindingsConfig) -> Finding:
+def claim_correlation(correlation_result, cfg: FindingsConfig, tps: ResampledTPs | None = None) -> Finding:
     """Claim 9: across model/task pairs, the Transition Point correlates negatively with the critical ratio.
 
     With four pairs or more, the correlation must also keep its sign with any one pair left out: a
     negative r carried by a single pair (a model that "decides" at layer 0, say) is not a trend. The
     Transition Points are resampled over each pair's rows (bootstrap; the critical ratios, one pruning run
-    each, are held fixed): the interval of r and the support come from the resamples."""
+    each, are held fixed): the interval of r and the support come from the resamples (``tps``: those resamples,
+    computed once for claim 9 and the safe margin; None: drawn here)."""
     st = "across model/task pairs, the Transition Point correlates negatively with the critical pruning ratio"
     crit = (f"Pearson r < 0 with p < {cfg.alpha} between the Transition Point (share of depth) and the critical ratio, "
             "and (with >= 4 pairs) r < 0 with any one pair left out")
@@ -415,7 +416,7 @@ def claim_correlation(correlation_result, cfg: FindingsConfig) -> Finding:
         worst = max(range(len(loo)), key=lambda i: math.inf if loo[i] is None else loo[i])
         notes.append(f"r with one pair left out ranges up to "
                      f"{'undefined' if loo[worst] is None else format(loo[worst], '+.3f')} (leaving out {labels[worst]})")
-    rs = _over_resampled_tps(correlation_result, cfg, lambda x, y: _correlation_test(x, y, cfg), ("r",))
+    rs = _over_resampled_tps(correlation_result, cfg, lambda x, y: _correlation_test(x, y, cfg), ("r",), tps=tps)
     numbers.update(rs.numbers)
     return Finding(9, st, crit, verdict(ok, rs.support, cfg), numbers=numbers,
                    ci={"pearson_r": rs.ci["r"]} if rs.ci else {}, support=rs.support, figure="correlation.png",
@@ -449,14 +450,15 @@ class _Resampled:
 
 
 def _over_resampled_tps(correlation_result, cfg: FindingsConfig, test: Callable, keys: Sequence[str],
-                        decisive: bool = False) -> _Resampled:
+                        decisive: bool = False, tps: ResampledTPs | None = None) -> _Resampled:
     """``test(x, y) -> (meets, stats)`` on every bootstrap resample of the pairs' Transition Points (x: each TP as
     a share of depth, or the Decisive Phase's share with ``decisive``; y: the critical ratios, fixed): the
     share of resamples that meet it, and percentile intervals of ``stats[k]`` for ``keys``. A pair without a TP
     in a resample is left out of it (fewer than 3 pairs left: not met)."""
     pairs, labels = correlation_result.pairs, correlation_result.labels()
     y = [q.critical_ratio for q in pairs]
-    fractions, fixed = _resampled_tp_fractions(pairs, labels, cfg)
+    tps = tps or resample_tps(correlation_result, cfg)
+    fractions, fixed = tps.fractions, tps.fixed
     out = _Resampled()
     if fixed:
         out.notes.append(f"Transition Point held fixed (no per-row scores to resample) for: {', '.join(fixed)}")
@@ -476,13 +478,27 @@ def _over_resampled_tps(correlation_result, cfg: FindingsConfig, test: Callable,
     return out
 
 
-def _resampled_tp_fractions(pairs, labels: Sequence[str], cfg: FindingsConfig) -> tuple[list[list[float | None]], list[str]]:
-    """Per pair, ``cfg.bootstrap`` Transition Points as shares of depth, each from a resample of the rows of the
-    analysis the pair took its TP from (None: no TP in that resample), and the labels of the pairs held fixed
-    (a TP from a prune record, or an analysis folder no longer found)."""
+@dataclass
+class ResampledTPs:
+    """The pairs' Transition Points over bootstrap resamples of their rows (see :func:`resample_tps`).
+
+    Attributes:
+        fractions: per pair, ``bootstrap`` TPs as shares of depth (None: no TP in that resample).
+        fixed: labels of the pairs whose TP is held fixed (a TP from a prune record, or an analysis folder no
+            longer found).
+    """
+
+    fractions: list[list[float | None]]
+    fixed: list[str]
+
+
+def resample_tps(correlation_result, cfg: FindingsConfig) -> ResampledTPs:
+    """Per pair, ``cfg.bootstrap`` Transition Points, each from a resample of the rows of the analysis the pair
+    took its TP from (independent draws per pair, seeded)."""
     from ..errors import DeclensError
     from ..results import load_result
 
+    pairs, labels = correlation_result.pairs, correlation_result.labels()
     out, fixed = [], []
     for i, q in enumerate(pairs):
         a = None
@@ -503,7 +519,7 @@ def _resampled_tp_fractions(pairs, labels: Sequence[str], cfg: FindingsConfig) -
             t = mm.transition_index
             fr.append(None if t is None else mm.layer_ids[t] / q.num_layers)
         out.append(fr)
-    return out, fixed
+    return ResampledTPs(out, fixed)
 
 
 #: the baselines claim 10 names (the paper's Table 5)
@@ -621,7 +637,7 @@ def _fmt(v: Any) -> str:
 # declens' own ideas beyond the paper
 
 
-def idea_safe_margin(correlation_result, cfg: FindingsConfig) -> Finding:
+def idea_safe_margin(correlation_result, cfg: FindingsConfig, tps: ResampledTPs | None = None) -> Finding:
     """The safe-margin estimate (Decisive Phase's share of depth, one dense pass) as a predictor of the critical ratio."""
     st = "the safe-margin estimate (the Decisive Phase's share of depth) predicts the critical pruning ratio"
     crit = (f"Pearson r > 0 and Spearman rho > 0, both with p < {cfg.alpha}, between the Decisive Phase's share of depth "
@@ -640,7 +656,7 @@ def idea_safe_margin(correlation_result, cfg: FindingsConfig) -> Finding:
     ok, s = test(x, y)
     s["mean_abs_error"] = float(np.mean(np.abs(np.subtract(x, y))))
     # as claim 9: each pair's TP (so its Decisive Phase's share) resampled over its rows, critical ratios fixed
-    rs = _over_resampled_tps(correlation_result, cfg, test, ("pearson_r", "spearman_rho"), decisive=True)
+    rs = _over_resampled_tps(correlation_result, cfg, test, ("pearson_r", "spearman_rho"), decisive=True, tps=tps)
     return Finding("safe margin", st, crit, verdict(ok, rs.support, cfg), numbers={**s, **rs.numbers}, ci=rs.ci,
                    support=rs.support, figure="safe_margin.png", note="; ".join(rs.notes))
 

@@ -215,11 +215,15 @@ def recorded_differences(folder: Path, expect: dict[str, Any]) -> list[str]:
     Returns:
         One ``"path: recorded X, asked Y"`` per difference (empty: made as asked).
     """
-    import json
-
     from ..results import read_run
 
-    d = read_run(folder).data
+    return _differences(read_run(folder).data, expect)
+
+
+def _differences(d: dict, expect: dict[str, Any]) -> list[str]:
+    """:func:`recorded_differences` on a main JSON already read."""
+    import json
+
     out = []
     for path, want in expect.items():
         got: Any = d
@@ -242,11 +246,13 @@ def finished_as_asked(stage: str, key: str, folder: Path, expect: dict[str, Any]
         DeclensError: (without ``redo``) a finished folder made with other settings: one line naming the
             differences and the fix, so that a rerun never reuses a result of another configuration.
     """
+    from ..results import run_of
+
     try:
-        verify_run_folder(folder)
+        m = verify_run_folder(folder)
     except DeclensError:
         return False
-    diffs = recorded_differences(folder, expect)
+    diffs = _differences(run_of(m).data, expect)  # the folder hashed once
     if not diffs:
         return True
     if redo:
@@ -338,10 +344,11 @@ def stage_expectations(lm: LoadedModel, cfg: StudyConfig, data: dict) -> dict[tu
     earlier stages (CKA's removed set, the ablation's Transition Point, recovery's ratios) are added when the
     stage runs."""
     main_fmt = cfg.formats[0]
+    weights = lm.fingerprint()  # samples every tensor: once
 
     def base(task: str, fmt: str) -> dict[str, Any]:
         return {"config.task": task, "config.format": fmt, "config.limit": cfg.limit,
-                "provenance.model.fingerprint": lm.fingerprint(), "provenance.data.fingerprint": data[task].fingerprint()}
+                "provenance.model.fingerprint": weights, "provenance.data.fingerprint": data[task].fingerprint()}
 
     calib = {"config.calibration.limit": cfg.calib_samples, "config.seed": cfg.seed}
     out: dict[tuple[str, str], dict[str, Any]] = {}
@@ -368,7 +375,7 @@ def stage_expectations(lm: LoadedModel, cfg: StudyConfig, data: dict) -> dict[tu
         out[("noise", "main")] = {**main, "config.scales": [float(x) for x in cfg.noise_scales],
                                   "config.layers": layers, "config.repeats": cfg.noise_repeats, "config.seed": cfg.seed}
     if "ablate" in cfg.stages:
-        out[("ablate", "main")] = {"provenance.model.fingerprint": lm.fingerprint(), "config.tp_task": cfg.tasks[0],
+        out[("ablate", "main")] = {"provenance.model.fingerprint": weights, "config.tp_task": cfg.tasks[0],
                                    "config.tasks": list(cfg.tasks), "config.format": main_fmt,
                                    "config.window": cfg.ablate_window, "config.limit": cfg.limit, "config.seed": cfg.seed}
     if "recover" in cfg.stages and cfg.recover_ratios:
@@ -628,7 +635,8 @@ def study_findings(studies: Sequence[Study], cfg=None, compare_table: dict | Non
     before its end)."""
     from .findings import (Findings, FindingsConfig, claim_ablation, claim_cka, claim_collapse_in_silent,
                            claim_correlation, claim_decisive_first, claim_noise, claim_option_dynamics,
-                           claim_recovery, claim_sharp_transition, claim_table5, idea_phase_aware, idea_safe_margin)
+                           claim_recovery, claim_sharp_transition, claim_table5, idea_phase_aware, idea_safe_margin,
+                           resample_tps)
 
     cfg = cfg or FindingsConfig()
     found = []
@@ -665,8 +673,9 @@ def study_findings(studies: Sequence[Study], cfg=None, compare_table: dict | Non
         found += fs
     corr = _correlation_over(studies)
     prunes = [p for st in studies for stage in ("prune", "baselines") for p in st.results.get(stage, {}).values()]
-    found += [claim_correlation(corr, cfg), claim_table5(compare_table, cfg, compare_complete), idea_safe_margin(corr, cfg),
-              idea_phase_aware(prunes, cfg)]
+    tps = resample_tps(corr, cfg) if corr is not None else None  # drawn once, for claim 9 and the safe margin
+    found += [claim_correlation(corr, cfg, tps), claim_table5(compare_table, cfg, compare_complete),
+              idea_safe_margin(corr, cfg, tps), idea_phase_aware(prunes, cfg)]
     return Findings({"findings": asdict(cfg), "studies": [str(s.folder) for s in studies]}, found)
 
 
